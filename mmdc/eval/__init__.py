@@ -1,0 +1,1 @@
+"""Evaluation harness (ScienceQA, SEED-Bench, LLaVA-Bench) and report tables."""

@@ -1,0 +1,1 @@
+"""The student: assembly (vision tower + projector + LM), conversation formatting and label masks, Ray Train loops."""

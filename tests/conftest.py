@@ -1,0 +1,29 @@
+"""Shared pytest fixtures.
+
+Unit tests never touch Ray. Integration tests share one small real local Ray
+cluster, started once per session by ``ray_cluster`` (Ray removed local_mode).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """Start a 2-CPU local Ray cluster for the whole test session and stop it at the end."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # serve may never have started
+        pass
+    ray.shutdown()
