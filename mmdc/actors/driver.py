@@ -1,0 +1,402 @@
+"""The Driver actor: owns the MmDC loop, the run directory and the hand-over of resources.
+
+One method per phase, each short; the loop in ``run`` reads on one screen:
+
+    prepare -> align (stage 1) -> for k in 1..K: teach -> release -> tune -> deploy student -> assess -> augment
+
+Inference phases keep the engines deployed (assess -> augment -> next teach); before training the
+driver deletes every Serve app and waits until the resources are back, so the trainer's workers
+can take the GPUs; after training it deploys the new student checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import ray
+
+from mmdc.config import Config, ConfigError, config_from_dict, dump_config, to_dict
+from mmdc.rundir import RunDir, atomic_write_table
+
+log = logging.getLogger("mmdc.driver")
+
+POOL_COLUMNS = ["instruction_id", "image_id", "image", "question", "origin", "parent_id", "iteration", "turn",
+                "image_position", "source_id"]
+
+
+def _say(msg: str) -> None:
+    """Progress line in the job log (Ray forwards actor stdout to the driver process)."""
+    print(f"[mmdc] {msg}", flush=True)
+
+
+@ray.remote(num_cpus=0)
+class Driver:
+    """Runs one MmDC job end to end inside the cluster (verl habit: the loop lives in an actor)."""
+
+    def __init__(self, cfg: dict, run_dir: str):
+        import torch
+
+        torch.set_num_threads(1)
+        self.cfg: Config = config_from_dict(cfg)
+        self.rd = RunDir(run_dir)
+        self.rd.root.mkdir(parents=True, exist_ok=True)
+        dump_config(self.cfg, self.rd.config)
+        self.state = self.rd.load_state()
+        self.deployed: dict[str, str] = {}  # engine name -> model path
+        self.image_root: str | None = None
+        self.teacher_path = ""
+        self.teacher_fp = ""
+        self._image_sha: dict[str, str] = {}
+
+    # ----------------------------------------------------------------------------- the loop
+    def run(self) -> str:
+        self.check_resources()
+        self.prepare_data()
+        student = self.prepare_models()
+        student = self.align(student)
+        for k in range(1, self.cfg.run.iterations + 1):
+            self.teach(k)
+            self.release_engines()
+            student = self.tune(k, student)
+            self.deploy("student", student)
+            self.assess(k)
+            self.augment(k)
+        self.release_engines()
+        self.write_report()
+        self.state["status"] = "finished"
+        self.rd.save_state(self.state)
+        _say(f"finished: {self.rd.root}")
+        return str(self.rd.root)
+
+    # ----------------------------------------------------------------------------- phases
+    @contextmanager
+    def phase(self, iteration: int, name: str, **extra):
+        """Time a phase, log its metrics line and record it in state.json when it completes."""
+        _say(f"iteration {iteration} · {name} …")
+        record: dict = {"iteration": iteration, "phase": name, **extra}
+        start = time.perf_counter()
+        yield record
+        record["wall_s"] = round(time.perf_counter() - start, 3)
+        if record.get("rows") and record["wall_s"] > 0:
+            record["rows_per_s"] = round(record["rows"] / record["wall_s"], 3)
+        if record.get("generated_tokens") and record["wall_s"] > 0:
+            record["gen_tokens_per_s"] = round(record["generated_tokens"] / record["wall_s"], 3)
+        self.rd.log_metrics(record)
+        self.state.setdefault("completed", []).append({"iteration": iteration, "phase": name})
+        self.state["status"] = "running"
+        self.rd.save_state(self.state)
+        summary = ", ".join(f"{k}={v}" for k, v in record.items() if k not in ("iteration", "phase"))
+        _say(f"iteration {iteration} · {name} done: {summary}")
+
+    def check_resources(self) -> None:
+        from mmdc.actors.resources import check_fits
+
+        problems = check_fits(self.cfg, ray.cluster_resources())
+        if problems:
+            raise ConfigError("the configured resources do not fit this cluster:\n  " + "\n  ".join(problems))
+
+    def prepare_data(self) -> None:
+        """Build or read the instruction set, unfold it to D_sin, and write pools/iter_0."""
+        from mmdc.data.images import ImageError, load_image
+        from mmdc.data.llava import load_llava_records, unfold_single_turn
+        from mmdc.data.schema import pool_table
+
+        with self.phase(0, "prepare") as rec:
+            d = self.cfg.data
+            if d.source == "world":
+                from mmdc.data.world import generate_world
+
+                w = d.world
+                files = generate_world(self.rd.data / "world", num_images=w.num_images,
+                                       questions_per_image=w.questions_per_image, seed=w.seed,
+                                       image_size=w.image_size, test_images=w.test_images)
+                instructions, self.image_root = str(files.instructions), str(files.images)
+                self.captions = str(files.captions)
+            else:
+                instructions, self.image_root = d.instructions, d.image_folder
+                self.captions = None
+            loaded = load_llava_records(instructions, strict=False)
+            self.rd.log_skips([{"stage": "load", **s} for s in loaded.skipped])
+            pool, skips = unfold_single_turn(loaded.records, self.image_root)
+            self.rd.log_skips([{"stage": "unfold", **s} for s in skips])
+            df = pool.to_pandas()
+            # Every image is opened once up front: a bad image is a recorded skip, not a crash mid-GPU-phase.
+            bad: dict[str, str] = {}
+            for img in df["image"].unique():
+                try:
+                    load_image(self.image_path(img), max_pixels=d.max_image_pixels)
+                except ImageError as err:
+                    bad[img] = str(err)
+            if bad:
+                dropped = df[df["image"].isin(bad)]
+                self.rd.log_skips([{"stage": "image", "instruction_id": r.instruction_id, "image": r.image,
+                                    "reason": bad[r.image]} for r in dropped.itertuples()])
+                df = df[~df["image"].isin(bad)]
+            df = df.sort_values("instruction_id", kind="stable")
+            if d.max_instructions is not None:
+                df = df.head(d.max_instructions)
+            if df.empty:
+                raise ValueError(f"no usable instruction in {instructions} (see {self.rd.skipped})")
+            table = pool_table(df.to_dict("records"))
+            atomic_write_table(self.rd.pool(0, "tuning"), table)
+            atomic_write_table(self.rd.pool(0, "cache"), table)
+            rec.update(rows=len(df), images=int(df["image_id"].nunique()), skipped_images=len(bad),
+                       skipped_rows=len(loaded.skipped) + len(skips))
+
+    def prepare_models(self) -> str:
+        """Resolve the teacher and the initial student to local HF checkpoints."""
+        self.teacher_path = self.resolve_model(self.cfg.models.teacher)
+        from mmdc.actors.engines import model_fingerprint
+
+        self.teacher_fp = model_fingerprint(self.teacher_path)
+        return self.resolve_model(self.cfg.models.student_init)
+
+    def align(self, student: str) -> str:
+        """Stage 1: train only the projector on caption pairs (skipped when align.enabled is false)."""
+        if not self.cfg.align.enabled:
+            return student
+        if not self.captions:
+            raise ConfigError("align.enabled needs caption pairs; the llava source has none configured")
+        import json
+
+        from mmdc.train.loop import train_student
+
+        with self.phase(0, "align") as rec:
+            pairs = json.loads(Path(self.captions).read_text())
+            rows = [{"image": self.image_path(p["image"]), "caption": p["caption"]} for p in pairs]
+            ds = ray.data.from_items(rows)
+            result = train_student(stage="align", init_checkpoint=student, output_dir=str(self.rd.checkpoint(None)),
+                                   dataset=ds, train_cfg=self.cfg.align, seed=self.cfg.run.seed,
+                                   metrics_path=str(self.rd.metrics), run_name=f"{self.rd.root.name}-align")
+            rec.update(rows=len(rows), **{f"train_{k}": v for k, v in result.metrics.items()})
+        return str(self.rd.checkpoint(None))
+
+    def teach(self, k: int) -> None:
+        """Phase A: the teacher answers the tuning pool (cached); fold answers into conversations (Eq. 1)."""
+        from mmdc.data.pools import fold_conversations
+
+        with self.phase(k, "teach") as rec:
+            tuning = pd.read_parquet(self.rd.pool(k - 1, "tuning"))
+            answered, stats = self.teacher_answers(tuning, k, "teach")
+            conv = fold_conversations(answered)
+            atomic_write_table(self.rd.conversations(k), pa.Table.from_pandas(conv, preserve_index=False))
+            rec.update(rows=len(tuning), conversations=len(conv), **stats)
+
+    def tune(self, k: int, student: str) -> str:
+        """Phase B: Ray Train tunes the student on this iteration's conversations, from its last checkpoint."""
+        from mmdc.train.loop import train_student
+
+        with self.phase(k, "tune") as rec:
+            ds = ray.data.read_parquet(str(self.rd.conversations(k)), ray_remote_args={"num_cpus": 0})
+            ds = ds.map(_with_absolute_image, fn_kwargs={"image_root": self.image_root}, num_cpus=0)
+            result = train_student(stage="tune", init_checkpoint=student, output_dir=str(self.rd.checkpoint(k)),
+                                   dataset=ds, train_cfg=self.cfg.tune, seed=self.cfg.run.seed + k,
+                                   metrics_path=str(self.rd.metrics), run_name=f"{self.rd.root.name}-tune-{k}")
+            rec.update(**{f"train_{key}": v for key, v in result.metrics.items()})
+        return str(self.rd.checkpoint(k))
+
+    def assess(self, k: int) -> None:
+        """Phase C: teacher and student answer the cache pool; the referee scores both orders; Eq. 6."""
+        from mmdc.data.calibration import assess_table
+        from mmdc.data.pipelines import RefereeStage, StageSpec, StudentStage, run_stages
+
+        with self.phase(k, "assess") as rec:
+            cache = pd.read_parquet(self.rd.pool(k - 1, "cache"))
+            with_teacher, stats = self.teacher_answers(cache, k, "assess")
+            table = pa.Table.from_pandas(with_teacher, preserve_index=False)
+            scored = run_stages(table, [self.stage(StudentStage, "student", self.cfg.roles.student),
+                                        self.stage(RefereeStage, "teacher", self.cfg.roles.referee)],
+                                self.rd.phase_output(k, "assess"), self.cfg.pipeline).to_pandas()
+            scored = scored.sort_values("instruction_id", kind="stable").reset_index(drop=True)
+            assessment = assess_table(scored, self.cfg.calibration.tau)
+            atomic_write_table(self.rd.assessment(k), pa.Table.from_pandas(assessment, preserve_index=False))
+            hard = assessment["hard"]
+            n_scored = int(hard.notna().sum())
+            rec.update(rows=len(assessment), hard=int((hard == True).sum()),  # noqa: E712
+                       easy=int((hard == False).sum()), unscored=len(assessment) - n_scored,  # noqa: E712
+                       hard_ratio=round(float((hard == True).sum()) / n_scored, 4) if n_scored else None,  # noqa: E712
+                       generated_tokens=int(scored["student_tokens"].sum()), **stats)
+
+    def augment(self, k: int) -> None:
+        """Phase D: one new question per hard instruction, ROUGE-L-filtered; balance with easy; new pools."""
+        from mmdc.data.augment import validate_candidates
+        from mmdc.data.pipelines import AugmentorStage, StageSpec, run_stages  # noqa: F401
+        from mmdc.data.pools import update_pools
+        from mmdc.data.schema import pool_table
+
+        with self.phase(k, "augment") as rec:
+            tuning = pd.read_parquet(self.rd.pool(k - 1, "tuning"))
+            cache = pd.read_parquet(self.rd.pool(k - 1, "cache"))
+            assessment = pd.read_parquet(self.rd.assessment(k))
+            hard_ids = set(assessment.loc[assessment["hard"] == True, "instruction_id"])  # noqa: E712
+            hard_rows = cache[cache["instruction_id"].isin(hard_ids)].sort_values("instruction_id")
+            out = run_stages(pa.Table.from_pandas(hard_rows, preserve_index=False),
+                             [self.stage(AugmentorStage, "teacher", self.cfg.roles.augmentor)],
+                             self.rd.phase_output(k, "augment"), self.cfg.pipeline).to_pandas()
+            cands = self.candidate_rows(out, k)
+            existing = pd.concat([tuning, cache])[["instruction_id", "image_id", "question"]].drop_duplicates("instruction_id")
+            checked = validate_candidates(cands, existing, threshold=self.cfg.calibration.rouge_l_threshold)
+            atomic_write_table(self.rd.generated(k), pa.Table.from_pandas(checked, preserve_index=False))
+            accepted = checked[checked["accepted"]][POOL_COLUMNS]
+            nxt_tuning, nxt_cache, counts = update_pools(
+                self.cfg.calibration.pool_update, pool_table(tuning.to_dict("records")),
+                pool_table(cache.to_dict("records")), assessment, pool_table(accepted.to_dict("records")),
+                seed=self.cfg.run.seed, iteration=k)
+            atomic_write_table(self.rd.pool(k, "tuning"), nxt_tuning)
+            atomic_write_table(self.rd.pool(k, "cache"), nxt_cache)
+            reasons = checked.loc[~checked["accepted"], "reject_reason"].value_counts().to_dict()
+            rec.update(rows=len(hard_rows), generated=len(checked), accepted=int(checked["accepted"].sum()),
+                       acceptance_ratio=round(float(checked["accepted"].mean()), 4) if len(checked) else None,
+                       rejected=reasons, **counts)
+
+    # ----------------------------------------------------------------------------- helpers
+    def candidate_rows(self, out: pd.DataFrame, k: int) -> pd.DataFrame:
+        """Augmentor replies -> pool rows of origin 'generated' with lineage to their parent."""
+        rows = []
+        for r in out.sort_values("instruction_id").itertuples():
+            new_id = hashlib.sha1(f"{r.instruction_id}:gen:{k}:{r.attempt}".encode()).hexdigest()[:16]
+            rows.append({"instruction_id": new_id, "image_id": r.image_id, "image": r.image, "question": r.candidate,
+                         "origin": "generated", "parent_id": r.instruction_id, "iteration": k, "turn": -1,
+                         "image_position": "none", "source_id": r.source_id, "augmentor_reply": r.augmentor_reply})
+        cols = POOL_COLUMNS + ["augmentor_reply"]
+        return pd.DataFrame(rows, columns=cols)
+
+    def teacher_answers(self, rows: pd.DataFrame, k: int, phase: str) -> tuple[pd.DataFrame, dict]:
+        """Teacher answers for ``rows``, asking the engine only for keys never answered before."""
+        from mmdc.actors import roles
+        from mmdc.data.pipelines import StageSpec, TeacherStage, row_seed, run_stages, read_folder  # noqa: F401
+        from mmdc.data.pools import answer_cache_key
+
+        sampling = to_dict(self.cfg.roles.teacher)
+        sampling.pop("retries", None)
+        rows = rows.copy()
+        rows["cache_key"] = [
+            answer_cache_key(self.teacher_fp, roles.teacher_messages(q, "<image>"), self.image_sha(img), sampling,
+                             row_seed(self.cfg.run.seed, roles.Role.TEACHER.value, iid))
+            for q, img, iid in zip(rows["question"], rows["image"], rows["instruction_id"])]
+        cache = self.load_answer_cache()
+        misses = rows[~rows["cache_key"].isin(cache.index)]
+        stats = {"cache_hits": len(rows) - len(misses), "cache_misses": len(misses)}
+        if len(misses):
+            self.deploy("teacher", self.teacher_path)
+            out = run_stages(pa.Table.from_pandas(misses, preserve_index=False),
+                             [self.stage(TeacherStage, "teacher", self.cfg.roles.teacher)],
+                             self.rd.phase_output(k, f"{phase}_teacher"), self.cfg.pipeline).to_pandas()
+            new = out[["cache_key", "teacher_answer", "teacher_tokens"]].drop_duplicates("cache_key")
+            atomic_write_table(self.rd.answer_cache / f"iter_{k}_{phase}.parquet",
+                               pa.Table.from_pandas(new.sort_values("cache_key"), preserve_index=False))
+            stats["generated_tokens"] = int(new["teacher_tokens"].sum())
+            cache = self.load_answer_cache()
+        rows["teacher_answer"] = rows["cache_key"].map(cache["teacher_answer"])
+        return rows, stats
+
+    def load_answer_cache(self) -> pd.DataFrame:
+        files = sorted(self.rd.answer_cache.glob("*.parquet"))
+        if not files:
+            return pd.DataFrame({"teacher_answer": pd.Series(dtype=str)}, index=pd.Index([], name="cache_key"))
+        df = pd.concat([pd.read_parquet(f) for f in files]).drop_duplicates("cache_key")
+        return df.set_index("cache_key")
+
+    def stage(self, cls, engine: str, sampling):
+        from mmdc.actors.engines import deployment_name
+        from mmdc.data.pipelines import StageSpec
+
+        return StageSpec(cls, {"app_name": engine, "deployment": deployment_name(self.deployed[engine]),
+                               "sampling": to_dict(sampling), "run_seed": self.cfg.run.seed,
+                               "image_root": self.image_root,
+                               "timeout_s": self.cfg.engines[engine].request_timeout_s})
+
+    def deploy(self, engine: str, model_path: str) -> None:
+        """Make ``engine`` serve ``model_path`` (no-op when it already does)."""
+        from ray import serve
+
+        from mmdc.actors.engines import build_engine_app
+
+        if self.deployed.get(engine) == model_path:
+            return
+        start = time.perf_counter()
+        serve.start(proxy_location="Disabled")
+        serve.run(build_engine_app(self.cfg.engines[engine], model_path), name=engine, route_prefix=None)
+        self.deployed[engine] = model_path
+        self.rd.log_metrics({"event": "deploy", "engine": engine, "model": model_path,
+                             "wall_s": round(time.perf_counter() - start, 3)})
+        _say(f"deployed {engine}: {model_path}")
+
+    def release_engines(self) -> None:
+        """Delete every Serve app and wait until the cluster has its resources back."""
+        from ray import serve
+
+        from mmdc.actors.engines import wait_for
+
+        if not self.deployed:
+            return
+        start = time.perf_counter()
+        for engine in list(self.deployed):
+            serve.delete(engine)
+            del self.deployed[engine]
+        total = ray.cluster_resources()
+
+        def back() -> bool:
+            avail = ray.available_resources()
+            return all(avail.get(r, 0) >= total.get(r, 0) - 1e-6 for r in ("CPU", "GPU") if r in total)
+
+        wait_for(back, timeout_s=120, what="engine resources to be released")
+        self.rd.log_metrics({"event": "release", "wall_s": round(time.perf_counter() - start, 3)})
+
+    def resolve_model(self, spec: str) -> str:
+        """``tiny:<name>`` builds (once, cached) the embedded tiny models; anything else is a path or hub id."""
+        if spec.startswith("tiny:"):
+            import os
+
+            from mmdc.actors import roles
+            from mmdc.data.world import world_corpus
+            from mmdc.train.tiny import ensure_tiny_models
+
+            cache = os.environ.get("MMDC_CACHE") or os.path.expanduser(self.cfg.models.cache_dir)
+            texts = world_corpus() + roles.PROMPT_TEXTS
+            models = ensure_tiny_models(Path(cache) / "models", texts, seed=0)
+            name = spec.split(":", 1)[1]
+            if name not in models:
+                raise ConfigError(f"unknown tiny model '{spec}' (known: {', '.join('tiny:' + m for m in models)})")
+            return str(models[name])
+        if spec == "assemble":
+            from mmdc.train.assembly import assemble_llava
+
+            out = self.rd.root / "checkpoints" / "student" / "init"
+            if not out.exists():
+                assemble_llava(self.cfg.models.vision_tower, self.cfg.models.language_model, str(out),
+                               projector=self.cfg.models.projector)
+            return str(out)
+        return spec
+
+    def image_path(self, image: str) -> str:
+        import os
+
+        return image if os.path.isabs(image) or not self.image_root else os.path.join(self.image_root, image)
+
+    def image_sha(self, image: str) -> str:
+        from mmdc.data.images import image_sha256
+
+        if image not in self._image_sha:
+            self._image_sha[image] = image_sha256(self.image_path(image))
+        return self._image_sha[image]
+
+    def write_report(self) -> None:
+        from mmdc.report import write_report
+
+        write_report(self.rd)
+
+
+def _with_absolute_image(row: dict, image_root: str | None) -> dict:
+    """Ray Data map: training workers may run anywhere, so rows carry absolute image paths."""
+    import os
+
+    if image_root and not os.path.isabs(row["image"]):
+        row["image"] = os.path.join(image_root, row["image"])
+    return row

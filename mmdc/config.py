@@ -1,0 +1,347 @@
+"""Typed run configuration: small commented dataclasses, loaded from YAML, unknown keys rejected.
+
+Why dataclasses and not dicts: a key that is read with ``.get(key, default)`` somewhere in the
+code but missing from the schema silently stops working. Here every key has a type, a default
+and a comment, and ``load_config`` refuses keys it does not know, naming the full dotted path.
+
+Presets live in ``configs/`` (``tiny.yaml`` is the embedded default, ``paper.yaml`` the paper's
+6 x V100 setup). Defaults below are the paper's values where the paper gives one (section 4.1.3);
+the tiny preset overrides what must change to run in minutes on a CPU.
+
+    cfg = load_config("configs/tiny.yaml", overrides=["run.iterations=1", "calibration.tau=0.5"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    name: str = "mmdc"  # run name; the run directory is <output_dir>/<name>
+    output_dir: str = "runs"  # parent folder of run directories (a shared filesystem path on a multi-node cluster)
+    seed: int = 0  # one seed for everything: data sampling, generation, training, pool updates
+    iterations: int = 3  # K, number of distillation-calibration iterations (paper: 3)
+    overwrite: bool = False  # allow reusing a non-empty run directory (otherwise refused)
+
+
+@dataclass
+class WorldConfig:
+    num_images: int = 48  # images in the instruction set of the synthetic world
+    questions_per_image: int = 3  # single-turn questions per image (seed conversations)
+    test_images: int = 32  # held-out images for evaluation
+    image_size: int = 64  # pixels per side of the rendered images
+    seed: int = 0  # the world's own seed (independent of run.seed so the world stays fixed across runs)
+
+
+@dataclass
+class DataConfig:
+    source: Literal["world", "llava"] = "world"  # world: generate the synthetic world; llava: read a LLaVA-Instruct file
+    instructions: str | None = None  # LLaVA-Instruct JSON/JSONL (source = llava), e.g. llava_instruct_80k.json
+    image_folder: str | None = None  # folder that the records' "image" fields are relative to (source = llava)
+    max_instructions: int | None = None  # cap on D_sin after unfolding (None = all); deterministic head by id order
+    max_image_pixels: int = 40_000_000  # images larger than this are rejected (recorded as skipped), never decoded
+    world: WorldConfig = field(default_factory=WorldConfig)  # synthetic world settings (source = world)
+
+
+@dataclass
+class ModelsConfig:
+    cache_dir: str = "~/.cache/mmdc"  # where locally built tiny models are cached (env MMDC_CACHE overrides)
+    teacher: str = "tiny:teacher"  # teacher / referee / augmentor model: HF id, local path, or tiny:teacher
+    student_init: str = "tiny:student"  # initial student: a saved LLaVA checkpoint, tiny:student, or "assemble"
+    vision_tower: str = "openai/clip-vit-large-patch14"  # used when student_init = assemble (paper: CLIP ViT-L/14)
+    language_model: str = "lmsys/vicuna-7b-v1.1"  # used when student_init = assemble (paper: Vicuna-7B v1.1)
+    projector: Literal["linear", "mlp2x_gelu"] = "linear"  # projector W (paper: linear)
+
+
+@dataclass
+class EngineConfig:
+    backend: Literal["hf", "vllm", "openai"] = "hf"  # hf: transformers generate in a Serve deployment
+    replicas: int = 1  # Serve replicas of this engine
+    num_cpus: float = 1.0  # CPUs per replica
+    num_gpus: float = 0.0  # GPUs per replica (tensor_parallel_size GPUs for vllm)
+    max_batch_size: int = 16  # rows generated together in one forward batch
+    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"  # fp16 on V100 (no bf16 there)
+    tensor_parallel_size: int = 1  # vllm only
+    max_model_len: int = 4096  # vllm only
+    gpu_memory_utilization: float = 0.9  # vllm only
+    base_url: str | None = None  # openai only: the endpoint, e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # openai only: environment variable holding the key
+    request_timeout_s: float = 600.0  # per request; a timeout is an error naming the role and rows
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.5  # paper 4.1.3: 0.5 for teacher, referee and augmentor
+    max_new_tokens: int = 512  # generation cap per reply
+    retries: int = 0  # extra attempts for a reply that does not parse (referee, augmentor)
+
+
+@dataclass
+class RolesConfig:
+    teacher: SamplingConfig = field(default_factory=SamplingConfig)
+    referee: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=64, retries=2))
+    augmentor: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=96, retries=0))
+    student: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class CalibrationConfig:
+    tau: float = 0.33  # hard iff S_i >= tau (Eq. 6)
+    pool_update: Literal["refresh", "replace"] = "refresh"  # see SPEC.md, phase D
+    rouge_l_threshold: float = 0.7  # a new question is valid only if ROUGE-L F < this against every question of its image
+    easy_per_hard: float = 1.0  # easy instructions sampled per accepted new question (balance: 1.0)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False  # train the LM with LoRA adapters instead of fully
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    merge: bool = True  # save the merged model (True) or the adapter beside the base (False)
+
+
+@dataclass
+class TrainConfig:
+    """One training stage (stage 1 align or stage 2 tune) on Ray Train."""
+
+    enabled: bool = True  # False skips the stage (stage 1 off = the paper's "w/o alignment" ablation)
+    strategy: Literal["deepspeed", "ddp"] = "deepspeed"  # DeepSpeed ZeRO or plain torch DDP
+    zero_stage: int = 2  # DeepSpeed ZeRO stage (0-3)
+    num_workers: int = 2  # Ray Train workers (one per GPU on a cluster)
+    cpus_per_worker: float = 0.5  # fractional CPUs avoid deadlocks with Ray Data on small machines
+    gpus_per_worker: float = 0.0  # 1 on a GPU cluster
+    lr: float = 2e-5  # paper: 2e-3 stage 1, 2e-5 stage 2
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    global_batch_size: int = 16  # = micro_batch_size x grad accumulation x num_workers
+    micro_batch_size: int = 4  # per worker per step
+    epochs: int = 1
+    max_length: int = 2048  # tokens per sample after formatting (image tokens included)
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # fp16 on V100
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class PipelineConfig:
+    batch_size: int = 16  # rows per Serve request (one request carries a whole batch)
+    concurrency: int = 2  # Ray Data client actors per role stage
+    blocks_per_client: int = 4  # read the pool into concurrency x this many blocks
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    engines: dict[str, EngineConfig] = field(
+        default_factory=lambda: {"teacher": EngineConfig(), "student": EngineConfig()}
+    )  # one engine per distinct model: "teacher" serves teacher/referee/augmentor, "student" the student
+    roles: RolesConfig = field(default_factory=RolesConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    align: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=1))  # stage 1
+    tune: TrainConfig = field(default_factory=TrainConfig)  # stage 2
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        (et,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {type(value).__name__}")
+        return [_coerce(v, et, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"unknown config key '{where}' (known here: {', '.join(sorted(names))})")
+    obj = cls()
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else key
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            # Partial nested mapping: merge onto the section's own defaults.
+            merged = {**to_dict(current), **value}
+            setattr(obj, key, _build(type(current), merged, where))
+        elif key == "engines" and isinstance(value, dict):
+            # Named engines merge onto the defaults entry by entry; new names add engines.
+            engines = dict(current)
+            for name, section in value.items():
+                base = to_dict(engines.get(str(name), EngineConfig()))
+                if not isinstance(section, dict):
+                    raise ConfigError(f"config key '{where}.{name}' must be a mapping")
+                engines[str(name)] = _build(EngineConfig, {**base, **section}, f"{where}.{name}")
+            setattr(obj, key, engines)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where))
+    return obj
+
+
+def to_dict(cfg: Any) -> Any:
+    """A plain, YAML-serialisable view of a config (or section)."""
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.path=value`` with the value parsed as YAML (so ``1e-3``, ``true``, ``[a, b]`` work)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key, value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults), apply ``key=value`` overrides, validate everything."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {p} is not valid YAML: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        tree = loaded
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_path(tree, key, value)
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Build and validate a Config from a plain (YAML-shaped) mapping."""
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if cfg.run.iterations < 0:
+        raise ConfigError("run.iterations must be >= 0")
+    if cfg.calibration.tau < 0:  # tau above 1 is allowed (everything easy), negative is not
+        raise ConfigError("calibration.tau must be >= 0")
+    if not 0 < cfg.calibration.rouge_l_threshold <= 1:
+        raise ConfigError("calibration.rouge_l_threshold must be in (0, 1]")
+    for stage in ("align", "tune"):
+        t: TrainConfig = getattr(cfg, stage)
+        per_step = t.micro_batch_size * t.num_workers
+        if t.global_batch_size % per_step:
+            raise ConfigError(
+                f"{stage}.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"{stage}.micro_batch_size x {stage}.num_workers ({per_step})"
+            )
+        if not 0 <= t.zero_stage <= 3:
+            raise ConfigError(f"{stage}.zero_stage must be 0..3")
+    for name in ("teacher", "student"):
+        if name not in cfg.engines:
+            raise ConfigError(f"engines.{name} is required")
+    if cfg.data.source == "llava" and not cfg.data.instructions:
+        raise ConfigError("data.instructions is required when data.source = llava")
+
+
+def dump_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config (what actually ran) as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def grad_accumulation(t: TrainConfig) -> int:
+    """Gradient accumulation steps that make the global batch: global = micro x accum x workers."""
+    return t.global_batch_size // (t.micro_batch_size * t.num_workers)

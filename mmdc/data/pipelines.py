@@ -1,0 +1,242 @@
+"""Ray Data pipelines that push pool rows through the Serve engines, one request per batch.
+
+Each stage is a callable class (Ray's LLM-library habit): the Serve handle is resolved once in
+``__init__``, ``__call__`` turns a pandas batch into one ``generate_batch`` request for the whole
+batch, parses the replies, and adds columns. The client actors ask for no CPU: on a small machine
+the engine replicas hold the cores, and a client that waited for a CPU would deadlock them.
+
+    table = run_stages(rows, [StageSpec(TeacherStage, {...})], out_dir, pipeline_cfg)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmdc.actors import roles
+from mmdc.config import PipelineConfig, SamplingConfig
+
+
+def row_seed(run_seed: int, role: str, instruction_id: str, attempt: int = 0) -> int:
+    """Per-row sampling seed: stable across batching, iterations and resumes."""
+    digest = hashlib.sha256(f"{run_seed}:{role}:{instruction_id}:{attempt}".encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+def image_url(path: str, image_root: str | None) -> str:
+    """Images travel to engines as data URLs, so an engine on any node can read them."""
+    from mmdc.data.images import to_data_url
+
+    full = path if (image_root is None or os.path.isabs(path)) else os.path.join(image_root, path)
+    return to_data_url(full)
+
+
+class ServeStage:
+    """Base class: a Ray Data map_batches stage that calls one Serve engine for one role."""
+
+    role: roles.Role
+
+    def __init__(self, app_name: str, deployment: str, sampling: dict, run_seed: int,
+                 image_root: str | None = None, timeout_s: float = 600.0):
+        from ray import serve
+
+        self.handle = serve.get_deployment_handle(deployment, app_name=app_name)
+        self.sampling = SamplingConfig(**sampling)
+        self.run_seed = run_seed
+        self.image_root = image_root
+        self.timeout_s = timeout_s
+        self._urls: dict[str, str] = {}
+
+    def url(self, path: str) -> str:
+        if path not in self._urls:
+            if len(self._urls) > 4096:
+                self._urls.clear()
+            self._urls[path] = image_url(path, self.image_root)
+        return self._urls[path]
+
+    def request(self, messages: list[dict], instruction_id: str, attempt: int = 0) -> dict:
+        return {"messages": messages, "temperature": self.sampling.temperature,
+                "max_new_tokens": self.sampling.max_new_tokens,
+                "seed": row_seed(self.run_seed, self.role.value, instruction_id, attempt)}
+
+    def call(self, requests: list[dict], ids: list[str]) -> list[dict]:
+        """One Serve request for the whole batch; errors name the role and the rows."""
+        if not requests:
+            return []
+        try:
+            return self.handle.generate_batch.remote(requests).result(timeout_s=self.timeout_s)
+        except Exception as err:  # noqa: BLE001 - re-raised with context
+            head = ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
+            raise RuntimeError(f"{self.role.value} engine failed on rows [{head}]: {err}") from err
+
+
+class TeacherStage(ServeStage):
+    """question -> teacher_answer (Table 6 teacher prompt)."""
+
+    role = roles.Role.TEACHER
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        ids = batch["instruction_id"].tolist()
+        reqs = [self.request(roles.teacher_messages(q, self.url(img)), i)
+                for q, img, i in zip(batch["question"], batch["image"], ids)]
+        outs = self.call(reqs, ids)
+        batch = batch.copy()
+        batch["teacher_answer"] = [o["text"] for o in outs]
+        batch["teacher_tokens"] = [o["completion_tokens"] for o in outs]
+        return batch
+
+
+class StudentStage(ServeStage):
+    """question -> student_answer (the student's own template, no Table 6 system prompt)."""
+
+    role = roles.Role.STUDENT
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        ids = batch["instruction_id"].tolist()
+        reqs = [self.request(roles.student_messages(q, self.url(img)), i)
+                for q, img, i in zip(batch["question"], batch["image"], ids)]
+        outs = self.call(reqs, ids)
+        batch = batch.copy()
+        batch["student_answer"] = [o["text"] for o in outs]
+        batch["student_tokens"] = [o["completion_tokens"] for o in outs]
+        return batch
+
+
+class RefereeStage(ServeStage):
+    """(question, teacher_answer, student_answer) -> referee replies in both orders, retried when unparseable.
+
+    Order A puts the teacher as Assistant 1, order B the student. Every raw reply is kept in
+    ``referee_replies``; ``reply_teacher_first`` / ``reply_student_first`` hold the last reply of
+    each order (a parseable one if any attempt parsed). Scoring itself is the pure
+    ``mmdc.data.calibration.combine_orders``.
+    """
+
+    role = roles.Role.REFEREE
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        n = len(batch)
+        ids = batch["instruction_id"].tolist()
+        questions, teach, stud = batch["question"].tolist(), batch["teacher_answer"].tolist(), batch["student_answer"].tolist()
+        urls = [self.url(p) for p in batch["image"]]
+        all_replies: list[list[str]] = [[] for _ in range(n)]
+        final = {"A": [""] * n, "B": [""] * n}
+        pending = [(row, order) for row in range(n) for order in ("A", "B")]
+        for attempt in range(self.sampling.retries + 1):
+            if not pending:
+                break
+            reqs = []
+            for row, order in pending:
+                a1, a2 = (teach[row], stud[row]) if order == "A" else (stud[row], teach[row])
+                msgs = roles.referee_messages(questions[row], a1, a2, urls[row])
+                reqs.append(self.request(msgs, f"{ids[row]}:{order}", attempt))
+            outs = self.call(reqs, [ids[row] for row, _ in pending])
+            still = []
+            for (row, order), out in zip(pending, outs):
+                text = out["text"]
+                all_replies[row].append(f"[{order}{attempt}] {text}")
+                final[order][row] = text
+                try:
+                    roles.parse_referee(text)
+                except roles.RefereeParseError:
+                    still.append((row, order))
+            pending = still
+        batch = batch.copy()
+        batch["referee_replies"] = all_replies
+        batch["reply_teacher_first"] = final["A"]
+        batch["reply_student_first"] = final["B"]
+        return batch
+
+
+class AugmentorStage(ServeStage):
+    """hard question -> one candidate new question about the same image (Table 6 augmentor prompt).
+
+    A reply that is empty or fails the local shape checks (one sentence, no answer) is retried up
+    to ``retries`` times; the ROUGE-L check against the image's other questions happens later,
+    centrally, because it needs every pool.
+    """
+
+    role = roles.Role.AUGMENTOR
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from mmdc.data.augment import contains_answer, is_one_sentence
+
+        n = len(batch)
+        ids = batch["instruction_id"].tolist()
+        questions = batch["question"].tolist()
+        urls = [self.url(p) for p in batch["image"]]
+        candidates, raws, attempts = [""] * n, [""] * n, [0] * n
+        pending = list(range(n))
+        for attempt in range(self.sampling.retries + 1):
+            if not pending:
+                break
+            reqs = [self.request(roles.augmentor_messages(questions[r], urls[r]), ids[r], attempt) for r in pending]
+            outs = self.call(reqs, [ids[r] for r in pending])
+            still = []
+            for r, out in zip(pending, outs):
+                raws[r] = out["text"]
+                attempts[r] = attempt
+                cand = roles.parse_augmentor(out["text"])
+                candidates[r] = cand
+                if not cand or not is_one_sentence(cand) or contains_answer(cand):
+                    still.append(r)
+            pending = still
+        batch = batch.copy()
+        batch["candidate"] = candidates
+        batch["augmentor_reply"] = raws
+        batch["attempt"] = attempts
+        return batch
+
+
+@dataclass
+class StageSpec:
+    """One map_batches stage: the class and its constructor kwargs."""
+
+    cls: type
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _blocks(table: pa.Table, n: int) -> list[pa.Table]:
+    n = max(1, min(n, table.num_rows))
+    size = -(-table.num_rows // n)
+    return [table.slice(i, size) for i in range(0, table.num_rows, size)]
+
+
+def run_stages(table: pa.Table, stages: list[StageSpec], out_dir: str | Path, cfg: PipelineConfig) -> pa.Table:
+    """Run ``table`` through ``stages`` with Ray Data and write the result as Parquet into ``out_dir``.
+
+    The output is written into ``<out_dir>.tmp`` and renamed into place only when complete, so a
+    crash never leaves a half-written phase output that looks finished.
+    """
+    import ray
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if table.num_rows == 0:
+        tmp.mkdir(parents=True)
+        pq.write_table(table, tmp / "empty.parquet")
+    else:
+        ds = ray.data.from_arrow(_blocks(table, cfg.concurrency * cfg.blocks_per_client))
+        for spec in stages:
+            ds = ds.map_batches(spec.cls, fn_constructor_kwargs=spec.kwargs, batch_size=cfg.batch_size,
+                                batch_format="pandas", concurrency=cfg.concurrency, num_cpus=0)
+        ds.write_parquet(str(tmp), ray_remote_args={"num_cpus": 0})
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return read_folder(out_dir)
+
+
+def read_folder(folder: str | Path) -> pa.Table:
+    """All Parquet files of a folder as one table (file order is deterministic; callers sort by key)."""
+    files = sorted(Path(folder).glob("*.parquet"))
+    tables = [pq.read_table(f) for f in files]
+    tables = [t for t in tables if t.num_rows] or tables[:1]
+    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})

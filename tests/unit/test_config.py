@@ -1,0 +1,81 @@
+"""mmdc/config.py: presets parse, overrides apply, unknown keys and wrong types are errors naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from mmdc.config import ConfigError, Config, dump_config, grad_accumulation, load_config, parse_override
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_defaults_are_the_papers_values():
+    cfg = Config()
+    assert cfg.calibration.tau == 0.33
+    assert cfg.run.iterations == 3
+    assert cfg.align.lr == 2e-3 and cfg.tune.lr == 2e-5
+    assert cfg.tune.global_batch_size == 16 and cfg.tune.warmup_ratio == 0.03
+    assert cfg.roles.teacher.temperature == cfg.roles.referee.temperature == cfg.roles.augmentor.temperature == 0.5
+    assert cfg.calibration.pool_update == "refresh"
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_presets_parse(preset):
+    cfg = load_config(CONFIGS / preset)
+    assert cfg.engines["teacher"].replicas >= 1
+
+
+def test_overrides_apply_and_merge_engines():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["tune.lr=1e-3", "engines.teacher.replicas=2", "run.iterations=1"])
+    assert cfg.tune.lr == pytest.approx(1e-3)
+    assert cfg.engines["teacher"].replicas == 2
+    assert cfg.engines["student"].num_cpus == 1.0  # untouched sibling kept
+    assert cfg.run.iterations == 1
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("tune.lrr=1", "unknown config key 'tune.lrr'"),
+    ("engines.teacher.bogus=1", "unknown config key 'engines.teacher.bogus'"),
+    ("tune.lr=abc", "'tune.lr' must be a number"),
+    ("calibration.pool_update=sometimes", "'calibration.pool_update' must be one of"),
+    ("run.iterations=1.5", "'run.iterations' must be an integer"),
+    ("tune.global_batch_size=10", "tune.global_batch_size (10) must be a multiple"),
+    ("calibration.tau=-0.1", "calibration.tau must be >= 0"),
+])
+def test_bad_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert fragment in str(err.value)
+
+
+def test_unknown_key_in_file_names_file_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  iterashuns: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'run.iterashuns'"):
+        load_config(bad)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(CONFIGS / "tiny.yaml", ["calibration.tau=0.5"])
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_grad_accumulation():
+    cfg = load_config(None, ["tune.micro_batch_size=2", "tune.num_workers=2"])
+    assert grad_accumulation(cfg.tune) == 4
+
+
+def test_parse_override_yaml_values():
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+    assert parse_override("a=true") == ("a", True)
+    with pytest.raises(ConfigError):
+        parse_override("novalue")
