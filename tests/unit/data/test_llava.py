@@ -1,0 +1,200 @@
+"""LLaVA-Instruct loading and unfolding into the seed pool D_sin."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmdc.data.llava import (
+    LlavaFormatError,
+    image_position,
+    load_llava_records,
+    seed_pool_from_llava,
+    unfold_single_turn,
+)
+from mmdc.data.schema import POOL_SCHEMA
+
+ASSET = Path(__file__).parents[2] / "assets" / "llava_instruct_small.json"
+
+
+def record(rid: str = "r1", questions=("<image>\nWhat is this?", "And that?"), image: str = "r1.jpg") -> dict:
+    turns = []
+    for q in questions:
+        turns += [{"from": "human", "value": q}, {"from": "gpt", "value": "An answer."}]
+    return {"id": rid, "image": image, "conversations": turns}
+
+
+def write(tmp_path: Path, data, name="data.json") -> Path:
+    path = tmp_path / name
+    if name.endswith(".jsonl"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in data))
+    else:
+        path.write_text(json.dumps(data))
+    return path
+
+
+def test_loads_the_llava_asset_and_unfolds_every_human_turn():
+    records = load_llava_records(ASSET).records
+    assert [r["id"] for r in records] == ["000000033471", "000000052846", "000000334872"]
+    table, skips = unfold_single_turn(records, image_root="/data/coco")
+    assert skips == [] and table.schema == POOL_SCHEMA
+    rows = table.to_pylist()
+    assert len(rows) == 6  # 3 + 2 + 1 human turns
+    first = rows[0]
+    assert first == {
+        "instruction_id": "2ec57ee5a0e430d4",  # printf '000000033471:0' | sha1sum
+        "image_id": "000000033471",
+        "image": "/data/coco/000000033471.jpg",
+        "question": "What are the colors of the bus in the image?",
+        "origin": "seed",
+        "parent_id": None,
+        "iteration": 0,
+        "turn": 0,
+        "image_position": "before",
+        "source_id": "000000033471",
+    }
+    assert [r["turn"] for r in rows] == [0, 1, 2, 0, 1, 0]
+    assert [r["image_position"] for r in rows] == ["before", "none", "none", "after", "none", "before"]
+    assert rows[3]["question"] == "Where is the cat positioned in the image?"
+    assert len({r["instruction_id"] for r in rows}) == 6
+    assert all("<image>" not in r["question"] for r in rows)
+
+
+def test_jsonl_gives_the_same_records(tmp_path):
+    records = json.loads(ASSET.read_text())
+    assert load_llava_records(write(tmp_path, records, "data.jsonl")).records == records
+
+
+def test_image_position():
+    assert image_position("<image>\nQ?") == "before"
+    assert image_position("  <image> Q?") == "before"
+    assert image_position("Q?\n<image>") == "after"
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("{not json", "not JSON"),
+        ('{"id": "x"}', "expected a JSON list of records, got dict"),
+    ],
+)
+def test_file_that_is_not_llava_raises_with_path(tmp_path, content, reason):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(LlavaFormatError) as err:
+        load_llava_records(path, strict=False)
+    assert err.value.path == str(path) and err.value.index is None
+    assert str(path) in str(err.value) and reason in str(err.value)
+
+
+def test_missing_file_and_all_wrong_keys(tmp_path):
+    with pytest.raises(LlavaFormatError, match="no such file"):
+        load_llava_records(tmp_path / "absent.json")
+    path = write(tmp_path, [{"question": "q", "answer": "a"}] * 2)
+    with pytest.raises(LlavaFormatError) as err:
+        load_llava_records(path, strict=False)  # even lenient: no record at all is LLaVA
+    assert err.value.index == 0 and "missing key(s)" in err.value.reason
+
+
+BAD_RECORDS = [
+    ({"id": "x", "image": "x.jpg"}, "missing key(s) ['conversations']"),
+    ({**record(), "image": ""}, "'image' must be a non-empty string"),
+    ({**record(), "id": None}, "'id' must be a non-empty string or integer"),
+    ({**record(), "conversations": []}, "'conversations' must be a non-empty list"),
+    ({**record(), "conversations": record()["conversations"][:3]}, "human/gpt turns must come in pairs"),
+    ({**record(), "conversations": [{"from": "gpt", "value": "<image>"}, {"from": "human", "value": "a"}]},
+     "conversations[0] is from 'gpt', expected 'human'"),
+    ({**record(), "conversations": [{"from": "human", "value": "<image> q"}, {"value": "a"}]},
+     "conversations[1] must be an object with 'from' and 'value'"),
+    (record(questions=("What is this?",)), "the first human turn has no <image> placeholder"),
+    ("just a string", "expected an object, got str"),
+]
+
+
+@pytest.mark.parametrize("bad, reason", BAD_RECORDS)
+def test_strict_raises_with_file_and_index(tmp_path, bad, reason):
+    path = write(tmp_path, [record("a", image="a.jpg"), bad])
+    with pytest.raises(LlavaFormatError) as err:
+        load_llava_records(path)
+    assert err.value.index == 1 and reason in err.value.reason
+    assert f"{path}, record 1:" in str(err.value)
+
+
+def test_lenient_returns_skips_with_reasons(tmp_path):
+    data = [record("a", image="a.jpg")] + [bad for bad, _ in BAD_RECORDS] + [record("b", image="b.jpg")]
+    result = load_llava_records(write(tmp_path, data), strict=False)
+    assert [r["id"] for r in result.records] == ["a", "b"]
+    assert [s["index"] for s in result.skipped] == list(range(1, len(BAD_RECORDS) + 1))
+    for skip, (_, reason) in zip(result.skipped, BAD_RECORDS):
+        assert reason in skip["reason"]
+
+
+def test_jsonl_bad_line_is_a_skip_with_its_index(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(record("a")) + "\n{broken\n\n" + json.dumps(record("b")) + "\n")
+    result = load_llava_records(path, strict=False)
+    assert [r["id"] for r in result.records] == ["a", "b"]
+    assert result.skipped[0]["index"] == 1 and "not JSON" in result.skipped[0]["reason"]
+    with pytest.raises(LlavaFormatError, match=r"data.jsonl, record 1: line is not JSON"):
+        load_llava_records(path)
+
+
+def test_integer_ids_and_nested_image_paths():
+    rec = record(rid=12, image="coco/train2017/000000000012.jpg")  # type: ignore[arg-type]
+    table, skips = unfold_single_turn([rec], image_root=None)
+    rows = table.to_pylist()
+    assert skips == []
+    assert rows[0]["source_id"] == "12" and rows[0]["image_id"] == "000000000012"
+    assert rows[0]["image"] == "coco/train2017/000000000012.jpg"
+    table, _ = unfold_single_turn([{**rec, "image": "/abs/x.jpg"}], image_root="/root")
+    assert table.column("image").to_pylist()[0] == "/abs/x.jpg"
+
+
+def test_empty_questions_are_skipped_with_reason():
+    rec = record(questions=("<image>\n   ", "Real question?", " "))
+    table, skips = unfold_single_turn([rec], image_root=None)
+    assert table.column("question").to_pylist() == ["Real question?"]
+    assert table.column("turn").to_pylist() == [1]
+    assert [(s["turn"], s["reason"]) for s in skips] == [
+        (0, "empty question after removing <image>"),
+        (2, "empty question after removing <image>"),
+    ]
+
+
+def test_repeated_ids_keep_distinct_sources_and_exact_duplicates_are_skipped():
+    conversation = record("img", questions=("<image>\nWhat color is the bus?", "Where is it?"))
+    detail = record("img", questions=("Describe the image in detail.\n<image>",))
+    table, skips = unfold_single_turn([conversation, detail, conversation], image_root=None)
+    rows = table.to_pylist()
+    # The detail record reuses the id with a different question: kept, with its own source id and ids.
+    assert [(r["source_id"], r["turn"], r["question"]) for r in rows] == [
+        ("img", 0, "What color is the bus?"),
+        ("img", 1, "Where is it?"),
+        ("img#1", 0, "Describe the image in detail."),
+    ]
+    assert len({r["instruction_id"] for r in rows}) == 3
+    assert rows[2]["image_position"] == "after"
+    # The third record repeats the first exactly: both turns skipped, naming the original.
+    assert [(s["turn"], s["reason"]) for s in skips] == [
+        (0, "duplicate of source 'img' turn 0 (same id, turn and question)"),
+        (1, "duplicate of source 'img' turn 1 (same id, turn and question)"),
+    ]
+
+
+def test_unfold_is_deterministic_and_reports_invalid_records():
+    records = json.loads(ASSET.read_text())
+    a, _ = unfold_single_turn(records, "/x")
+    b, _ = unfold_single_turn(records, "/x")
+    assert a.equals(b)
+    table, skips = unfold_single_turn([{"id": "z"}], None)
+    assert table.num_rows == 0 and "missing key(s)" in skips[0]["reason"] and skips[0]["id"] == "z"
+
+
+def test_seed_pool_from_llava_collects_skips_from_both_stages(tmp_path):
+    data = [record("a", questions=("<image>\nQ?", "  ")), {"id": "bad"}]
+    table, skips = seed_pool_from_llava(write(tmp_path, data), image_root=tmp_path)
+    assert table.column("question").to_pylist() == ["Q?"]
+    assert table.column("image").to_pylist() == [str(tmp_path / "r1.jpg")]
+    assert [(s["stage"], s.get("index"), s.get("turn")) for s in skips] == [("load", 1, None), ("unfold", None, 1)]
