@@ -123,7 +123,7 @@ class Driver:
                 self.captions = None
             loaded = load_llava_records(instructions, strict=False)
             self.rd.log_skips([{"stage": "load", **s} for s in loaded.skipped])
-            pool, skips = unfold_single_turn(loaded.records, self.image_root)
+            pool, skips = unfold_single_turn(loaded.records, None)  # images stay relative to image_root
             self.rd.log_skips([{"stage": "unfold", **s} for s in skips])
             df = pool.to_pandas()
             # Every image is opened once up front: a bad image is a recorded skip, not a crash mid-GPU-phase.
@@ -354,13 +354,11 @@ class Driver:
         if spec.startswith("tiny:"):
             import os
 
-            from mmdc.actors import roles
             from mmdc.data.world import world_corpus
             from mmdc.train.tiny import ensure_tiny_models
 
             cache = os.environ.get("MMDC_CACHE") or os.path.expanduser(self.cfg.models.cache_dir)
-            texts = world_corpus() + roles.PROMPT_TEXTS
-            models = ensure_tiny_models(Path(cache) / "models", texts, seed=0)
+            models = ensure_tiny_models(Path(cache) / "models", world_corpus(), seed=0)  # + Table 6 prompts
             name = spec.split(":", 1)[1]
             if name not in models:
                 raise ConfigError(f"unknown tiny model '{spec}' (known: {', '.join('tiny:' + m for m in models)})")
