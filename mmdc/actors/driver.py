@@ -184,7 +184,7 @@ class Driver:
         with self.phase(k, "teach") as rec:
             tuning = pd.read_parquet(self.rd.pool(k - 1, "tuning"))
             answered, stats = self.teacher_answers(tuning, k, "teach")
-            conv = fold_conversations(answered)
+            conv = fold_conversations(answered, answer_column="teacher_answer")
             atomic_write_table(self.rd.conversations(k), pa.Table.from_pandas(conv, preserve_index=False))
             rec.update(rows=len(tuning), conversations=len(conv), **stats)
 

@@ -1,0 +1,157 @@
+"""The assessment maths of paper section 3.3.2: two referee orders -> mean scores -> Eq. 6 -> hard / easy.
+
+The referee scores every cache-pool instruction twice, once with the teacher
+as Assistant 1 (order A) and once with the student as Assistant 1 (order B),
+to cancel its positional bias; each model's score is the mean of its two
+scores and the instruction's difficulty is
+
+    S = (|R_S - R_T| + 1) / max(R_S, R_T)        (Eq. 6)
+
+hard iff S >= tau. Scores must lie in 1..10, so S lies in [0.1, 1] and is
+never a division by zero. A reply that cannot be read is never turned into a
+number: the row is kept, marked unscored, with the reason and the raw replies,
+so a user can see what the referee said.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mmdc.actors.roles import SCORE_MAX, SCORE_MIN, RefereeParseError, parse_referee
+
+# Input columns of assess_table (the caller has already retried bad replies).
+ASSESS_INPUT_COLUMNS = (
+    "instruction_id",
+    "image_id",
+    "question",
+    "teacher_answer",
+    "student_answer",
+    "reply_teacher_first",  # order A: teacher is Assistant 1
+    "reply_student_first",  # order B: student is Assistant 1
+)
+# Output columns, in contract order.
+ASSESSMENT_COLUMNS = (
+    "instruction_id",
+    "image_id",
+    "question",
+    "teacher_answer",
+    "student_answer",
+    "referee_replies",
+    "scores_student",
+    "scores_teacher",
+    "score_student",
+    "score_teacher",
+    "difficulty",
+    "hard",
+    "unscored_reason",
+)
+
+
+def difficulty(r_s: float, r_t: float) -> float:
+    """Eq. 6: (|R_S - R_T| + 1) / max(R_S, R_T) for student score R_S and teacher score R_T, both in 1..10.
+
+    Raises ValueError for a score outside 1..10 or not a finite number.
+    """
+    for name, value in (("r_s", r_s), ("r_t", r_t)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not SCORE_MIN <= value <= SCORE_MAX:
+            raise ValueError(f"{name}={value} is outside the referee scale {SCORE_MIN:g}..{SCORE_MAX:g}")
+    return (abs(r_s - r_t) + 1.0) / max(r_s, r_t)
+
+
+def _parse_order(reply: Any, order: str) -> tuple[float, float]:
+    if reply is None or (isinstance(reply, float) and math.isnan(reply)):
+        raise RefereeParseError(f"order {order}: no reply", "")
+    try:
+        return parse_referee(reply)
+    except RefereeParseError as err:
+        raise RefereeParseError(f"order {order}: {err.reason}", err.text) from err
+
+
+def combine_orders(reply_teacher_first: str | None, reply_student_first: str | None) -> dict[str, Any]:
+    """Scores of one instruction from its two referee replies.
+
+    Order A (``reply_teacher_first``) has the teacher as Assistant 1, order B
+    (``reply_student_first``) has the student as Assistant 1. Returns a dict
+    with ``referee_replies`` [A, B] always, and either the per-order lists
+    ``scores_teacher`` / ``scores_student`` ([A, B]) with their means
+    ``score_teacher`` / ``score_student`` and ``unscored_reason`` None, or all
+    scores None and ``unscored_reason`` naming the order and what was wrong.
+    """
+    result: dict[str, Any] = {
+        "referee_replies": [reply_teacher_first, reply_student_first],
+        "scores_teacher": None,
+        "scores_student": None,
+        "score_teacher": None,
+        "score_student": None,
+        "unscored_reason": None,
+    }
+    try:
+        teacher_a, student_a = _parse_order(reply_teacher_first, "A (teacher first)")
+        student_b, teacher_b = _parse_order(reply_student_first, "B (student first)")
+    except RefereeParseError as err:
+        result["unscored_reason"] = err.reason
+        return result
+    result["scores_teacher"] = [teacher_a, teacher_b]
+    result["scores_student"] = [student_a, student_b]
+    result["score_teacher"] = (teacher_a + teacher_b) / 2.0
+    result["score_student"] = (student_a + student_b) / 2.0
+    return result
+
+
+def assess_table(df: pd.DataFrame, tau: float) -> pd.DataFrame:
+    """The assessment table of one iteration: scores, Eq. 6 difficulty and the hard / easy split.
+
+    ``df`` has one row per cache-pool instruction with ASSESS_INPUT_COLUMNS,
+    and optionally ``referee_replies`` (every raw reply, retries included),
+    kept as is; without it ``referee_replies`` is [order A reply, order B reply].
+    The result has ASSESSMENT_COLUMNS in that order and the input's row order:
+    ``hard`` is a nullable boolean (True iff difficulty >= tau, NA when
+    unscored), ``difficulty`` and the mean scores are NaN when unscored.
+    """
+    missing = [name for name in ASSESS_INPUT_COLUMNS if name not in df.columns]
+    if missing:
+        raise ValueError(f"assess_table: missing input column(s) {missing}; expected {list(ASSESS_INPUT_COLUMNS)}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
+        raise ValueError(f"assess_table: tau must be a finite number, got {tau!r}")
+    duplicated = df["instruction_id"][df["instruction_id"].duplicated()]
+    if len(duplicated):
+        raise ValueError(f"assess_table: instruction_id {duplicated.iloc[0]!r} appears more than once")
+
+    combined = [
+        combine_orders(a, b) for a, b in zip(df["reply_teacher_first"].tolist(), df["reply_student_first"].tolist())
+    ]
+    out = pd.DataFrame(
+        {
+            "instruction_id": df["instruction_id"].to_numpy(),
+            "image_id": df["image_id"].to_numpy(),
+            "question": df["question"].to_numpy(),
+            "teacher_answer": df["teacher_answer"].to_numpy(),
+            "student_answer": df["student_answer"].to_numpy(),
+            "referee_replies": (
+                df["referee_replies"].tolist() if "referee_replies" in df.columns
+                else [c["referee_replies"] for c in combined]
+            ),
+            "scores_student": [c["scores_student"] for c in combined],
+            "scores_teacher": [c["scores_teacher"] for c in combined],
+            "score_student": np.array([c["score_student"] for c in combined], dtype=np.float64),
+            "score_teacher": np.array([c["score_teacher"] for c in combined], dtype=np.float64),
+            # object dtype keeps None (pandas 3 would infer a string dtype and turn None into NaN).
+            "unscored_reason": pd.Series([c["unscored_reason"] for c in combined], dtype=object),
+        }
+    )
+    scored = out["unscored_reason"].isna().to_numpy()
+    # Eq. 6, vectorised; the parser guarantees both means lie in 1..10, so max >= 1.
+    r_s = out["score_student"].to_numpy()  # [rows]
+    r_t = out["score_teacher"].to_numpy()  # [rows]
+    with np.errstate(invalid="ignore"):  # unscored rows are NaN / NaN
+        out["difficulty"] = (np.abs(r_s - r_t) + 1.0) / np.maximum(r_s, r_t)
+    hard = pd.array([pd.NA] * len(out), dtype="boolean")
+    hard[scored] = out["difficulty"].to_numpy()[scored] >= tau
+    out["hard"] = hard
+    return out[list(ASSESSMENT_COLUMNS)]
