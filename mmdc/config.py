@@ -102,7 +102,6 @@ class CalibrationConfig:
     tau: float = 0.33  # hard iff S_i >= tau (Eq. 6)
     pool_update: Literal["refresh", "replace"] = "refresh"  # see SPEC.md, phase D
     rouge_l_threshold: float = 0.7  # a new question is valid only if ROUGE-L F < this against every question of its image
-    easy_per_hard: float = 1.0  # easy instructions sampled per accepted new question (balance: 1.0)
 
 
 @dataclass

@@ -12,7 +12,8 @@ PHASE_COLUMNS = {
     "teach": ["rows", "conversations", "cache_hits", "cache_misses", "wall_s", "rows_per_s"],
     "tune": ["train_first_loss", "train_final_loss", "train_steps", "train_samples", "wall_s"],
     "assess": ["rows", "hard", "easy", "unscored", "hard_ratio", "cache_hits", "wall_s", "rows_per_s"],
-    "augment": ["rows", "generated", "accepted", "acceptance_ratio", "tuning_size", "cache_size", "wall_s"],
+    "augment": ["rows", "generated", "accepted", "acceptance_ratio", "easy_sampled", "tuning_after", "cache_after",
+                "wall_s"],
 }
 
 

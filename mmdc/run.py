@@ -51,9 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    ray.init(address=args.address, num_cpus=args.num_cpus if not (args.address or os.environ.get("RAY_ADDRESS")) else None,
-             runtime_env={"env_vars": env}, ignore_reinit_error=True)
-    print(f"[mmdc] Ray dashboard: {ray.get_runtime_context().dashboard_url or 'disabled'}", flush=True)
+    local = not (args.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+    info = ray.init(address=args.address, num_cpus=args.num_cpus if local else None,
+                    runtime_env={"env_vars": env}, ignore_reinit_error=True)
+    dashboard = getattr(info, "dashboard_url", None)
+    print(f"[mmdc] Ray dashboard: {'http://' + dashboard if dashboard else 'not running'}", flush=True)
 
     from mmdc.actors.driver import Driver
 

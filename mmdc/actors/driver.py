@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from mmdc.config import Config, ConfigError, config_from_dict, dump_config, to_dict
@@ -48,9 +49,9 @@ class Driver:
         self.rd.root.mkdir(parents=True, exist_ok=True)
         dump_config(self.cfg, self.rd.config)
         self.state = self.rd.load_state()
-        self.deployed: dict[str, str] = {}  # engine name -> model path
+        self.deployed: dict[str, str] = {}  # engine name -> model path it serves now
+        self.models: dict[str, str] = {}  # engine name -> model path it should serve (teacher, current student)
         self.image_root: str | None = None
-        self.teacher_path = ""
         self.teacher_fp = ""
         self._image_sha: dict[str, str] = {}
 
@@ -64,7 +65,6 @@ class Driver:
             self.teach(k)
             self.release_engines()
             student = self.tune(k, student)
-            self.deploy("student", student)
             self.assess(k)
             self.augment(k)
         self.release_engines()
@@ -105,7 +105,6 @@ class Driver:
         """Build or read the instruction set, unfold it to D_sin, and write pools/iter_0."""
         from mmdc.data.images import ImageError, load_image
         from mmdc.data.llava import load_llava_records, unfold_single_turn
-        from mmdc.data.schema import pool_table
 
         with self.phase(0, "prepare") as rec:
             d = self.cfg.data
@@ -143,7 +142,7 @@ class Driver:
                 df = df.head(d.max_instructions)
             if df.empty:
                 raise ValueError(f"no usable instruction in {instructions} (see {self.rd.skipped})")
-            table = pool_table(df.to_dict("records"))
+            table = as_pool(df, "D_sin")
             atomic_write_table(self.rd.pool(0, "tuning"), table)
             atomic_write_table(self.rd.pool(0, "cache"), table)
             rec.update(rows=len(df), images=int(df["image_id"].nunique()), skipped_images=len(bad),
@@ -151,10 +150,10 @@ class Driver:
 
     def prepare_models(self) -> str:
         """Resolve the teacher and the initial student to local HF checkpoints."""
-        self.teacher_path = self.resolve_model(self.cfg.models.teacher)
         from mmdc.actors.engines import model_fingerprint
 
-        self.teacher_fp = model_fingerprint(self.teacher_path)
+        self.models["teacher"] = self.resolve_model(self.cfg.models.teacher)
+        self.teacher_fp = model_fingerprint(self.models["teacher"])
         return self.resolve_model(self.cfg.models.student_init)
 
     def align(self, student: str) -> str:
@@ -192,14 +191,23 @@ class Driver:
         """Phase B: Ray Train tunes the student on this iteration's conversations, from its last checkpoint."""
         from mmdc.train.loop import train_student
 
+        from mmdc.train.loop import planned_steps
+
         with self.phase(k, "tune") as rec:
+            conversations = pq.read_metadata(self.rd.conversations(k)).num_rows
+            if planned_steps(conversations, self.cfg.tune) < 1:
+                # Nothing to learn from (e.g. no accepted question and no easy sample): keep the checkpoint.
+                rec.update(skipped=f"{conversations} conversations make no optimizer step", rows=conversations)
+                self.models["student"] = student
+                return student
             ds = ray.data.read_parquet(str(self.rd.conversations(k)), ray_remote_args={"num_cpus": 0})
             ds = ds.map(_with_absolute_image, fn_kwargs={"image_root": self.image_root}, num_cpus=0)
             result = train_student(stage="tune", init_checkpoint=student, output_dir=str(self.rd.checkpoint(k)),
                                    dataset=ds, train_cfg=self.cfg.tune, seed=self.cfg.run.seed + k,
                                    metrics_path=str(self.rd.metrics), run_name=f"{self.rd.root.name}-tune-{k}")
             rec.update(**{f"train_{key}": v for key, v in result.metrics.items()})
-        return str(self.rd.checkpoint(k))
+        self.models["student"] = str(self.rd.checkpoint(k))
+        return self.models["student"]
 
     def assess(self, k: int) -> None:
         """Phase C: teacher and student answer the cache pool; the referee scores both orders; Eq. 6."""
@@ -228,7 +236,6 @@ class Driver:
         from mmdc.data.augment import validate_candidates
         from mmdc.data.pipelines import AugmentorStage, StageSpec, run_stages  # noqa: F401
         from mmdc.data.pools import update_pools
-        from mmdc.data.schema import pool_table
 
         with self.phase(k, "augment") as rec:
             tuning = pd.read_parquet(self.rd.pool(k - 1, "tuning"))
@@ -245,15 +252,17 @@ class Driver:
             atomic_write_table(self.rd.generated(k), pa.Table.from_pandas(checked, preserve_index=False))
             accepted = checked[checked["accepted"]][POOL_COLUMNS]
             nxt_tuning, nxt_cache, counts = update_pools(
-                self.cfg.calibration.pool_update, pool_table(tuning.to_dict("records")),
-                pool_table(cache.to_dict("records")), assessment, pool_table(accepted.to_dict("records")),
+                self.cfg.calibration.pool_update, as_pool(tuning, "tuning pool"), as_pool(cache, "cache pool"),
+                assessment, as_pool(accepted, "accepted questions"),
                 seed=self.cfg.run.seed, iteration=k)
             atomic_write_table(self.rd.pool(k, "tuning"), nxt_tuning)
             atomic_write_table(self.rd.pool(k, "cache"), nxt_cache)
             reasons = checked.loc[~checked["accepted"], "reject_reason"].value_counts().to_dict()
-            rec.update(rows=len(hard_rows), generated=len(checked), accepted=int(checked["accepted"].sum()),
+            counts = {k: v for k, v in counts.items() if k not in ("iteration", "hard", "easy", "unscored")}
+            rec.update(counts)
+            rec.update(rows=len(hard_rows), generated=len(checked),
                        acceptance_ratio=round(float(checked["accepted"].mean()), 4) if len(checked) else None,
-                       rejected=reasons, **counts)
+                       rejected=reasons)
 
     # ----------------------------------------------------------------------------- helpers
     def candidate_rows(self, out: pd.DataFrame, k: int) -> pd.DataFrame:
@@ -284,7 +293,6 @@ class Driver:
         misses = rows[~rows["cache_key"].isin(cache.index)]
         stats = {"cache_hits": len(rows) - len(misses), "cache_misses": len(misses)}
         if len(misses):
-            self.deploy("teacher", self.teacher_path)
             out = run_stages(pa.Table.from_pandas(misses, preserve_index=False),
                              [self.stage(TeacherStage, "teacher", self.cfg.roles.teacher)],
                              self.rd.phase_output(k, f"{phase}_teacher"), self.cfg.pipeline).to_pandas()
@@ -304,20 +312,23 @@ class Driver:
         return df.set_index("cache_key")
 
     def stage(self, cls, engine: str, sampling):
+        """A Ray Data stage bound to ``engine``, deploying the engine first if it is not serving yet."""
         from mmdc.actors.engines import deployment_name
         from mmdc.data.pipelines import StageSpec
 
+        self.deploy(engine)
         return StageSpec(cls, {"app_name": engine, "deployment": deployment_name(self.deployed[engine]),
                                "sampling": to_dict(sampling), "run_seed": self.cfg.run.seed,
                                "image_root": self.image_root,
                                "timeout_s": self.cfg.engines[engine].request_timeout_s})
 
-    def deploy(self, engine: str, model_path: str) -> None:
-        """Make ``engine`` serve ``model_path`` (no-op when it already does)."""
+    def deploy(self, engine: str) -> None:
+        """Make ``engine`` serve its current model (no-op when it already does)."""
         from ray import serve
 
         from mmdc.actors.engines import build_engine_app
 
+        model_path = self.models[engine]
         if self.deployed.get(engine) == model_path:
             return
         start = time.perf_counter()
@@ -350,19 +361,34 @@ class Driver:
         self.rd.log_metrics({"event": "release", "wall_s": round(time.perf_counter() - start, 3)})
 
     def resolve_model(self, spec: str) -> str:
-        """``tiny:<name>`` builds (once, cached) the embedded tiny models; anything else is a path or hub id."""
+        """``tiny:<name>`` builds (once, cached) an embedded tiny model; anything else is a path or hub id.
+
+        tiny:teacher        the world teacher, trained locally on the synthetic world (full schedule)
+        tiny:teacher-short  the same, short schedule (tests, CI)
+        tiny:random-teacher an untrained teacher (plumbing only: its referee never parses)
+        tiny:student        the untrained small student
+        """
         if spec.startswith("tiny:"):
             import os
 
             from mmdc.data.world import world_corpus
             from mmdc.train.tiny import ensure_tiny_models
+            from mmdc.train.world_teacher import ensure_world_teacher
 
-            cache = os.environ.get("MMDC_CACHE") or os.path.expanduser(self.cfg.models.cache_dir)
-            models = ensure_tiny_models(Path(cache) / "models", world_corpus(), seed=0)  # + Table 6 prompts
+            cache = Path(os.environ.get("MMDC_CACHE") or os.path.expanduser(self.cfg.models.cache_dir)) / "models"
+            texts = world_corpus()  # + the Table 6 prompts, added by the tokenizer builder
             name = spec.split(":", 1)[1]
-            if name not in models:
-                raise ConfigError(f"unknown tiny model '{spec}' (known: {', '.join('tiny:' + m for m in models)})")
-            return str(models[name])
+            if name in ("teacher", "teacher-short"):
+                schedule = "short" if name == "teacher-short" else "full"
+                _say(f"world teacher ({schedule} schedule): building once into {cache} if missing …")
+                return ensure_world_teacher(cache, schedule=schedule, tokenizer_texts=texts,
+                                            log=lambda m: _say(f"world teacher: {m}"))
+            models = ensure_tiny_models(cache, texts, seed=0)
+            tiny = {"random-teacher": models["teacher"], "student": models["student"]}
+            if name not in tiny:
+                known = ["tiny:teacher", "tiny:teacher-short"] + [f"tiny:{n}" for n in tiny]
+                raise ConfigError(f"unknown tiny model '{spec}' (known: {', '.join(known)})")
+            return str(tiny[name])
         if spec == "assemble":
             from mmdc.train.assembly import assemble_llava
 
@@ -389,6 +415,14 @@ class Driver:
         from mmdc.report import write_report
 
         write_report(self.rd)
+
+
+def as_pool(df: pd.DataFrame, where: str) -> pa.Table:
+    """A pandas frame of pool rows back to a validated Arrow pool (None/NaN handled by Arrow, not pandas)."""
+    from mmdc.data.schema import check_pool
+
+    table = pa.Table.from_pandas(df[POOL_COLUMNS], preserve_index=False)
+    return check_pool(table, where)
 
 
 def _with_absolute_image(row: dict, image_root: str | None) -> dict:

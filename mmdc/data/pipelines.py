@@ -224,7 +224,9 @@ def run_stages(table: pa.Table, stages: list[StageSpec], out_dir: str | Path, cf
         tmp.mkdir(parents=True)
         pq.write_table(table, tmp / "empty.parquet")
     else:
-        ds = ray.data.from_arrow(_blocks(table, cfg.concurrency * cfg.blocks_per_client))
+        # from_blocks only puts the blocks in the object store: no metadata or listing tasks, which
+        # would each want a CPU while the engine replicas hold every core (and wait forever).
+        ds = ray.data.from_blocks(_blocks(table, cfg.concurrency * cfg.blocks_per_client))
         for spec in stages:
             ds = ds.map_batches(spec.cls, fn_constructor_kwargs=spec.kwargs, batch_size=cfg.batch_size,
                                 batch_format="pandas", concurrency=cfg.concurrency, num_cpus=0)
