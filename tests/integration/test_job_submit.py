@@ -32,7 +32,9 @@ def _free_port() -> int:
 @pytest.fixture
 def head(tmp_path):
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex,
+    # The job's `python` must be this environment's, as after `source .venv/bin/activate`.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex,
            "OMP_NUM_THREADS": "1"}
     port, dash = _free_port(), _free_port()
     proc = subprocess.Popen(
@@ -62,7 +64,8 @@ def test_ray_job_submit_runs_mmdc(head, tmp_path):
     run_dir = tmp_path / "job-run"
     cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
            "python", "-m", "mmdc.run", "--output", str(run_dir), "--set", "run.iterations=0",
-           "--set", "align.enabled=false", "--set", "data.world.num_images=6"]
+           "--set", "align.enabled=false", "--set", "data.world.num_images=6",
+           "--set", "models.teacher=tiny:teacher-short"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
