@@ -119,7 +119,7 @@ class Driver:
                 self.captions = str(files.captions)
             else:
                 instructions, self.image_root = d.instructions, d.image_folder
-                self.captions = None
+                self.captions = d.captions
             loaded = load_llava_records(instructions, strict=False)
             self.rd.log_skips([{"stage": "load", **s} for s in loaded.skipped])
             pool, skips = unfold_single_turn(loaded.records, None)  # images stay relative to image_root
@@ -161,14 +161,12 @@ class Driver:
         if not self.cfg.align.enabled:
             return student
         if not self.captions:
-            raise ConfigError("align.enabled needs caption pairs; the llava source has none configured")
-        import json
-
+            raise ConfigError("align.enabled needs caption pairs: set data.captions (or align.enabled=false)")
+        from mmdc.data.llava import load_caption_pairs
         from mmdc.train.loop import train_student
 
         with self.phase(0, "align") as rec:
-            pairs = json.loads(Path(self.captions).read_text())
-            rows = [{"image": self.image_path(p["image"]), "caption": p["caption"]} for p in pairs]
+            rows = [{**p, "image": self.image_path(p["image"])} for p in load_caption_pairs(self.captions)]
             ds = ray.data.from_items(rows)
             result = train_student(stage="align", init_checkpoint=student, output_dir=str(self.rd.checkpoint(None)),
                                    dataset=ds, train_cfg=self.cfg.align, seed=self.cfg.run.seed,

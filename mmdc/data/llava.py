@@ -225,3 +225,32 @@ def seed_pool_from_llava(
     skips = [{"stage": "load", **skip} for skip in loaded.skipped]
     skips += [{"stage": "unfold", "path": str(path), **skip} for skip in unfold_skips]
     return table, skips
+
+
+def load_caption_pairs(path: str | Path) -> list[dict]:
+    """Stage 1 caption pairs as ``{id, image, caption}``.
+
+    Accepts our plain format (a JSON list of ``{id, image, caption}``, what the synthetic world
+    writes) and LLaVA's pretraining format (``{id, image, conversations}`` whose gpt turn is the
+    caption, e.g. blip_laion_cc_sbu_558k.json). A record that is neither raises
+    ``LlavaFormatError`` naming the file and index.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise LlavaFormatError(path, None, f"not readable JSON: {err}") from err
+    if not isinstance(data, list):
+        raise LlavaFormatError(path, None, "expected a JSON list of caption pairs")
+    pairs = []
+    for index, rec in enumerate(data):
+        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
+            raise LlavaFormatError(path, index, "a caption pair needs an 'image' string")
+        caption = rec.get("caption")
+        if caption is None and isinstance(rec.get("conversations"), list):
+            gpt = [t.get("value") for t in rec["conversations"] if isinstance(t, dict) and t.get("from") == "gpt"]
+            caption = gpt[0] if gpt else None
+        if not isinstance(caption, str) or not caption.strip():
+            raise LlavaFormatError(path, index, "no caption (neither 'caption' nor a gpt turn)")
+        pairs.append({"id": str(rec.get("id", index)), "image": rec["image"], "caption": caption.strip()})
+    return pairs

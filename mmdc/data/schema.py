@@ -67,16 +67,21 @@ def generated_instruction_id(parent_id: str, iteration: int, attempt: int) -> st
     return hashlib.sha1(f"{parent_id}:gen:{iteration}:{attempt}".encode("utf-8")).hexdigest()[:16]
 
 
+def _check_columns(kind: str, index: int, row: Any, schema: pa.Schema) -> None:
+    """Raise ValueError naming the row when it is not a dict with exactly ``schema``'s columns."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{kind} row {index}: expected a dict, got {type(row).__name__}")
+    missing = [name for name in schema.names if name not in row]
+    if missing:
+        raise ValueError(f"{kind} row {index}: missing column(s) {missing}")
+    unknown = sorted(set(row) - set(schema.names))
+    if unknown:
+        raise ValueError(f"{kind} row {index}: unknown column(s) {unknown}; {kind} columns are {schema.names}")
+
+
 def _check_row(index: int, row: Any) -> None:
     """Raise ValueError naming ``index`` and the column when ``row`` breaks the pool contract."""
-    if not isinstance(row, dict):
-        raise ValueError(f"pool row {index}: expected a dict, got {type(row).__name__}")
-    missing = [name for name in POOL_SCHEMA.names if name not in row]
-    if missing:
-        raise ValueError(f"pool row {index}: missing column(s) {missing}")
-    unknown = sorted(set(row) - set(POOL_SCHEMA.names))
-    if unknown:
-        raise ValueError(f"pool row {index}: unknown column(s) {unknown}; pool columns are {POOL_SCHEMA.names}")
+    _check_columns("pool", index, row, POOL_SCHEMA)
     for name in _STR_COLUMNS:
         if not isinstance(row[name], str):
             raise ValueError(f"pool row {index}, column {name!r}: expected str, got {type(row[name]).__name__}")
@@ -171,14 +176,7 @@ def conversation_table(rows: Iterable[dict]) -> pa.Table:
     """
     rows = list(rows)
     for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f"conversation row {index}: expected a dict, got {type(row).__name__}")
-        missing = [name for name in CONVERSATION_SCHEMA.names if name not in row]
-        if missing:
-            raise ValueError(f"conversation row {index}: missing column(s) {missing}")
-        unknown = sorted(set(row) - set(CONVERSATION_SCHEMA.names))
-        if unknown:
-            raise ValueError(f"conversation row {index}: unknown column(s) {unknown}")
+        _check_columns("conversation", index, row, CONVERSATION_SCHEMA)
         for name in ("conversation_id", "image_id", "image"):
             if not isinstance(row[name], str) or not row[name]:
                 raise ValueError(f"conversation row {index}, column {name!r}: expected a non-empty str")

@@ -283,11 +283,7 @@ def assemble_llava(
         tokenizer, size, vision.config.patch_size, chat_template, _load_image_processor(vision_tower)
     )
     check_image_token_count(processor, config.image_seq_length)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return str(out)
+    return save_llava(model, processor, out_dir)
 
 
 def freeze_for_stage(model: LlavaForConditionalGeneration, stage: Literal["align", "tune"]) -> dict[str, int]:
@@ -321,3 +317,12 @@ def freeze_for_stage(model: LlavaForConditionalGeneration, stage: Literal["align
     counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     counts["total"] = sum(p.numel() for p in model.parameters())
     return counts
+
+
+def save_llava(model: Any, processor: Any, out_dir: str | Path) -> str:
+    """Save model and processor in HF format into one folder (what every engine and trainer loads)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return str(out)

@@ -44,6 +44,7 @@ from mmdc.train.assembly import (  # noqa: F401  (freeze_for_stage re-exported: 
     make_generation_config,
     make_llava_config,
     make_llava_processor,
+    save_llava,
     token_id,
 )
 from mmdc.train.templates import ASSISTANT_ROLE, CHAT_TEMPLATE, DEFAULT_SYSTEM, IMAGE_TOKEN, STOP_TOKEN, USER_ROLE
@@ -208,11 +209,7 @@ def build_tiny_llava(out_dir: str | os.PathLike, spec: TinySpec, tokenizer: PreT
     model.generation_config = make_generation_config(tokenizer, EOS_TOKEN)
     processor = make_llava_processor(tokenizer, spec.image_size, spec.patch_size, CHAT_TEMPLATE)
     check_image_token_count(processor, config.image_seq_length)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return str(out)
+    return save_llava(model, processor, out_dir)
 
 
 def corpus_hash(corpus: Sequence[str]) -> str:

@@ -198,3 +198,23 @@ def test_seed_pool_from_llava_collects_skips_from_both_stages(tmp_path):
     assert table.column("question").to_pylist() == ["Q?"]
     assert table.column("image").to_pylist() == [str(tmp_path / "r1.jpg")]
     assert [(s["stage"], s.get("index"), s.get("turn")) for s in skips] == [("load", 1, None), ("unfold", None, 1)]
+
+
+def test_caption_pairs_plain_and_pretrain_formats(tmp_path):
+    import json
+
+    from mmdc.data.llava import LlavaFormatError, load_caption_pairs
+
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps([{"id": "a", "image": "a.png", "caption": " A red circle. "}]))
+    assert load_caption_pairs(plain) == [{"id": "a", "image": "a.png", "caption": "A red circle."}]
+    pretrain = tmp_path / "pretrain.json"
+    pretrain.write_text(json.dumps([{"id": "b", "image": "b.jpg", "conversations": [
+        {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+        {"from": "gpt", "value": "a dog on a beach"}]}]))
+    assert load_caption_pairs(pretrain)[0]["caption"] == "a dog on a beach"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "c", "image": "c.png"}]))
+    with pytest.raises(LlavaFormatError) as err:
+        load_caption_pairs(bad)
+    assert "bad.json" in str(err.value) and "0" in str(err.value)
