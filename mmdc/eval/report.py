@@ -1,0 +1,94 @@
+"""Writing one benchmark run: ``results.json``, ``samples.jsonl`` and ``results.md``.
+
+Three files because they serve three readers: ``results.json`` for programs
+(the driver's ``eval/<benchmark>/iter_<k>.json``, plots, comparisons),
+``samples.jsonl`` for a person asking *why* a score is what it is (the exact
+prompt, the raw output, what the parser made of it, right or wrong), and
+``results.md`` for pasting next to the paper's tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+RESULTS_FILE = "results.json"
+SAMPLES_FILE = "samples.jsonl"
+TABLE_FILE = "results.md"
+
+# Bookkeeping keys of a metrics dict that are not table columns.
+_NOT_COLUMNS = frozenset({"n", "correct", "failed", "unparsed", "details"})
+
+
+def table_columns(metrics: Mapping[str, Any]) -> list[str]:
+    """The score columns of a benchmark's metrics dict, in its own order (counts and details left out)."""
+    return [k for k, v in metrics.items() if k not in _NOT_COLUMNS and (v is None or isinstance(v, (int, float)))]
+
+
+def format_cell(value: Any, decimals: int = 2) -> str:
+    """A table cell: numbers with fixed decimals (the paper's tables), '-' for a missing or NaN score."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (int, float)):
+        return f"{value:.{decimals}f}"
+    return str(value)
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]], label: str = "Model",
+                   decimals: int = 2) -> str:
+    """A Markdown table: one row per mapping, first cell its ``label`` entry, then ``columns``."""
+    header = "| " + " | ".join([label, *columns]) + " |"
+    rule = "|" + "---|" * (len(columns) + 1)
+    lines = [header, rule]
+    for row in rows:
+        cells = [str(row.get(label, ""))] + [format_cell(row.get(c), decimals) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(benchmark: str, metrics: Mapping[str, Any], meta: Mapping[str, Any], decimals: int = 2) -> str:
+    """``results.md``: a title, the score table for this model, and the counts that qualify it."""
+    columns = table_columns(metrics)
+    name = str(meta.get("model_name") or meta.get("checkpoint") or "model")
+    text = f"# {benchmark}\n\n" + markdown_table(columns, [{"Model": name, **metrics}], decimals=decimals)
+    counts = [f"{key}: {metrics[key]}" for key in ("n", "correct", "failed", "unparsed") if key in metrics]
+    if counts:
+        text += "\n" + ", ".join(counts) + "\n"
+    return text
+
+
+def write_results(out_dir: str | Path, benchmark: str, metrics: Mapping[str, Any], samples: Sequence[Mapping],
+                  meta: Mapping[str, Any] | None = None, decimals: int = 2) -> dict[str, Path]:
+    """Write the three files into ``out_dir`` (created) and return their paths by kind."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta or {})
+    paths = {"results": out / RESULTS_FILE, "samples": out / SAMPLES_FILE, "table": out / TABLE_FILE}
+    payload = {"benchmark": benchmark, "metrics": dict(metrics), "columns": table_columns(metrics), "meta": meta}
+    paths["results"].write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with open(paths["samples"], "w", encoding="utf-8") as f:
+        for sample in samples:
+            f.write(json.dumps(dict(sample), ensure_ascii=False) + "\n")
+    paths["table"].write_text(render_markdown(benchmark, metrics, meta, decimals), encoding="utf-8")
+    return paths
+
+
+def read_results(path: str | Path) -> dict:
+    """Load a ``results.json`` (or a file in that format, e.g. ``eval/<benchmark>/iter_<k>.json``)."""
+    file = Path(path)
+    try:
+        payload = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: results file not found") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(payload, dict) or "metrics" not in payload or "benchmark" not in payload:
+        raise ValueError(f"{file}: not a results file (needs 'benchmark' and 'metrics')")
+    return payload
+
+
+__all__ = ["format_cell", "markdown_table", "read_results", "render_markdown", "table_columns", "write_results"]
