@@ -78,7 +78,10 @@ class Driver:
     @contextmanager
     def phase(self, iteration: int, name: str, **extra):
         """Time a phase, log its metrics line and record it in state.json when it completes."""
+        from mmdc import metrics
+
         _say(f"iteration {iteration} · {name} …")
+        metrics.publish_state(iteration, name, run=self.rd.root.name)
         record: dict = {"iteration": iteration, "phase": name, **extra}
         start = time.perf_counter()
         yield record
@@ -88,6 +91,7 @@ class Driver:
         if record.get("generated_tokens") and record["wall_s"] > 0:
             record["gen_tokens_per_s"] = round(record["generated_tokens"] / record["wall_s"], 3)
         self.rd.log_metrics(record)
+        metrics.publish_phase(record, run=self.rd.root.name)  # Ray dashboard / Prometheus
         self.state.setdefault("completed", []).append({"iteration": iteration, "phase": name})
         self.state["status"] = "running"
         self.rd.save_state(self.state)

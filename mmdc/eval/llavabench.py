@@ -190,7 +190,9 @@ def evaluate(items: Sequence[LlavaBenchItem], outputs: Sequence[str],
 
     metrics: the relative score per category under its Table 3 name (Con, CR,
     DD, or the file's name) and ``AVG`` over all scored questions; ``details``
-    with both means x 10 and counts per category; ``n``, ``unparsed``.
+    with both means x 10 and counts per category; ``n``, ``unparsed``, and
+    ``fallback`` (replies LLaVA's first-line rule could not read but
+    ``parse_referee`` could: worth a look, since LLaVA would have failed them).
     """
     if not len(items) == len(outputs) == len(judge_replies):
         raise ValueError(f"{len(items)} items, {len(outputs)} outputs, {len(judge_replies)} judge replies")
@@ -216,7 +218,8 @@ def evaluate(items: Sequence[LlavaBenchItem], outputs: Sequence[str],
     for category in known + [c for c in details if c not in CATEGORY_COLUMNS and c != "all"]:
         result[CATEGORY_COLUMNS.get(category, category)] = details[category]["relative"]
     result[OVERALL] = details["all"]["relative"]
-    result.update(details=details, n=len(samples), unparsed=len(samples) - len(scored))
+    result.update(details=details, n=len(samples), unparsed=len(samples) - len(scored),
+                  fallback=sum(s["parse"] == "fallback" for s in scored))
     return result, samples
 
 

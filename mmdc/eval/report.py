@@ -19,7 +19,7 @@ SAMPLES_FILE = "samples.jsonl"
 TABLE_FILE = "results.md"
 
 # Bookkeeping keys of a metrics dict that are not table columns.
-_NOT_COLUMNS = frozenset({"n", "correct", "failed", "unparsed", "details"})
+_NOT_COLUMNS = frozenset({"n", "correct", "failed", "unparsed", "fallback", "details"})
 
 
 def table_columns(metrics: Mapping[str, Any]) -> list[str]:
@@ -55,7 +55,7 @@ def render_markdown(benchmark: str, metrics: Mapping[str, Any], meta: Mapping[st
     columns = table_columns(metrics)
     name = str(meta.get("model_name") or meta.get("checkpoint") or "model")
     text = f"# {benchmark}\n\n" + markdown_table(columns, [{"Model": name, **metrics}], decimals=decimals)
-    counts = [f"{key}: {metrics[key]}" for key in ("n", "correct", "failed", "unparsed") if key in metrics]
+    counts = [f"{key}: {metrics[key]}" for key in ("n", "correct", "failed", "unparsed", "fallback") if key in metrics]
     if counts:
         text += "\n" + ", ".join(counts) + "\n"
     return text

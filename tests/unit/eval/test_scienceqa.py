@@ -1,0 +1,150 @@
+"""ScienceQA: LLaVA's answer rules, loading the converted + official files, Table 1 metrics, and one real run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from mmdc.eval import report, scienceqa
+from mmdc.eval.scienceqa import ANSWER_SUFFIX, parse_answer
+
+ASSETS = Path(__file__).parents[2] / "assets" / "eval" / "scienceqa"
+DATA = ASSETS / "llava_test_CQM-A.json"
+PROBLEMS = ASSETS / "problems.json"
+SPLITS = ASSETS / "pid_splits.json"
+
+
+@pytest.mark.parametrize(
+    "reply, n_choices, expected",
+    [
+        ("B", 2, "B"),
+        ("  C\n", 3, "C"),  # replies are stripped (LLaVA strips the decoded output)
+        ("A. Ohio", 3, "A"),
+        ("The answer is B.", 2, "B"),
+        ("Because of the map, the answer is A. Ohio is north.", 3, None),  # no capital "The answer is"
+        ("I think... The answer is C, since", 4, "C"),  # "." in LLaVA's regex is any character
+        ("The answer is B", 2, None),  # ...but it must be there: nothing after the letter fails
+        ("The answer is A. The answer is B.", 2, None),  # two matches: ambiguous
+        ("A.", 2, None),  # "X. " needs the space and at least one more character
+        ("E", 4, None),  # a letter beyond this question's choices
+        ("C. dog", 2, None),
+        ("a", 2, None),  # lower case is not an option
+        ("", 2, None),
+        ("Answer: B", 2, None),
+    ],
+)
+def test_parse_answer_follows_llava_rules(reply, n_choices, expected):
+    assert parse_answer(reply, n_choices) == expected
+
+
+def test_parse_answer_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="n_choices"):
+        parse_answer("A", 6)
+    with pytest.raises(TypeError):
+        parse_answer(None, 2)  # type: ignore[arg-type]
+
+
+def test_build_prompt_removes_image_token_and_appends_instruction():
+    assert scienceqa.build_prompt("<image>\nContext: N/A\nQ?\nA. x\nB. y") == f"Context: N/A\nQ?\nA. x\nB. y\n{ANSWER_SUFFIX}"
+
+
+def test_load_with_official_metadata_keeps_test_split():
+    items = scienceqa.load(DATA, problems=PROBLEMS, pid_splits=SPLITS, split="test")
+    assert [i.sample_id for i in items] == ["1", "2", "3", "4"]  # "5" is val only
+    first, second = items[0], items[1]
+    assert first.image == "1/image.png" and first.answer == "B" and first.n_choices == 2
+    assert first.subject == "natural science" and first.has_image and first.hint == "" and first.grade == "grade3"
+    assert second.image is None and second.hint.startswith("Look at") and not second.has_image
+    assert "<image>" not in first.prompt and first.prompt.endswith(ANSWER_SUFFIX)
+    assert items[3].answer == "C" and items[3].n_choices == 4
+
+
+def test_load_without_metadata_reads_answer_and_options_from_the_file():
+    items = scienceqa.load(DATA)
+    assert len(items) == 5
+    assert [i.answer for i in items] == ["B", "A", "A", "C", "B"]
+    assert [i.n_choices for i in items] == [2, 3, 2, 4, 2]
+    assert items[0].subject is None
+
+
+def test_load_errors_name_file_and_record(tmp_path):
+    bad = tmp_path / "sqa.json"
+    bad.write_text(json.dumps([{"id": "9", "conversations": [{"from": "human", "value": "Q?\nA. x\nB. y"},
+                                                               {"from": "gpt", "value": "no idea"}]}]))
+    with pytest.raises(ValueError, match=r"sqa.json: record '9' has no readable answer"):
+        scienceqa.load(bad)
+    with pytest.raises(KeyError, match=r"no problem '9'"):
+        scienceqa.load(bad, problems=PROBLEMS)
+    conflicting = tmp_path / "conflict.json"
+    conflicting.write_text(json.dumps([{"id": "1", "conversations": [{"from": "human", "value": "Q?\nA. x\nB. y"},
+                                                                      {"from": "gpt", "value": "A"}]}]))
+    with pytest.raises(ValueError, match="answers A but .*problems.json says B"):
+        scienceqa.load(conflicting, problems=PROBLEMS)
+    with pytest.raises(KeyError, match="no split 'dev'"):
+        scienceqa.load(DATA, problems=PROBLEMS, pid_splits=SPLITS, split="dev")
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        scienceqa.load(tmp_path / "nope.json")
+
+
+def test_evaluate_table1_columns_hand_checked():
+    items = scienceqa.load(DATA, problems=PROBLEMS, pid_splits=SPLITS)
+    # 1 NAT/IMG/G1-6 right; 2 SOC/TXT/G7-12 right; 3 LAN/NO/G1-6 failed (C beyond 2 choices);
+    # 4 NAT/TXT/IMG/G7-12 failed (unreadable).
+    outputs = ["B", "The answer is A.", "C", "square"]
+    metrics, samples = scienceqa.evaluate(items, outputs)
+    assert metrics == {
+        "Avg": 50.0, "NAT": 50.0, "SOC": 100.0, "LAN": 0.0, "TXT": 50.0, "IMG": 50.0, "NO": 0.0,
+        "G1-6": 50.0, "G7-12": 50.0, "n": 4, "correct": 2, "failed": 2,
+    }
+    assert list(metrics)[:9] == list(scienceqa.COLUMNS)
+    assert [s["parsed"] for s in samples] == ["B", "A", None, None]
+    assert samples[2]["output"] == "C" and samples[2]["failed"] and not samples[2]["correct"]
+
+
+def test_metrics_two_decimals_empty_category_and_no_metadata():
+    base = {"subject": "natural science", "hint": "", "has_image": True, "grade": "grade2"}
+    samples = [dict(base, correct=c) for c in (True, True, False)]
+    out = scienceqa.metrics(samples)
+    assert out["Avg"] == 66.67 and out["NAT"] == 66.67 and out["SOC"] is None and out["G7-12"] is None
+    assert scienceqa.metrics([{"correct": True, "subject": None}]) == {"Avg": 100.0}
+    with pytest.raises(ValueError, match="2 items but 1 outputs"):
+        scienceqa.evaluate(scienceqa.load(DATA)[:2], ["A"])
+
+
+def test_end_to_end_tiny_student_through_hfgenerator(tmp_path):
+    """The real CLI path: HFGenerator over the cached tiny student, the fixture, the three report files."""
+    cache = Path(os.environ.get("MMDC_CACHE", "/work/main/.mmdc_cache"))
+    student = cache / "models" / "tiny_llava" / "student"
+    if not (student / "config.json").is_file():
+        pytest.skip(f"tiny student not built at {student}")
+    import torch
+
+    from mmdc.eval import cli
+
+    torch.set_num_threads(1)
+    def argv(out: Path) -> list[str]:
+        return ["--checkpoint", str(student), "--benchmark", "scienceqa", "--data", str(DATA), "--problems",
+                str(PROBLEMS), "--pid-splits", str(SPLITS), "--out", str(out), "--max-new-tokens", "6",
+                "--limit", "3"]
+
+    out = tmp_path / "sqa"
+    payload = cli.run(cli.parse_args(argv(out)))
+    assert payload["benchmark"] == "scienceqa" and payload["metrics"]["n"] == 3
+    assert payload["meta"]["temperature"] == 0.5  # paper 4.1.3
+    samples = [json.loads(line) for line in (out / report.SAMPLES_FILE).read_text().splitlines()]
+    assert [s["id"] for s in samples] == ["1", "2", "3"]
+    for s in samples:
+        assert s["prompt"].endswith(ANSWER_SUFFIX) and isinstance(s["output"], str)
+        assert s["correct"] == (s["parsed"] == s["answer"])
+    assert payload["metrics"]["correct"] == sum(s["correct"] for s in samples)
+    table = (out / report.TABLE_FILE).read_text()
+    assert "| Model | Avg | NAT | SOC | LAN | TXT | IMG | NO | G1-6 | G7-12 |" in table
+    assert "| student |" in table
+    # Per-row seeds: a rerun with a different batch size gives the same answers.
+    again = cli.run(cli.parse_args(argv(tmp_path / "again") + ["--batch-size", "1"]))
+    assert again["metrics"] == payload["metrics"]
+    rerun = [json.loads(line) for line in (tmp_path / "again" / report.SAMPLES_FILE).read_text().splitlines()]
+    assert [s["output"] for s in rerun] == [s["output"] for s in samples]
