@@ -27,7 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", default=None, help="run directory (default: <run.output_dir>/<run.name>-<time>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set calibration.tau=0.5 (repeatable)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a new local cluster)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join: an address, or 'auto' for the one `ray start` made on this machine "
+                        "(default: RAY_ADDRESS, as under `ray job submit`, else a new local cluster)")
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs for a new local Ray cluster")
     return p.parse_args(argv)
 
@@ -51,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    local = not (args.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
-    info = ray.init(address=args.address, num_cpus=args.num_cpus if local else None,
+    # A new local cluster unless told otherwise: silently joining whatever `ray start` left
+    # behind on this machine (perhaps long dead) is how a laptop run hangs.
+    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+    local = address == "local" and not ray.is_initialized()
+    info = ray.init(address=address if not ray.is_initialized() else None, num_cpus=args.num_cpus if local else None,
                     runtime_env={"env_vars": env}, ignore_reinit_error=True)
     dashboard = getattr(info, "dashboard_url", None)
     print(f"[mmdc] Ray dashboard: {'http://' + dashboard if dashboard else 'not running'}", flush=True)
