@@ -214,7 +214,7 @@ class Driver:
     def assess(self, k: int) -> None:
         """Phase C: teacher and student answer the cache pool; the referee scores both orders; Eq. 6."""
         from mmdc.data.calibration import assess_table
-        from mmdc.data.pipelines import RefereeStage, StageSpec, StudentStage, run_stages
+        from mmdc.data.pipelines import RefereeStage, StudentStage, run_stages
 
         with self.phase(k, "assess") as rec:
             cache = pd.read_parquet(self.rd.pool(k - 1, "cache"))
@@ -226,24 +226,23 @@ class Driver:
             scored = scored.sort_values("instruction_id", kind="stable").reset_index(drop=True)
             assessment = assess_table(scored, self.cfg.calibration.tau)
             atomic_write_table(self.rd.assessment(k), pa.Table.from_pandas(assessment, preserve_index=False))
-            hard = assessment["hard"]
-            n_scored = int(hard.notna().sum())
-            rec.update(rows=len(assessment), hard=int((hard == True).sum()),  # noqa: E712
-                       easy=int((hard == False).sum()), unscored=len(assessment) - n_scored,  # noqa: E712
-                       hard_ratio=round(float((hard == True).sum()) / n_scored, 4) if n_scored else None,  # noqa: E712
+            hard = assessment["hard"].astype("boolean")  # nullable: <NA> = unscored
+            n_hard, n_easy = int(hard.eq(True).sum()), int(hard.eq(False).sum())
+            rec.update(rows=len(assessment), hard=n_hard, easy=n_easy, unscored=len(assessment) - n_hard - n_easy,
+                       hard_ratio=round(n_hard / (n_hard + n_easy), 4) if n_hard + n_easy else None,
                        generated_tokens=int(scored["student_tokens"].sum()), **stats)
 
     def augment(self, k: int) -> None:
         """Phase D: one new question per hard instruction, ROUGE-L-filtered; balance with easy; new pools."""
         from mmdc.data.augment import validate_candidates
-        from mmdc.data.pipelines import AugmentorStage, StageSpec, run_stages  # noqa: F401
+        from mmdc.data.pipelines import AugmentorStage, run_stages
         from mmdc.data.pools import update_pools
 
         with self.phase(k, "augment") as rec:
             tuning = pd.read_parquet(self.rd.pool(k - 1, "tuning"))
             cache = pd.read_parquet(self.rd.pool(k - 1, "cache"))
             assessment = pd.read_parquet(self.rd.assessment(k))
-            hard_ids = set(assessment.loc[assessment["hard"] == True, "instruction_id"])  # noqa: E712
+            hard_ids = set(assessment.loc[assessment["hard"].astype("boolean").eq(True).fillna(False), "instruction_id"])
             hard_rows = cache[cache["instruction_id"].isin(hard_ids)].sort_values("instruction_id")
             out = run_stages(pa.Table.from_pandas(hard_rows, preserve_index=False),
                              [self.stage(AugmentorStage, "teacher", self.cfg.roles.augmentor)],
@@ -281,7 +280,7 @@ class Driver:
     def teacher_answers(self, rows: pd.DataFrame, k: int, phase: str) -> tuple[pd.DataFrame, dict]:
         """Teacher answers for ``rows``, asking the engine only for keys never answered before."""
         from mmdc.actors import roles
-        from mmdc.data.pipelines import StageSpec, TeacherStage, row_seed, run_stages, read_folder  # noqa: F401
+        from mmdc.data.pipelines import TeacherStage, row_seed, run_stages
         from mmdc.data.pools import answer_cache_key
 
         sampling = to_dict(self.cfg.roles.teacher)
