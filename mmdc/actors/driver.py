@@ -167,10 +167,20 @@ class Driver:
         if not self.captions:
             raise ConfigError("align.enabled needs caption pairs: set data.captions (or align.enabled=false)")
         from mmdc.data.llava import load_caption_pairs
-        from mmdc.train.loop import train_student
+        from mmdc.train.loop import planned_steps, train_student
 
         with self.phase(0, "align") as rec:
             rows = [{**p, "image": self.image_path(p["image"])} for p in load_caption_pairs(self.captions)]
+            f = self.cfg.data.caption_filter
+            if f.enabled:
+                from mmdc.data.nounphrase import filter_caption_pairs
+
+                rows, stats = filter_caption_pairs(rows, f.spacy_pipeline, seed=self.cfg.run.seed, n_process=f.n_process,
+                                                   min_count=f.min_count, max_per_phrase=f.max_per_phrase)
+                rec.update({f"filter_{k}": v for k, v in stats.items()})
+            if planned_steps(len(rows), self.cfg.align) < 1:
+                rec.update(skipped=f"{len(rows)} caption pairs make no optimizer step", rows=len(rows))
+                return student
             ds = ray.data.from_items(rows)
             result = train_student(stage="align", init_checkpoint=student, output_dir=str(self.rd.checkpoint(None)),
                                    dataset=ds, train_cfg=self.cfg.align, seed=self.cfg.run.seed,

@@ -178,6 +178,14 @@ def test_extract_noun_phrases_normalises_chunks(nlp):
         extract_noun_phrases(["a cat", 5], nlp)
 
 
+def test_worker_pool_gives_the_same_phrases_in_order(nlp):
+    captions = CAPTIONS * 7  # 35 captions in chunks of 4 x batch_size 2 = 8: 5 chunks over 2 workers
+    expected = extract_noun_phrases(captions, nlp)
+    assert extract_noun_phrases(captions, nlp, n_process=2, batch_size=2) == expected
+    with pytest.raises(TypeError, match="caption 9 is NoneType"):
+        extract_noun_phrases(captions[:9] + [None], nlp, n_process=2, batch_size=2)
+
+
 def test_filter_caption_pairs_end_to_end(nlp):
     pairs = [{"id": str(i), "image": f"{i}.jpg", "caption": c} for i, c in enumerate(
         ["A dog on the grass.", "The dog runs.", "A cat sleeps.", "His dog barks at a cat.", "The sky is blue."]
