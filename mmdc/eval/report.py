@@ -77,15 +77,21 @@ def write_results(out_dir: str | Path, benchmark: str, metrics: Mapping[str, Any
     return paths
 
 
+def read_json(path: str | Path, what: str) -> Any:
+    """A JSON file's content; a missing or malformed file is an error naming the file and what it should be."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
 def read_results(path: str | Path) -> dict:
     """Load a ``results.json`` (or a file in that format, e.g. ``eval/<benchmark>/iter_<k>.json``)."""
     file = Path(path)
-    try:
-        payload = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{file}: results file not found") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    payload = read_json(file, "results file")
     if not isinstance(payload, dict) or "metrics" not in payload or "benchmark" not in payload:
         raise ValueError(f"{file}: not a results file (needs 'benchmark' and 'metrics')")
     return payload

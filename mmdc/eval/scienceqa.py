@@ -20,11 +20,12 @@ the caller turns prompts into requests, ``evaluate`` scores the raw replies.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+from mmdc.eval.report import read_json
 
 ANSWER_SUFFIX = "Answer with the option's letter from the given choices directly."
 OPTIONS = ("A", "B", "C", "D", "E")  # LLaVA's --options default: ScienceQA has at most 5 choices
@@ -86,16 +87,6 @@ def build_prompt(human_turn: str) -> str:
     return human_turn.replace(IMAGE_TOKEN, "").strip() + "\n" + ANSWER_SUFFIX
 
 
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: {what} not found") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-
-
 def _first_turns(record: dict, path: Path, index: int) -> tuple[str, str | None]:
     """(first human turn, first gpt turn or None) of one converted record."""
     turns = record.get("conversations")
@@ -123,13 +114,13 @@ def load(
     are kept. Errors name the file and the record.
     """
     path = Path(data)
-    records = _read_json(path, "ScienceQA data file")
+    records = read_json(path, "ScienceQA data file")
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of {{id, image?, conversations}} records")
-    meta = _read_json(Path(problems), "problems.json") if problems is not None else None
+    meta = read_json(Path(problems), "problems.json") if problems is not None else None
     keep: set[str] | None = None
     if pid_splits is not None:
-        splits = _read_json(Path(pid_splits), "pid_splits.json")
+        splits = read_json(Path(pid_splits), "pid_splits.json")
         if split not in splits:
             raise KeyError(f"{pid_splits}: no split {split!r} (has {sorted(splits)})")
         keep = {str(pid) for pid in splits[split]}

@@ -18,10 +18,11 @@ from a list of our own: a renamed or added dimension shows up as it is.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+from mmdc.eval.report import read_json
 
 ANSWER_SUFFIX = "Answer with the option's letter from the given choices directly."
 LETTERS = ("A", "B", "C", "D")
@@ -62,13 +63,7 @@ def load(data: str | Path) -> tuple[list[SeedItem], list[str]]:
     the file and the question.
     """
     path = Path(data)
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: SEED-Bench question file not found") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    raw = read_json(path, "SEED-Bench question file")
     if not isinstance(raw, dict) or "questions" not in raw or "question_type" not in raw:
         raise ValueError(f"{path}: expected an object with 'questions' and 'question_type'")
     names = {int(type_id): name for name, type_id in raw["question_type"].items()}
