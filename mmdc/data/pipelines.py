@@ -78,36 +78,36 @@ class ServeStage:
             raise RuntimeError(f"{self.role.value} engine failed on rows [{head}]: {err}") from err
 
 
-class TeacherStage(ServeStage):
+class _AnswerStage(ServeStage):
+    """question -> ``<role>_answer`` and ``<role>_tokens``: one answer per row from one role's prompt."""
+
+    @staticmethod
+    def messages(question: str, image_url: str) -> list[dict]:
+        raise NotImplementedError
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        ids = batch["instruction_id"].tolist()
+        reqs = [self.request(self.messages(q, self.url(img)), i)
+                for q, img, i in zip(batch["question"], batch["image"], ids)]
+        outs = self.call(reqs, ids)
+        batch = batch.copy()
+        batch[f"{self.role.value}_answer"] = [o["text"] for o in outs]
+        batch[f"{self.role.value}_tokens"] = [o["completion_tokens"] for o in outs]
+        return batch
+
+
+class TeacherStage(_AnswerStage):
     """question -> teacher_answer (Table 6 teacher prompt)."""
 
     role = roles.Role.TEACHER
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        ids = batch["instruction_id"].tolist()
-        reqs = [self.request(roles.teacher_messages(q, self.url(img)), i)
-                for q, img, i in zip(batch["question"], batch["image"], ids)]
-        outs = self.call(reqs, ids)
-        batch = batch.copy()
-        batch["teacher_answer"] = [o["text"] for o in outs]
-        batch["teacher_tokens"] = [o["completion_tokens"] for o in outs]
-        return batch
+    messages = staticmethod(roles.teacher_messages)
 
 
-class StudentStage(ServeStage):
+class StudentStage(_AnswerStage):
     """question -> student_answer (the student's own template, no Table 6 system prompt)."""
 
     role = roles.Role.STUDENT
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        ids = batch["instruction_id"].tolist()
-        reqs = [self.request(roles.student_messages(q, self.url(img)), i)
-                for q, img, i in zip(batch["question"], batch["image"], ids)]
-        outs = self.call(reqs, ids)
-        batch = batch.copy()
-        batch["student_answer"] = [o["text"] for o in outs]
-        batch["student_tokens"] = [o["completion_tokens"] for o in outs]
-        return batch
+    messages = staticmethod(roles.student_messages)
 
 
 class RefereeStage(ServeStage):
