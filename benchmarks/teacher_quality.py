@@ -204,7 +204,8 @@ def report(results: dict, args: argparse.Namespace, model_dir: str, build: dict 
         f"Machine: {platform.machine()}, nproc={os.cpu_count()}, torch {torch.__version__}, "
         "CPU only; the machine was shared with other jobs, so wall times are upper bounds.",
         f"Model: `{model_dir}`; schedule `{(build or {}).get('schedule_name', '?')}`, seed {(build or {}).get('seed', '?')}, "
-        f"build time {(build or {}).get('build_seconds', '?')} s; final training losses {(build or {}).get('final_losses', '?')}.",
+        f"builder version {(build or {}).get('builder_version', '?')}, build time {(build or {}).get('build_seconds', '?')} s; "
+        f"stage 1 (vision first) {(build or {}).get('stage1') or 'none'}; final training losses {(build or {}).get('final_losses', '?')}.",
         f"Test split: world seed {args.world_seed}, {args.test_images} held-out images, {results['n_questions']} questions; "
         f"sampling temperature {SAMPLING['temperature']}, max_new_tokens {SAMPLING['max_new_tokens']} (configs/tiny.yaml). "
         f"Measurement took {wall_s:.0f} s.",

@@ -81,18 +81,57 @@ class ModelsConfig:
 
 @dataclass
 class EngineConfig:
-    backend: Literal["hf", "vllm", "openai"] = "hf"  # hf: transformers generate in a Serve deployment
+    """One engine (mmdc/actors/engines.py): hf and vllm are Serve apps; openai is an external endpoint."""
+
+    # hf: transformers generate in a Serve deployment (CPU or GPU); vllm: ray.serve.llm on GPUs;
+    # openai: an OpenAI-compatible URL, nothing deployed (set replicas/num_cpus/num_gpus to 0 there)
+    backend: Literal["hf", "vllm", "openai"] = "hf"
     replicas: int = 1  # Serve replicas of this engine
     num_cpus: float = 1.0  # CPUs per replica
-    num_gpus: float = 0.0  # GPUs per replica (tensor_parallel_size GPUs for vllm)
-    max_batch_size: int = 16  # rows generated together in one forward batch
+    num_gpus: float = 0.0  # GPUs per replica (vllm: must equal tensor_parallel_size)
+    max_batch_size: int = 16  # rows generated together in one forward batch (vllm: max_num_seqs)
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"  # fp16 on V100 (no bf16 there)
-    tensor_parallel_size: int = 1  # vllm only
-    max_model_len: int = 4096  # vllm only
-    gpu_memory_utilization: float = 0.9  # vllm only
+    # batch: one Serve request per Ray Data batch (fastest for hf on CPU); row: one request per row,
+    # batched on the replica (hf: @serve.batch; vllm: continuous batching). openai is always per row.
+    request_mode: Literal["batch", "row"] = "batch"
+    batch_wait_timeout_s: float = 0.05  # hf, request_mode row: how long a replica waits to fill a batch
+    request_timeout_s: float = 600.0  # per request; a timeout is retried, then an error naming the role and rows
+    max_retries: int = 4  # retries of the in-flight rows after a dead replica, a timeout or HTTP 429/5xx
+    retry_backoff_s: float = 1.0  # wait before the first retry; doubles per retry (capped at 60 s)
+    model_name: str | None = None  # vllm: served model name (default: the model path); openai: required, e.g. gpt-4o
+    tensor_parallel_size: int = 1  # vllm only: GPUs per replica
+    max_model_len: int = 4096  # vllm only: context length (prompt incl. image tokens + reply)
+    gpu_memory_utilization: float = 0.9  # vllm only: share of each GPU's memory vLLM may take
+    accelerator_type: str | None = None  # vllm only: e.g. V100, place replicas on those nodes only
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # vllm only: extra vLLM engine args (win over the above)
     base_url: str | None = None  # openai only: the endpoint, e.g. http://127.0.0.1:8000/v1
-    api_key_env: str = "OPENAI_API_KEY"  # openai only: environment variable holding the key
-    request_timeout_s: float = 600.0  # per request; a timeout is an error naming the role and rows
+    api_key_env: str | None = "OPENAI_API_KEY"  # openai only: environment variable holding the key (null: none)
+    max_concurrency: int = 8  # openai only: requests in flight per Ray Data client actor
+    requests_per_s: float | None = None  # openai only: request starts per second per client actor (null: no limit)
+
+
+def validate_engine(where: str, e: EngineConfig) -> None:
+    """Checks that make a misconfigured engine fail at load time, not minutes into a GPU phase."""
+    if e.max_batch_size < 1 or e.max_retries < 0 or e.retry_backoff_s < 0 or e.request_timeout_s <= 0:
+        raise ConfigError(f"{where}: max_batch_size >= 1, max_retries >= 0, retry_backoff_s >= 0 and "
+                          "request_timeout_s > 0 are required")
+    if e.backend == "openai":
+        if not (e.base_url or "").startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.base_url must be an http(s) URL for backend openai, got {e.base_url!r}")
+        if not e.model_name:
+            raise ConfigError(f"{where}.model_name is required for backend openai: the model name the endpoint serves")
+        if e.num_gpus or e.max_concurrency < 1 or (e.requests_per_s is not None and e.requests_per_s <= 0):
+            raise ConfigError(f"{where}: backend openai deploys nothing (num_gpus: 0) and needs "
+                              "max_concurrency >= 1 and requests_per_s > 0 or null")
+        return
+    if e.replicas < 1:
+        raise ConfigError(f"{where}.replicas must be >= 1 for backend {e.backend}")
+    if e.backend == "vllm":
+        if e.num_gpus != e.tensor_parallel_size:
+            raise ConfigError(f"{where}: a vllm replica takes tensor_parallel_size GPUs; set num_gpus "
+                              f"({e.num_gpus:g}) to tensor_parallel_size ({e.tensor_parallel_size})")
+        if not 0 < e.gpu_memory_utilization <= 1:
+            raise ConfigError(f"{where}.gpu_memory_utilization must be in (0, 1]")
 
 
 @dataclass
@@ -115,6 +154,10 @@ class CalibrationConfig:
     tau: float = 0.33  # hard iff S_i >= tau (Eq. 6)
     pool_update: Literal["refresh", "replace"] = "refresh"  # see SPEC.md, phase D
     rouge_l_threshold: float = 0.7  # a new question is valid only if ROUGE-L F < this against every question of its image
+    # hard: MmDC (augment the instructions the referee finds hard, Eq. 6). random: plain distillation
+    # for the ablation: no assessment, the augmentor's parents are drawn at random from the cache pool.
+    selection: Literal["hard", "random"] = "hard"
+    random_fraction: float = 0.5  # selection = random: share of the cache pool drawn as parents each iteration
 
 
 @dataclass
@@ -149,6 +192,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     max_grad_norm: float = 1.0
+    # Save resumable state (weights, optimizer, schedule, step, RNG) every N optimizer steps into
+    # <output_dir>.train_state/; a re-run resumes from it. 0 = never. ~100 GB per save for a 7B full tune.
+    checkpoint_every_steps: int = 500
 
 
 @dataclass
@@ -156,6 +202,41 @@ class PipelineConfig:
     batch_size: int = 16  # rows per Serve request (one request carries a whole batch)
     concurrency: int = 2  # Ray Data client actors per role stage
     blocks_per_client: int = 4  # read the pool into concurrency x this many blocks
+
+
+EvalBenchmark = Literal["world", "world_mc", "scienceqa", "seed", "llavabench"]
+
+
+@dataclass
+class BenchmarkDataConfig:
+    """Where one external benchmark's files are (mmdc/eval/harness.py); unused keys stay null."""
+
+    data: str | None = None  # scienceqa: LLaVA's converted JSON; seed: SEED-Bench.json; llavabench: questions JSONL
+    images: str | None = None  # image folder (null: <data dir>/images if it exists, else <data dir>)
+    problems: str | None = None  # scienceqa only: official problems.json (enables NAT/SOC/... columns)
+    pid_splits: str | None = None  # scienceqa only: official pid_splits.json (keeps only `split`)
+    split: str = "test"  # scienceqa only: split name in pid_splits.json
+    answers: str | None = None  # llavabench only: reference answers JSONL
+    context: str | None = None  # llavabench only: captions/boxes JSONL for the judge
+    judge_url: str | None = None  # llavabench only: OpenAI-compatible judge endpoint (null: the run's teacher engine)
+    judge_model: str = "gpt-4o"  # llavabench only: model name sent to judge_url
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during a run: the student after stage 1 (iteration 0) and after every iteration, the teacher once."""
+
+    enabled: bool = True  # evaluate at all (results in eval/<benchmark>/iter_<k>.json, table and plot in report.md)
+    benchmarks: list[EvalBenchmark] | None = None  # null: [world] when data.source = world, else none
+    teacher: bool = True  # also evaluate the teacher once: the reference line of the report
+    limit: int | None = None  # evaluate only the first N items of each benchmark (null = all)
+    sampling_seed: int = 0  # base of the per-sample seeds; fixed across runs so every run is asked the same way
+    temperature: float | None = None  # null: the paper's test temperature per benchmark (mmdc.eval.harness)
+    max_new_tokens: int | None = None  # null: per benchmark (32 for answers and letters, 512 for LLaVA-Bench)
+    batch_size: int = 16  # rows per generate request to the engine
+    scienceqa: BenchmarkDataConfig = field(default_factory=BenchmarkDataConfig)  # ScienceQA files
+    seed: BenchmarkDataConfig = field(default_factory=BenchmarkDataConfig)  # SEED-Bench (image part) files
+    llavabench: BenchmarkDataConfig = field(default_factory=BenchmarkDataConfig)  # LLaVA-Bench (COCO) files
 
 
 @dataclass
@@ -171,6 +252,7 @@ class Config:
     align: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=1))  # stage 1
     tune: TrainConfig = field(default_factory=TrainConfig)  # stage 2
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # benchmarks during the run (Figure 4, Tables 4-5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,6 +414,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("calibration.tau must be >= 0")
     if not 0 < cfg.calibration.rouge_l_threshold <= 1:
         raise ConfigError("calibration.rouge_l_threshold must be in (0, 1]")
+    if not 0 < cfg.calibration.random_fraction <= 1:
+        raise ConfigError("calibration.random_fraction must be in (0, 1]")
     for stage in ("align", "tune"):
         t: TrainConfig = getattr(cfg, stage)
         per_step = t.micro_batch_size * t.num_workers
@@ -345,13 +429,60 @@ def validate(cfg: Config) -> None:
     for name in ("teacher", "student"):
         if name not in cfg.engines:
             raise ConfigError(f"engines.{name} is required")
+    for name, engine in cfg.engines.items():
+        validate_engine(f"engines.{name}", engine)
     if cfg.data.source == "llava" and not cfg.data.instructions:
         raise ConfigError("data.instructions is required when data.source = llava")
+    validate_eval(cfg)
+
+
+def eval_benchmarks(cfg: Config) -> list[str]:
+    """The benchmarks a run evaluates: ``eval.benchmarks``, or the world's free-form one when null on world data."""
+    if not cfg.eval.enabled:
+        return []
+    if cfg.eval.benchmarks is not None:
+        return list(dict.fromkeys(cfg.eval.benchmarks))
+    return ["world"] if cfg.data.source == "world" else []
+
+
+def validate_eval(cfg: Config) -> None:
+    """Every configured benchmark has what it needs, so a run does not fail after hours of training."""
+    e = cfg.eval
+    if e.limit is not None and e.limit < 1:
+        raise ConfigError("eval.limit must be >= 1 (or null for all items)")
+    if e.batch_size < 1:
+        raise ConfigError("eval.batch_size must be >= 1")
+    if e.max_new_tokens is not None and e.max_new_tokens < 1:
+        raise ConfigError("eval.max_new_tokens must be >= 1 (or null)")
+    for name in eval_benchmarks(cfg):
+        if name in ("world", "world_mc"):
+            if cfg.data.source != "world":
+                raise ConfigError(f"eval.benchmarks has '{name}' but data.source is '{cfg.data.source}' (no world)")
+            continue
+        files: BenchmarkDataConfig = getattr(e, name)
+        if not files.data:
+            raise ConfigError(f"eval.benchmarks has '{name}': set eval.{name}.data")
+        if name == "llavabench" and not files.answers:
+            raise ConfigError("eval.benchmarks has 'llavabench': set eval.llavabench.answers (reference answers)")
 
 
 def dump_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config (what actually ran) as YAML."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def diff_configs(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs (dataclasses or the dicts ``to_dict`` makes).
+
+    Used by ``--resume``: a run continued with a different config is refused unless forced, and the
+    refusal names exactly what changed.
+    """
+    old = to_dict(old) if dataclasses.is_dataclass(old) else old
+    new = to_dict(new) if dataclasses.is_dataclass(new) else new
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in diff_configs(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def grad_accumulation(t: TrainConfig) -> int:

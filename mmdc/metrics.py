@@ -15,11 +15,18 @@ Metric objects are created lazily, on the first publish inside a connected Ray p
 actor): importing this module never needs Ray, and publishing without Ray initialised is a no-op that
 returns False. Tags are always ``run`` and, where meaningful, ``phase`` and ``role``; values that a
 record lacks or holds as None are not published (no zero that reads like a measurement).
+
+Where to read them: every node serves its metrics at ``metrics_endpoints()`` (Prometheus text format;
+the node's metrics agent exports even when the dashboard is off). Gauges live as long as the process
+that set them: about 20 s after the driver actor exits they drop out of the endpoint, while counters
+and histograms stay, so a Prometheus that scrapes during the run is what keeps the gauges' history.
+``dashboard_url()`` is the dashboard to link in log lines.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -33,6 +40,8 @@ PHASE_ROLES: dict[str, tuple[str, ...]] = {
     "tune": ("student",),
     "assess": ("student", "referee"),
     "augment": ("augmentor",),
+    "eval": ("student",),  # benchmarks on the current student
+    "eval_teacher": ("teacher",),  # the teacher's reference line, once
 }
 PHASES: tuple[str, ...] = tuple(PHASE_ROLES)
 
@@ -105,6 +114,7 @@ class MmdcMetrics:
         self.run = run
         self._backend = backend
         self._metrics: dict[str, Any] = {}
+        self._active_phases: set[str] = set()  # every phase ever marked active, so each is reset later
 
     # ---------------------------------------------------------------- metric objects, made lazily
     def _get(self, name: str) -> Any:
@@ -182,9 +192,14 @@ class MmdcMetrics:
                 self._set("mmdc_train_tokens_per_second", tokens / wall if tokens is not None else None, phase=phase)
 
     def publish_state(self, iteration: int, phase: str) -> None:
-        """Set the 'now running' gauges: the iteration, and 1 for ``phase`` / 0 for every other phase."""
+        """Set the 'now running' gauges: the iteration, and 1 for ``phase`` / 0 for every other phase.
+
+        Phases outside ``PHASES`` are remembered and reset too, so a new phase name in the driver never
+        leaves a stale 1 behind.
+        """
         self._set("mmdc_iteration", iteration)
-        for name in dict.fromkeys((*PHASES, phase)):
+        self._active_phases.add(phase)
+        for name in dict.fromkeys((*PHASES, *sorted(self._active_phases))):
             self._set("mmdc_phase_active", 1 if name == phase else 0, phase=name)
 
 
@@ -222,3 +237,40 @@ def publish_phase(record: Mapping[str, Any], run: str = "mmdc") -> bool:
 def publish_state(iteration: int, phase: str, run: str = "mmdc") -> bool:
     """Publish the current iteration and phase for ``run``; False when Ray is not initialised."""
     return _guarded(lambda m: m.publish_state(iteration, phase), run)
+
+
+# ------------------------------------------------------------------ where to look
+def dashboard_url() -> str | None:
+    """The Ray dashboard of the connected cluster (``http://host:port``); None without Ray or without a dashboard.
+
+    Why not ``ray.init().address_info["webui_url"]``: only the process that called ``ray.init`` has it,
+    and the driver is an actor. Ray keeps the URL in its GCS key-value store (key ``webui:url`` in the
+    ``dashboard`` namespace, where ``ray.init`` itself reads it when joining a cluster), and
+    ``RAY_OVERRIDE_DASHBOARD_URL`` wins over it, as in Ray (a proxy or ingress address).
+    """
+    url = os.environ.get("RAY_OVERRIDE_DASHBOARD_URL") or _dashboard_url_from_gcs()
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"
+
+
+def _dashboard_url_from_gcs() -> str | None:
+    if not _ray_ready():
+        return None
+    try:
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get("webui:url", namespace="dashboard")
+    except Exception:  # noqa: BLE001 - a missing URL must never break a run
+        return None
+    return raw.decode() if raw else None
+
+
+def metrics_endpoints() -> list[str]:
+    """Prometheus endpoints of the cluster's live nodes (``http://ip:port/metrics``); [] without Ray."""
+    if not _ray_ready():
+        return []
+    import ray
+
+    return [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+            for n in ray.nodes() if n.get("Alive") and n.get("MetricsExportPort")]

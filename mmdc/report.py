@@ -1,4 +1,11 @@
-"""``report.md``: what a run did, per iteration, from its ``metrics.jsonl``.
+"""``report.md``: what a run did and how good its student got, per iteration.
+
+Two sources, both in the run directory: ``metrics.jsonl`` (one line per phase:
+rows, throughput, hard ratio, acceptance, loss) and ``eval/<benchmark>/*.json``
+(``mmdc.eval.iteration``: the student after each iteration and the teacher as
+the reference). The evaluation comes first, as a table per benchmark and one
+Figure-4-style plot (accuracy against iteration, one line per column, the
+teacher dashed) in ``plots/eval_per_iteration.png``; then the phase tables.
 
 The report is derived data: it can be rebuilt at any time from the run directory, e.g.
 ``python -c "from mmdc.report import write_report; from mmdc.rundir import RunDir; write_report(RunDir('runs/x'))"``.
@@ -6,7 +13,15 @@ The report is derived data: it can be rebuilt at any time from the run directory
 
 from __future__ import annotations
 
+import logging
+import math
+from pathlib import Path
+
 from mmdc.rundir import RunDir, atomic_write_text
+
+log = logging.getLogger("mmdc.report")
+
+PLOT_FILE = Path("plots") / "eval_per_iteration.png"  # relative to the run directory (and so to report.md)
 
 PHASE_COLUMNS = {
     "teach": ["rows", "conversations", "cache_hits", "cache_misses", "wall_s", "rows_per_s"],
@@ -15,6 +30,12 @@ PHASE_COLUMNS = {
     "augment": ["rows", "generated", "accepted", "acceptance_ratio", "easy_sampled", "tuning_after", "cache_after",
                 "wall_s"],
 }
+BENCHMARK_TITLES = {"world": "World test split, free-form (accuracy %, by question family)",
+                    "world_mc": "World test split, multiple choice in ScienceQA format (accuracy %)",
+                    "scienceqa": "ScienceQA (accuracy %, paper Table 1 columns)",
+                    "seed": "SEED-Bench, image (accuracy %, paper Table 2 columns)",
+                    "llavabench": "LLaVA-Bench (relative score, paper Table 3 columns)"}
+_COUNT_KEYS = ("failed", "unparsed")  # replies no rule could read: worth seeing beside the score
 
 
 def _fmt(value) -> str:
@@ -25,7 +46,127 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def render(metrics: list[dict], title: str) -> str:
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _rows(runs: dict[str, dict]) -> list[tuple[str, dict]]:
+    """(row label, results payload): the teacher first as the reference, then the student by iteration."""
+    from mmdc.eval.iteration import TEACHER, iterations
+
+    rows = [("teacher (reference)", runs[TEACHER])] if TEACHER in runs else []
+    return rows + [(f"iteration {k}", payload) for k, payload in iterations(runs)]
+
+
+def _columns(runs: dict[str, dict]) -> list[str]:
+    """Score columns of a benchmark, in the first result's order, then any later ones (a dimension seen later)."""
+    columns: list[str] = []
+    for _, payload in _rows(runs):
+        columns += [c for c in payload.get("columns", []) if c not in columns]
+    return columns
+
+
+def eval_section(results: dict[str, dict[str, dict]], plot: Path | None = None) -> list[str]:
+    """Markdown lines: one table per benchmark (rows: teacher, iteration 0..K) and the plot link."""
+    from mmdc.eval.harness import TABLE_DECIMALS
+    from mmdc.eval.report import markdown_table
+
+    if not results:
+        return []
+    lines = ["## Evaluation per iteration", "",
+             "Iteration 0 is the student after stage 1 (alignment), before any distillation; "
+             "the teacher row is the reference (eval/<benchmark>/*.json, *.samples.jsonl per sample).", ""]
+    if plot is not None:
+        lines += [f"![accuracy per iteration]({plot.as_posix()})", ""]
+    for benchmark, runs in results.items():
+        rows = _rows(runs)
+        if not rows:
+            continue
+        columns = _columns(runs)
+        table_rows = [{"model": label, **payload["metrics"]} for label, payload in rows]
+        lines += [f"### {BENCHMARK_TITLES.get(benchmark, benchmark)}", "",
+                  markdown_table(columns, table_rows, label="model", decimals=TABLE_DECIMALS.get(benchmark, 2))]
+        n = {payload["metrics"].get("n") for _, payload in rows} - {None}
+        notes = [f"n = {', '.join(str(v) for v in sorted(n))} per model"] if n else []
+        for key in _COUNT_KEYS:
+            counts = [(label, payload["metrics"][key]) for label, payload in rows if key in payload["metrics"]]
+            if any(v for _, v in counts):
+                notes.append(f"{key} (counted wrong): " + ", ".join(f"{label} {v}" for label, v in counts))
+        if notes:
+            lines += ["; ".join(notes) + ".", ""]
+    return lines
+
+
+def _value(payload: dict, column: str) -> float:
+    value = payload["metrics"].get(column)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def plot_eval(results: dict[str, dict[str, dict]], path: Path) -> Path | None:
+    """Figure 4 of the paper for this run: a panel per benchmark, a line per column against iteration.
+
+    The teacher is a dashed horizontal line in its column's colour; the overall
+    column is drawn thicker. Uses matplotlib's Agg canvas directly (no pyplot,
+    no global backend switch). Returns ``path``, or None when there is nothing
+    to plot or matplotlib is missing (the tables still say everything).
+    """
+    from mmdc.eval.harness import headline
+    from mmdc.eval.iteration import TEACHER, iterations
+
+    panels = [(b, runs) for b, runs in results.items() if iterations(runs)]
+    if not panels:
+        return None
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        log.warning("matplotlib is not installed: report.md has no plot")
+        return None
+
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(5.2 * ncols, 3.8 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    for index, (benchmark, runs) in enumerate(panels):
+        ax = fig.add_subplot(nrows, ncols, index + 1)
+        points = iterations(runs)
+        xs = [k for k, _ in points]
+        scored = [p for _, p in points] + ([runs[TEACHER]] if TEACHER in runs else [])
+        columns = [c for c in _columns(runs) if any(not math.isnan(_value(p, c)) for p in scored)]
+        colors = _palette(len(columns))
+        for column, color in zip(columns, colors):
+            main = column == headline(benchmark)
+            ax.plot(xs, [_value(p, column) for _, p in points], marker="o", color=color, label=column,
+                    linewidth=2.6 if main else 1.3, zorder=3 if main else 2)
+            if TEACHER in runs and not math.isnan(_value(runs[TEACHER], column)):
+                ax.axhline(_value(runs[TEACHER], column), color=color, linestyle="--",
+                           linewidth=1.6 if main else 0.9, alpha=0.8)
+        ax.set_title(benchmark)
+        ax.set_xlabel("iteration (0 = after stage 1)")
+        ax.set_ylabel("relative score" if benchmark == "llavabench" else "accuracy (%)")
+        ax.set_xticks(xs)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best", title="dashed: teacher" if TEACHER in runs else None, title_fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    return path
+
+
+def _palette(n: int) -> list:
+    """Distinct colours: tab10 up to 10 lines, tab20 beyond."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def render(metrics: list[dict], title: str, evals: dict[str, dict[str, dict]] | None = None,
+           plot: Path | None = None) -> str:
+    """The whole report.md: prepare/align facts, the evaluation (if any), the per-phase tables."""
     lines = [f"# MmDC run `{title}`", ""]
     phases = [m for m in metrics if "phase" in m]
     for m in phases:
@@ -33,6 +174,7 @@ def render(metrics: list[dict], title: str) -> str:
             items = ", ".join(f"{k}={_fmt(v)}" for k, v in m.items() if k not in ("time", "phase", "iteration"))
             lines.append(f"- **{m['phase']}**: {items}")
     lines.append("")
+    lines += eval_section(evals or {}, plot)
     for phase, cols in PHASE_COLUMNS.items():
         rows = [m for m in phases if m["phase"] == phase]
         if not rows:
@@ -53,5 +195,15 @@ def render(metrics: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(rd: RunDir) -> None:
-    atomic_write_text(rd.report, render(rd.read_metrics(), rd.root.name))
+def write_report(rd: RunDir) -> Path:
+    """Rebuild report.md (and the evaluation plot) from the run directory; returns the report's path."""
+    from mmdc.eval.iteration import load_results
+
+    evals = load_results(rd.root)
+    plot = plot_eval(evals, rd.root / PLOT_FILE) if evals else None
+    atomic_write_text(rd.report, render(rd.read_metrics(), rd.root.name, evals,
+                                        plot.relative_to(rd.root) if plot else None))
+    return rd.report
+
+
+__all__ = ["PLOT_FILE", "eval_section", "plot_eval", "render", "write_report"]

@@ -3,6 +3,7 @@
     python -m mmdc.run                                   # embedded default: tiny models, bundled world, CPU
     python -m mmdc.run --config configs/paper.yaml       # the paper's setup on a GPU cluster
     python -m mmdc.run --set run.iterations=1 --set calibration.tau=0.5
+    python -m mmdc.run --resume runs/tiny-20261122-101500      # continue after a crash or preemption
     ray job submit --working-dir . -- python -m mmdc.run --config configs/paper.yaml
 
 Parse the CLI and config, connect to Ray (an existing cluster if there is one, else a local one),
@@ -31,7 +32,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Ray cluster to join: an address, or 'auto' for the one `ray start` made on this machine "
                         "(default: RAY_ADDRESS, as under `ray job submit`, else a new local cluster)")
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs for a new local Ray cluster")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR after its last completed phase, with its saved config")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: accept a config that differs from the saved one (--config / --set)")
     return p.parse_args(argv)
+
+
+def resume_config(args: argparse.Namespace):
+    """The config to resume with and the keys that differ from the run's saved one.
+
+    Without --config/--set the saved config is used as it is. With them, a difference is refused
+    (a run whose later iterations silently used other settings cannot be reproduced) unless --force.
+    """
+    from mmdc.config import ConfigError, diff_configs, load_config
+
+    saved_file = Path(args.resume) / "config.yaml"
+    if not saved_file.exists():
+        raise ConfigError(f"--resume {args.resume}: no config.yaml there (not an mmdc run directory)")
+    saved = load_config(saved_file)
+    if not args.config and not args.overrides:
+        return saved, []
+    cfg = load_config(args.config or saved_file, args.overrides)
+    changed = diff_configs(saved, cfg)
+    if changed and not args.force:
+        raise ConfigError(f"--resume {args.resume}: the config differs from the run's saved config in "
+                          f"{', '.join(changed)}; pass --force to resume with it anyway")
+    return cfg, changed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,14 +67,25 @@ def main(argv: list[str] | None = None) -> int:
     from mmdc.config import ConfigError, load_config, to_dict
 
     config = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None)
+    forced: list[str] = []
     try:
-        cfg = load_config(config, args.overrides)
+        if args.resume:
+            cfg, forced = resume_config(args)
+        else:
+            cfg = load_config(config, args.overrides)
     except ConfigError as err:
         print(f"mmdc: config error: {err}", file=sys.stderr)
         return 2
-    run_dir = Path(args.output or Path(cfg.run.output_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.overwrite:
-        print(f"mmdc: run directory {run_dir} is not empty (set run.overwrite=true to reuse it)", file=sys.stderr)
+    if args.resume and args.output and Path(args.output).resolve() != Path(args.resume).resolve():
+        print("mmdc: --resume continues in its own run directory; drop --output", file=sys.stderr)
+        return 2
+    run_dir = Path(args.resume or args.output
+                   or Path(cfg.run.output_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if forced:
+        print(f"mmdc: resuming with changed config keys (--force): {', '.join(forced)}", flush=True)
+    if not args.resume and run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.overwrite:
+        print(f"mmdc: run directory {run_dir} is not empty (continue it with --resume {run_dir}, "
+              "or set run.overwrite=true to start over in it)", file=sys.stderr)
         return 2
 
     import ray
@@ -64,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmdc.actors.driver import Driver
 
-    driver = Driver.options(name=f"mmdc-driver-{run_dir.name}").remote(to_dict(cfg), str(run_dir.resolve()))
+    driver = Driver.options(name=f"mmdc-driver-{run_dir.name}").remote(
+        to_dict(cfg), str(run_dir.resolve()), resume=bool(args.resume), forced=forced)
     try:
         result = ray.get(driver.run.remote())
     except Exception as err:  # noqa: BLE001 - one readable line, the traceback is in the log above

@@ -122,3 +122,33 @@ class RunDir:
 
     def save_state(self, state: dict[str, Any]) -> None:
         atomic_write_text(self.state_file, json.dumps(state, indent=2, default=str))
+
+
+# Outputs whose content must not depend on crashes and resumes (README, "Reliability").
+DETERMINISTIC_OUTPUTS = ("pools/iter_*/*.parquet", "train/iter_*/conversations.parquet", "assessments/*.parquet",
+                         "generated/*.parquet", "answers/teacher/*.parquet")
+_SORT_KEYS = ("instruction_id", "cache_key")
+
+
+def table_digest(path: Path) -> str:
+    """sha256 of a Parquet file's rows, independent of file layout, row groups and pandas metadata."""
+    import hashlib
+
+    import pyarrow.ipc as ipc
+
+    table = pq.read_table(path)
+    keys = [k for k in _SORT_KEYS if k in table.column_names]
+    if keys:
+        table = table.sort_by([(k, "ascending") for k in keys])
+    table = table.replace_schema_metadata(None).combine_chunks()
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
+def output_digests(root: str | Path) -> dict[str, str]:
+    """``{relative path: table_digest}`` of a run's deterministic outputs, to compare two runs."""
+    root = Path(root)
+    return {str(p.relative_to(root)): table_digest(p)
+            for pattern in DETERMINISTIC_OUTPUTS for p in sorted(root.glob(pattern))}

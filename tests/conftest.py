@@ -19,8 +19,12 @@ def ray_cluster():
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # address="local": always a new cluster of our own, never one that another process (or the
     # job-submit test's head) started on this machine.
+    # metrics_report_interval_ms: workers push ray.util.metrics to the node's Prometheus endpoint every
+    # second instead of every 10 s, so the driver actor's last values are exported before it exits
+    # (test_metrics_endpoint.py). The endpoint itself needs no dashboard.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+             _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     try:
         from ray import serve

@@ -7,12 +7,19 @@ One method per phase, each short; the loop in ``run`` reads on one screen:
 Inference phases keep the engines deployed (assess -> augment -> next teach); before training the
 driver deletes every Serve app and waits until the resources are back, so the trainer's workers
 can take the GPUs; after training it deploys the new student checkpoint.
+
+Resume: ``state.json`` is the commit record. A phase counts as done only once its outputs are in
+place and it is appended to ``state["completed"]``; a resumed driver skips completed phases
+(restoring what they left in memory from ``state``), reruns the interrupted one (an inference
+phase reuses the rows its crashed attempt already wrote, a training phase its last checkpoint),
+and goes on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,31 +47,51 @@ def _say(msg: str) -> None:
 class Driver:
     """Runs one MmDC job end to end inside the cluster (verl habit: the loop lives in an actor)."""
 
-    def __init__(self, cfg: dict, run_dir: str):
+    def __init__(self, cfg: dict, run_dir: str, resume: bool = False, forced: list[str] | None = None):
         import torch
 
         torch.set_num_threads(1)
         self.cfg: Config = config_from_dict(cfg)
         self.rd = RunDir(run_dir)
         self.rd.root.mkdir(parents=True, exist_ok=True)
-        dump_config(self.cfg, self.rd.config)
-        self.state = self.rd.load_state()
+        self.state = self.rd.load_state() if resume else {"status": "new", "completed": []}
+        if not resume or forced:
+            dump_config(self.cfg, self.rd.config)
+        if not resume or forced:
+            # Rows a crashed attempt wrote were made under another config (or another run): never reuse them.
+            for tmp in self.rd.root.glob("answers/iter_*/*.tmp"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        if forced:
+            self.state.setdefault("forced_changes", []).append({"time": time.time(), "keys": forced})
         self.deployed: dict[str, str] = {}  # engine name -> model path it serves now
         self.models: dict[str, str] = {}  # engine name -> model path it should serve (teacher, current student)
-        self.image_root: str | None = None
+        data = self.state.get("data", {})
+        self.image_root: str | None = data.get("image_root")
+        self.captions: str | None = data.get("captions")
         self.teacher_fp = ""
         self._image_sha: dict[str, str] = {}
 
     # ----------------------------------------------------------------------------- the loop
     def run(self) -> str:
+        if self.state.get("status") == "finished":
+            _say(f"nothing to resume: the run in {self.rd.root} has finished")
+            return str(self.rd.root)
+        if self.state["completed"]:
+            last = self.state["completed"][-1]
+            _say(f"resuming after iteration {last['iteration']} · {last['phase']}")
         self.check_resources()
+        self.release_stale_apps()
         self.prepare_data()
         student = self.prepare_models()
         student = self.align(student)
+        self.models["student"] = student
+        self.evaluate(0)  # the student after stage 1: the first point of the per-iteration curve
+        self.evaluate(0, "teacher")  # the reference line, once
         for k in range(1, self.cfg.run.iterations + 1):
             self.teach(k)
             self.release_engines()
             student = self.tune(k, student)
+            self.evaluate(k)  # deploys the new student, which assess needs anyway
             self.assess(k)
             self.augment(k)
         self.release_engines()
@@ -75,12 +102,26 @@ class Driver:
         return str(self.rd.root)
 
     # ----------------------------------------------------------------------------- phases
+    def done(self, iteration: int, name: str) -> bool:
+        """True when an earlier attempt completed this phase (then the caller skips it)."""
+        finished = any(c["iteration"] == iteration and c["phase"] == name for c in self.state["completed"])
+        if finished:
+            _say(f"iteration {iteration} · {name}: completed by an earlier attempt, skipped")
+        return finished
+
     @contextmanager
     def phase(self, iteration: int, name: str, **extra):
         """Time a phase, log its metrics line and record it in state.json when it completes."""
         from mmdc import metrics
 
         _say(f"iteration {iteration} · {name} …")
+        from mmdc.actors.cleanup import remove_orphaned_placement_groups
+
+        if n := remove_orphaned_placement_groups():  # a crashed attempt's trainer would hold its resources
+            _say(f"removed {n} placement group(s) left by a crashed attempt")
+        self.state["current"] = {"iteration": iteration, "phase": name, "started": round(time.time(), 3)}
+        self.state["status"] = "running"
+        self.rd.save_state(self.state)
         metrics.publish_state(iteration, name, run=self.rd.root.name)
         record: dict = {"iteration": iteration, "phase": name, **extra}
         start = time.perf_counter()
@@ -92,8 +133,9 @@ class Driver:
             record["gen_tokens_per_s"] = round(record["generated_tokens"] / record["wall_s"], 3)
         self.rd.log_metrics(record)
         metrics.publish_phase(record, run=self.rd.root.name)  # Ray dashboard / Prometheus
-        self.state.setdefault("completed", []).append({"iteration": iteration, "phase": name})
-        self.state["status"] = "running"
+        self.state["completed"].append({"iteration": iteration, "phase": name, "wall_s": record["wall_s"],
+                                        "rows": record.get("rows")})
+        self.state.pop("current", None)
         self.rd.save_state(self.state)
         summary = ", ".join(f"{k}={v}" for k, v in record.items() if k not in ("iteration", "phase"))
         _say(f"iteration {iteration} · {name} done: {summary}")
@@ -110,6 +152,8 @@ class Driver:
         from mmdc.data.images import ImageError, load_image
         from mmdc.data.llava import load_llava_records, unfold_single_turn
 
+        if self.done(0, "prepare"):
+            return
         with self.phase(0, "prepare") as rec:
             d = self.cfg.data
             if d.source == "world":
@@ -149,6 +193,7 @@ class Driver:
             table = as_pool(df, "D_sin")
             atomic_write_table(self.rd.pool(0, "tuning"), table)
             atomic_write_table(self.rd.pool(0, "cache"), table)
+            self.state["data"] = {"image_root": self.image_root, "captions": self.captions}
             rec.update(rows=len(df), images=int(df["image_id"].nunique()), skipped_images=len(bad),
                        skipped_rows=len(loaded.skipped) + len(skips))
 
@@ -158,11 +203,14 @@ class Driver:
 
         self.models["teacher"] = self.resolve_model(self.cfg.models.teacher)
         self.teacher_fp = model_fingerprint(self.models["teacher"])
+        if self.state.get("student"):  # a resumed run goes on from its last trained student
+            self.models["student"] = self.state["student"]
+            return self.state["student"]
         return self.resolve_model(self.cfg.models.student_init)
 
     def align(self, student: str) -> str:
         """Stage 1: train only the projector on caption pairs (skipped when align.enabled is false)."""
-        if not self.cfg.align.enabled:
+        if not self.cfg.align.enabled or self.done(0, "align"):
             return student
         if not self.captions:
             raise ConfigError("align.enabled needs caption pairs: set data.captions (or align.enabled=false)")
@@ -186,12 +234,15 @@ class Driver:
                                    dataset=ds, train_cfg=self.cfg.align, seed=self.cfg.run.seed,
                                    metrics_path=str(self.rd.metrics), run_name=f"{self.rd.root.name}-align")
             rec.update(rows=len(rows), **{f"train_{k}": v for k, v in result.metrics.items()})
-        return str(self.rd.checkpoint(None))
+            self.state["student"] = str(self.rd.checkpoint(None))
+        return self.state["student"]
 
     def teach(self, k: int) -> None:
         """Phase A: the teacher answers the tuning pool (cached); fold answers into conversations (Eq. 1)."""
         from mmdc.data.pools import fold_conversations
 
+        if self.done(k, "teach"):
+            return
         with self.phase(k, "teach") as rec:
             tuning = pd.read_parquet(self.rd.pool(k - 1, "tuning"))
             answered, stats = self.teacher_answers(tuning, k, "teach")
@@ -201,33 +252,42 @@ class Driver:
 
     def tune(self, k: int, student: str) -> str:
         """Phase B: Ray Train tunes the student on this iteration's conversations, from its last checkpoint."""
-        from mmdc.train.loop import train_student
+        from mmdc.train.loop import planned_steps, train_student
 
-        from mmdc.train.loop import planned_steps
-
+        if self.done(k, "tune"):
+            return student
         with self.phase(k, "tune") as rec:
             conversations = pq.read_metadata(self.rd.conversations(k)).num_rows
             if planned_steps(conversations, self.cfg.tune) < 1:
                 # Nothing to learn from (e.g. no accepted question and no easy sample): keep the checkpoint.
                 rec.update(skipped=f"{conversations} conversations make no optimizer step", rows=conversations)
-                self.models["student"] = student
+                self.state["student"] = self.models["student"] = student
                 return student
-            ds = ray.data.read_parquet(str(self.rd.conversations(k)), ray_remote_args={"num_cpus": 0})
-            ds = ds.map(_with_absolute_image, fn_kwargs={"image_root": self.image_root}, num_cpus=0)
+            ds = self.training_dataset(self.rd.conversations(k))
+            self.await_trainer_resources(self.cfg.tune)
             result = train_student(stage="tune", init_checkpoint=student, output_dir=str(self.rd.checkpoint(k)),
                                    dataset=ds, train_cfg=self.cfg.tune, seed=self.cfg.run.seed + k,
                                    metrics_path=str(self.rd.metrics), run_name=f"{self.rd.root.name}-tune-{k}")
             rec.update(**{f"train_{key}": v for key, v in result.metrics.items()})
-        self.models["student"] = str(self.rd.checkpoint(k))
+            self.state["student"] = self.models["student"] = str(self.rd.checkpoint(k))
         return self.models["student"]
 
     def assess(self, k: int) -> None:
         """Phase C: teacher and student answer the cache pool; the referee scores both orders; Eq. 6."""
-        from mmdc.data.calibration import assess_table
+        from mmdc.data.calibration import assess_table, random_selection
         from mmdc.data.pipelines import RefereeStage, StudentStage, run_stages
 
+        if self.done(k, "assess"):
+            return
         with self.phase(k, "assess") as rec:
             cache = pd.read_parquet(self.rd.pool(k - 1, "cache"))
+            c = self.cfg.calibration
+            if c.selection == "random":  # plain distillation (ablation): no student, no referee
+                picked = random_selection(cache, c.random_fraction, seed=self.cfg.run.seed, iteration=k)
+                atomic_write_table(self.rd.assessment(k), pa.Table.from_pandas(picked, preserve_index=False))
+                n_hard = int(picked["hard"].sum())
+                rec.update(rows=len(picked), selection="random", hard=n_hard, easy=len(picked) - n_hard)
+                return
             with_teacher, stats = self.teacher_answers(cache, k, "assess")
             table = pa.Table.from_pandas(with_teacher, preserve_index=False)
             scored = run_stages(table, [self.stage(StudentStage, "student", self.cfg.roles.student),
@@ -248,6 +308,8 @@ class Driver:
         from mmdc.data.pipelines import AugmentorStage, run_stages
         from mmdc.data.pools import update_pools
 
+        if self.done(k, "augment"):
+            return
         with self.phase(k, "augment") as rec:
             tuning = pd.read_parquet(self.rd.pool(k - 1, "tuning"))
             cache = pd.read_parquet(self.rd.pool(k - 1, "cache"))
@@ -275,6 +337,31 @@ class Driver:
                        acceptance_ratio=round(float(checked["accepted"].mean()), 4) if len(checked) else None,
                        rejected=reasons)
 
+    def evaluate(self, k: int, engine: str = "student") -> None:
+        """The configured benchmarks (``eval``) on ``engine``'s current model -> eval/<benchmark>/ (k 0: after stage 1)."""
+        from mmdc.actors.engines import deployment_name
+        from mmdc.config import eval_benchmarks
+        from mmdc.eval.iteration import evaluate_iteration, headline_metrics, needs_judge
+        from mmdc.eval.serve import ServeGenerator
+
+        if not eval_benchmarks(self.cfg) or (engine == "teacher" and not self.cfg.eval.teacher):
+            return
+        name = "eval" if engine == "student" else "eval_teacher"
+        if self.done(k, name):
+            return
+        with self.phase(k, name) as rec:
+            self.deploy(engine)
+            gen = ServeGenerator(engine, deployment_name(self.models[engine]), self.cfg.engines[engine], role=engine)
+            judge = None
+            if needs_judge(self.cfg):  # LLaVA-Bench without eval.llavabench.judge_url: the teacher judges
+                self.deploy("teacher")
+                judge = ServeGenerator("teacher", deployment_name(self.models["teacher"]), self.cfg.engines["teacher"],
+                                       role="judge")
+            world = self.rd.data / "world" if self.cfg.data.source == "world" else None
+            results = evaluate_iteration(self.cfg, self.rd.root, k, engine, gen, world, judge=judge,
+                                         model=self.models[engine])
+            rec.update(rows=sum(r["metrics"].get("n", 0) for r in results.values()), **headline_metrics(results))
+
     # ----------------------------------------------------------------------------- helpers
     def candidate_rows(self, out: pd.DataFrame, k: int) -> pd.DataFrame:
         """Augmentor replies -> pool rows of origin 'generated' with lineage to their parent."""
@@ -286,6 +373,20 @@ class Driver:
                          "image_position": "none", "source_id": r.source_id, "augmentor_reply": r.augmentor_reply})
         cols = POOL_COLUMNS + ["augmentor_reply"]
         return pd.DataFrame(rows, columns=cols)
+
+    def training_dataset(self, path: Path) -> "ray.data.Dataset":
+        """The conversations as a Ray Dataset whose rows carry absolute image paths (workers may run anywhere).
+
+        Built with ``from_blocks`` (an object-store put), not ``read_parquet``: a read plans a
+        file-listing task that wants a whole CPU, and on a small cluster whose CPUs the trainer's
+        workers (and a previous attempt's not yet reclaimed ones) hold, it would wait forever.
+        """
+        from mmdc.data.pipelines import _blocks
+
+        df = pd.read_parquet(path)
+        df["image"] = [self.image_path(img) if img else img for img in df["image"]]
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        return ray.data.from_blocks(_blocks(table, max(1, self.cfg.tune.num_workers) * 2))
 
     def teacher_answers(self, rows: pd.DataFrame, k: int, phase: str) -> tuple[pd.DataFrame, dict]:
         """Teacher answers for ``rows``, asking the engine only for keys never answered before."""
@@ -331,7 +432,8 @@ class Driver:
         return StageSpec(cls, {"app_name": engine, "deployment": deployment_name(self.deployed[engine]),
                                "sampling": to_dict(sampling), "run_seed": self.cfg.run.seed,
                                "image_root": self.image_root,
-                               "timeout_s": self.cfg.engines[engine].request_timeout_s})
+                               "timeout_s": self.cfg.engines[engine].request_timeout_s,
+                               "engine": to_dict(self.cfg.engines[engine])})
 
     def deploy(self, engine: str) -> None:
         """Make ``engine`` serve its current model (no-op when it already does)."""
@@ -343,12 +445,26 @@ class Driver:
         if self.deployed.get(engine) == model_path:
             return
         start = time.perf_counter()
-        serve.start(proxy_location="Disabled")
-        serve.run(build_engine_app(self.cfg.engines[engine], model_path), name=engine, route_prefix=None)
+        app = build_engine_app(self.cfg.engines[engine], model_path)
+        if app is not None:  # None: backend openai, an external endpoint, nothing to deploy
+            serve.start(proxy_location="Disabled")
+            serve.run(app, name=engine, route_prefix=None)
         self.deployed[engine] = model_path
         self.rd.log_metrics({"event": "deploy", "engine": engine, "model": model_path,
                              "wall_s": round(time.perf_counter() - start, 3)})
         _say(f"deployed {engine}: {model_path}")
+
+    def release_stale_apps(self) -> None:
+        """Delete this run's engine apps that a crashed earlier attempt left deployed (they hold resources)."""
+        from ray import serve
+
+        try:
+            apps = set(serve.status().applications)
+        except Exception:  # noqa: BLE001 - Serve not started on this cluster: nothing is stale
+            return
+        for engine in sorted(apps & set(self.cfg.engines)):
+            serve.delete(engine)
+            _say(f"removed the {engine} engine left by an earlier attempt")
 
     def release_engines(self) -> None:
         """Delete every Serve app and wait until the cluster has its resources back."""
@@ -360,7 +476,8 @@ class Driver:
             return
         start = time.perf_counter()
         for engine in list(self.deployed):
-            serve.delete(engine)
+            if self.cfg.engines[engine].backend != "openai":
+                serve.delete(engine)
             del self.deployed[engine]
         total = ray.cluster_resources()
 
@@ -371,13 +488,35 @@ class Driver:
         wait_for(back, timeout_s=120, what="engine resources to be released")
         self.rd.log_metrics({"event": "release", "wall_s": round(time.perf_counter() - start, 3)})
 
+    def await_trainer_resources(self, train_cfg, timeout_s: float = 180) -> None:
+        """Wait until the trainer's workers fit in what is free now, or say in the log what holds it.
+
+        After a crash, Ray reclaims the dead attempt's workers and placement groups asynchronously;
+        starting the trainer before that only queues it behind them. Never fails: on a shared
+        cluster something else may hold resources, and Ray Train then waits for them itself.
+        """
+        from mmdc.actors.engines import wait_for
+
+        need = {"CPU": train_cfg.num_workers * train_cfg.cpus_per_worker,
+                "GPU": train_cfg.num_workers * train_cfg.gpus_per_worker}
+
+        def free() -> bool:
+            avail = ray.available_resources()
+            return all(avail.get(r, 0.0) >= n - 1e-6 for r, n in need.items() if n > 0)
+
+        try:
+            wait_for(free, timeout_s=timeout_s, what="the trainer's resources")
+        except TimeoutError:
+            _say(f"the trainer needs {need} but only {ray.available_resources()} is free; starting anyway")
+
     def resolve_model(self, spec: str) -> str:
         """``tiny:<name>`` builds (once, cached) an embedded tiny model; anything else is a path or hub id.
 
         tiny:teacher        the world teacher, trained locally on the synthetic world (full schedule)
         tiny:teacher-short  the same, short schedule (tests, CI)
         tiny:random-teacher an untrained teacher (plumbing only: its referee never parses)
-        tiny:student        the untrained small student
+        tiny:student        the untrained small student (with the world teacher's vision tower when the
+                            teacher is tiny:teacher*, as the paper's student shares the teacher's CLIP)
         """
         if spec.startswith("tiny:"):
             import os
@@ -396,6 +535,11 @@ class Driver:
                                             log=lambda m: _say(f"world teacher: {m}"))
             models = ensure_tiny_models(cache, texts, seed=0)
             tiny = {"random-teacher": models["teacher"], "student": models["student"]}
+            if name == "student" and self.cfg.models.teacher in ("tiny:teacher", "tiny:teacher-short"):
+                # As in the paper (one CLIP for both), the student sees through the teacher's vision tower.
+                from mmdc.train.world_teacher import student_with_teacher_vision
+
+                return student_with_teacher_vision(models["student"], self.models["teacher"], cache)
             if name not in tiny:
                 known = ["tiny:teacher", "tiny:teacher-short"] + [f"tiny:{n}" for n in tiny]
                 raise ConfigError(f"unknown tiny model '{spec}' (known: {', '.join(known)})")
@@ -434,12 +578,3 @@ def as_pool(df: pd.DataFrame, where: str) -> pa.Table:
 
     table = pa.Table.from_pandas(df[POOL_COLUMNS], preserve_index=False)
     return check_pool(table, where)
-
-
-def _with_absolute_image(row: dict, image_root: str | None) -> dict:
-    """Ray Data map: training workers may run anywhere, so rows carry absolute image paths."""
-    import os
-
-    if image_root and not os.path.isabs(row["image"]):
-        row["image"] = os.path.join(image_root, row["image"])
-    return row

@@ -155,3 +155,34 @@ def assess_table(df: pd.DataFrame, tau: float) -> pd.DataFrame:
     hard[scored] = out["difficulty"].to_numpy()[scored] >= tau
     out["hard"] = hard
     return out[list(ASSESSMENT_COLUMNS)]
+
+
+def random_selection(cache: pd.DataFrame, fraction: float, seed: int, iteration: int) -> pd.DataFrame:
+    """The plain-distillation stand-in for an assessment (``calibration.selection: random``).
+
+    No student answers and no referee: ``round(fraction x rows)`` instructions, drawn uniformly
+    under (seed, iteration), are marked hard (the augmentor's parents) and the rest easy, so the
+    pool update runs unchanged and the ablation differs from MmDC only in *which* parents it picks.
+    Same columns as ``assess_table``; scores and difficulty are NaN, ``unscored_reason`` says why.
+    """
+    ids = np.sort(cache["instruction_id"].astype(str).unique())  # [rows]
+    take = min(len(ids), max(0, round(fraction * len(ids))))
+    picked = set(np.random.default_rng([seed, iteration, 0x5E1EC7]).choice(len(ids), size=take, replace=False).tolist())
+    hard = {iid: i in picked for i, iid in enumerate(ids)}
+    rows = cache.drop_duplicates("instruction_id").sort_values("instruction_id", kind="stable")
+    n = len(rows)
+    return pd.DataFrame({
+        "instruction_id": rows["instruction_id"].to_numpy(),
+        "image_id": rows["image_id"].to_numpy(),
+        "question": rows["question"].to_numpy(),
+        "teacher_answer": pd.Series([None] * n, dtype=object),
+        "student_answer": pd.Series([None] * n, dtype=object),
+        "referee_replies": [[] for _ in range(n)],
+        "scores_student": [[] for _ in range(n)],
+        "scores_teacher": [[] for _ in range(n)],
+        "score_student": np.full(n, np.nan),
+        "score_teacher": np.full(n, np.nan),
+        "unscored_reason": pd.Series(["selection=random"] * n, dtype=object),
+        "difficulty": np.full(n, np.nan),
+        "hard": pd.array([hard[str(i)] for i in rows["instruction_id"]], dtype="boolean"),
+    })[list(ASSESSMENT_COLUMNS)]

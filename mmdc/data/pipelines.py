@@ -1,9 +1,15 @@
-"""Ray Data pipelines that push pool rows through the Serve engines, one request per batch.
+"""Ray Data pipelines that push pool rows through the engines, whatever their backend.
 
-Each stage is a callable class (Ray's LLM-library habit): the Serve handle is resolved once in
-``__init__``, ``__call__`` turns a pandas batch into one ``generate_batch`` request for the whole
-batch, parses the replies, and adds columns. The client actors ask for no CPU: on a small machine
-the engine replicas hold the cores, and a client that waited for a CPU would deadlock them.
+Each stage is a callable class (Ray's LLM-library habit): the engine client is made once in
+``__init__`` (``mmdc.actors.engines.make_client``: a Serve handle per batch or per row for hf and
+vllm, HTTP for an OpenAI-compatible endpoint), ``__call__`` turns a pandas batch into requests,
+parses the replies, and adds columns. The client actors ask for no CPU: on a small machine the
+engine replicas hold the cores, and a client that waited for a CPU would deadlock them.
+
+Faults: rows whose request failed transiently (a replica died or restarted, a timeout, HTTP
+429/5xx) are sent again with backoff, with the same seeds, until ``max_retries`` is spent; only
+then does the stage fail, naming the role and the rows. A batch's output is built only when
+every row has its reply, so a phase output never loses or repeats a row.
 
     table = run_stages(rows, [StageSpec(TeacherStage, {...})], out_dir, pipeline_cfg)
 """
@@ -22,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmdc.actors import roles
-from mmdc.config import PipelineConfig, SamplingConfig
+from mmdc.config import EngineConfig, PipelineConfig, SamplingConfig
 
 
 def row_seed(run_seed: int, role: str, instruction_id: str, attempt: int = 0) -> int:
@@ -40,15 +46,21 @@ def image_url(path: str, image_root: str | None) -> str:
 
 
 class ServeStage:
-    """Base class: a Ray Data map_batches stage that calls one Serve engine for one role."""
+    """Base class: a Ray Data map_batches stage that calls one engine for one role.
+
+    ``engine`` is the engine's config as a dict (``to_dict(cfg.engines[name])``): it picks the
+    client (backend, request mode) and the retry policy.
+    """
 
     role: roles.Role
 
     def __init__(self, app_name: str, deployment: str, sampling: dict, run_seed: int,
-                 image_root: str | None = None, timeout_s: float = 600.0):
-        from ray import serve
+                 image_root: str | None = None, timeout_s: float = 600.0, engine: dict | None = None):
+        from mmdc.actors.engines import make_client, retry_policy
 
-        self.handle = serve.get_deployment_handle(deployment, app_name=app_name)
+        engine_cfg = EngineConfig(**(engine or {}))  # absent: the default hf engine, one request per batch
+        self.client = make_client(engine_cfg, app_name, deployment, timeout_s)
+        self.retry = retry_policy(engine_cfg)
         self.sampling = SamplingConfig(**sampling)
         self.run_seed = run_seed
         self.image_root = image_root
@@ -68,14 +80,12 @@ class ServeStage:
                 "seed": row_seed(self.run_seed, self.role.value, instruction_id, attempt)}
 
     def call(self, requests: list[dict], ids: list[str]) -> list[dict]:
-        """One Serve request for the whole batch; errors name the role and the rows."""
+        """One reply per request, in order; transient failures retried; errors name the role and rows."""
+        from mmdc.actors.engines import call_with_retries
+
         if not requests:
             return []
-        try:
-            return self.handle.generate_batch.remote(requests).result(timeout_s=self.timeout_s)
-        except Exception as err:  # noqa: BLE001 - re-raised with context
-            head = ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
-            raise RuntimeError(f"{self.role.value} engine failed on rows [{head}]: {err}") from err
+        return call_with_retries(self.client, requests, ids, self.role.value, self.retry)
 
 
 class _AnswerStage(ServeStage):
@@ -137,7 +147,7 @@ class RefereeStage(ServeStage):
                 a1, a2 = (teach[row], stud[row]) if order == "A" else (stud[row], teach[row])
                 msgs = roles.referee_messages(questions[row], a1, a2, urls[row])
                 reqs.append(self.request(msgs, f"{ids[row]}:{order}", attempt))
-            outs = self.call(reqs, [ids[row] for row, _ in pending])
+            outs = self.call(reqs, [f"{ids[row]}:{order}" for row, order in pending])
             still = []
             for (row, order), out in zip(pending, outs):
                 text = out["text"]
@@ -209,20 +219,27 @@ def _blocks(table: pa.Table, n: int) -> list[pa.Table]:
     return [table.slice(i, size) for i in range(0, table.num_rows, size)]
 
 
-def run_stages(table: pa.Table, stages: list[StageSpec], out_dir: str | Path, cfg: PipelineConfig) -> pa.Table:
+def run_stages(table: pa.Table, stages: list[StageSpec], out_dir: str | Path, cfg: PipelineConfig,
+               id_column: str = "instruction_id") -> pa.Table:
     """Run ``table`` through ``stages`` with Ray Data and write the result as Parquet into ``out_dir``.
 
     The output is written into ``<out_dir>.tmp`` and renamed into place only when complete, so a
-    crash never leaves a half-written phase output that looks finished.
+    crash never leaves a half-written phase output that looks finished. Row-level resume: each
+    finished block lands in ``<out_dir>.tmp`` as its own Parquet file, so when a phase is run again
+    after a crash, the rows of every complete file there are kept and only the others are sent to
+    the engines (``resume_partial``). Ray Data's own ``ray.data.checkpoint`` does the same, but
+    only for pipelines that start from a datasource read, and its filter actors want CPUs that the
+    engine replicas hold on a small machine; our pools start from ``from_blocks``.
     """
     import ray
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    done, table = resume_partial(tmp, table, id_column)
     if table.num_rows == 0:
-        tmp.mkdir(parents=True)
-        pq.write_table(table, tmp / "empty.parquet")
+        tmp.mkdir(parents=True, exist_ok=True)
+        if not done:
+            pq.write_table(table, tmp / "empty.parquet")
     else:
         # from_blocks only puts the blocks in the object store: no metadata or listing tasks, which
         # would each want a CPU while the engine replicas hold every core (and wait forever).
@@ -234,6 +251,35 @@ def run_stages(table: pa.Table, stages: list[StageSpec], out_dir: str | Path, cf
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return read_folder(out_dir)
+
+
+def resume_partial(tmp: Path, table: pa.Table, id_column: str) -> tuple[int, pa.Table]:
+    """Keep the complete files a crashed attempt left in ``tmp``; return (rows kept, rows still to do).
+
+    A file that does not read back (cut off mid-write) is deleted; rows whose id is not in this
+    attempt's input (the input changed) are dropped with their file, so nothing stale survives.
+    """
+    if not tmp.exists():
+        return 0, table
+    wanted = set(table.column(id_column).to_pylist()) if table.num_rows else set()
+    kept: set = set()
+    for f in sorted(tmp.glob("*.parquet")):
+        try:
+            ids = pq.read_table(f, columns=[id_column]).column(id_column).to_pylist()
+        except Exception:  # noqa: BLE001 - any unreadable file is a partial write
+            f.unlink()
+            continue
+        if not ids or not set(ids) <= wanted or kept & set(ids):
+            f.unlink()
+            continue
+        kept |= set(ids)
+    for f in tmp.iterdir():
+        if f.suffix != ".parquet":
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    if not kept:
+        return 0, table
+    mask = pa.array([i not in kept for i in table.column(id_column).to_pylist()])
+    return len(kept), table.filter(mask)
 
 
 def read_folder(folder: str | Path) -> pa.Table:

@@ -1,7 +1,7 @@
 """Writing one benchmark run: ``results.json``, ``samples.jsonl`` and ``results.md``.
 
 Three files because they serve three readers: ``results.json`` for programs
-(the driver's ``eval/<benchmark>/iter_<k>.json``, plots, comparisons),
+(the driver's ``eval/<benchmark>/iter_<k>.json``, same format, plots, comparisons),
 ``samples.jsonl`` for a person asking *why* a score is what it is (the exact
 prompt, the raw output, what the parser made of it, right or wrong), and
 ``results.md`` for pasting next to the paper's tables.
@@ -61,6 +61,27 @@ def render_markdown(benchmark: str, metrics: Mapping[str, Any], meta: Mapping[st
     return text
 
 
+def results_payload(benchmark: str, metrics: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> dict:
+    """What ``results.json`` holds: the benchmark, its metrics, which of them are table columns, and the run facts."""
+    return {"benchmark": benchmark, "metrics": dict(metrics), "columns": table_columns(metrics),
+            "meta": dict(meta or {})}
+
+
+def _results_json(benchmark: str, metrics: Mapping[str, Any], meta: Mapping[str, Any] | None) -> str:
+    return json.dumps(results_payload(benchmark, metrics, meta), indent=2, ensure_ascii=False) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Temp file then rename: a killed run never leaves a results file that looks complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _jsonl(samples: Sequence[Mapping]) -> str:
+    return "".join(json.dumps(dict(sample), ensure_ascii=False) + "\n" for sample in samples)
+
+
 def write_results(out_dir: str | Path, benchmark: str, metrics: Mapping[str, Any], samples: Sequence[Mapping],
                   meta: Mapping[str, Any] | None = None, decimals: int = 2) -> dict[str, Path]:
     """Write the three files into ``out_dir`` (created) and return their paths by kind."""
@@ -68,12 +89,23 @@ def write_results(out_dir: str | Path, benchmark: str, metrics: Mapping[str, Any
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(meta or {})
     paths = {"results": out / RESULTS_FILE, "samples": out / SAMPLES_FILE, "table": out / TABLE_FILE}
-    payload = {"benchmark": benchmark, "metrics": dict(metrics), "columns": table_columns(metrics), "meta": meta}
-    paths["results"].write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    with open(paths["samples"], "w", encoding="utf-8") as f:
-        for sample in samples:
-            f.write(json.dumps(dict(sample), ensure_ascii=False) + "\n")
-    paths["table"].write_text(render_markdown(benchmark, metrics, meta, decimals), encoding="utf-8")
+    _atomic_write(paths["samples"], _jsonl(samples))
+    _atomic_write(paths["table"], render_markdown(benchmark, metrics, meta, decimals))
+    _atomic_write(paths["results"], _results_json(benchmark, metrics, meta))
+    return paths
+
+
+def write_named_results(out_dir: str | Path, stem: str, benchmark: str, metrics: Mapping[str, Any],
+                        samples: Sequence[Mapping], meta: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """``<stem>.json`` (results.json format) and ``<stem>.samples.jsonl`` in ``out_dir``: one of many results of a run.
+
+    The samples are written first, so a results file that exists always has its samples beside it.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"results": out / f"{stem}.json", "samples": out / f"{stem}.samples.jsonl"}
+    _atomic_write(paths["samples"], _jsonl(samples))
+    _atomic_write(paths["results"], _results_json(benchmark, metrics, meta))
     return paths
 
 
@@ -97,4 +129,5 @@ def read_results(path: str | Path) -> dict:
     return payload
 
 
-__all__ = ["format_cell", "markdown_table", "read_results", "render_markdown", "table_columns", "write_results"]
+__all__ = ["format_cell", "markdown_table", "read_results", "render_markdown", "results_payload", "table_columns",
+           "write_named_results", "write_results"]

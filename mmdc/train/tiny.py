@@ -67,7 +67,7 @@ _ROLE_PROMPT_NAMES = (
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Sizes of one tiny LLaVA model. Defaults are the teacher's."""
+    """Sizes of one tiny LLaVA model (the student's and teacher's specs are below)."""
 
     image_size: int = 64  # pixels per side; image_size // patch_size squared = image tokens
     patch_size: int = 16  # 64 / 16 -> 4 x 4 = 16 image tokens
@@ -98,8 +98,12 @@ class TinySpec:
         return (self.image_size // self.patch_size) ** 2
 
 
-TEACHER_SPEC = TinySpec()
-STUDENT_SPEC = TinySpec(text_hidden=128, text_layers=2, text_heads=2, text_intermediate=256)
+# 3 vision layers: LLaVA reads the second-to-last layer, so 3 give 2 working ones, which the world teacher
+# needs to bind shapes to colours (its vision is trained). The student's tower has the same shape because,
+# as in the paper (CLIP ViT-L/14 in both LLaVA-13B and the student), the student starts from the
+# teacher's vision tower (``mmdc.train.world_teacher.student_with_teacher_vision``); its LM is smaller.
+TEACHER_SPEC = TinySpec(vision_layers=3)
+STUDENT_SPEC = TinySpec(vision_layers=3, text_hidden=128, text_layers=2, text_heads=2, text_intermediate=256)
 
 
 def role_prompt_texts() -> list[str]:

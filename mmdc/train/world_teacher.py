@@ -20,11 +20,22 @@ inference: system and user text come from ``mmdc.actors.roles.*_messages``
 ``mmdc.train.formatting.encode_conversation``, which the formatting tests keep
 equal to the serving chat template.
 
+Vision first: a tiny CLIP tower trained from scratch only by the LM loss learns
+the reply formats long before it sees (the version-1 teacher answered colour
+questions at chance). So the build has two stages. Stage 1 trains the vision
+tower and projector alone on dense perception targets read off the scene's
+ground truth (``perception_targets``: per image token, which shapes and
+colours cover its patch and whose centre lies in it; and, for the whole
+scene, each shape's colour, size and position, the background and the object
+count), through a linear head on the image tokens the LM sees. Stage 2 trains
+everything on the three jobs with the perception loss kept on as an auxiliary
+term. The head is thrown away; the saved model is a plain LLaVA.
+
 The training world is private: its scenes come from their own random stream
 (``"mmdc-world-teacher:{seed}"``), never from a run's data or the world's
 held-out test split, so the benchmark in ``benchmarks/teacher_quality.py``
 measures generalisation. One process, all parameters trainable (the vision
-tower starts random too), AdamW with warmup + cosine.
+tower starts random too), AdamW with warmup + cosine in each stage.
 
 Run::
 
@@ -54,7 +65,7 @@ from mmdc.data.augment import rouge_l_f, tokenize
 from mmdc.data.world import QuestionSpec, Scene
 
 # Bump when examples, training or saving change so that cached teachers are stale.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: vision-first stage and perception loss
 FINGERPRINT_FILE = "world_teacher.json"
 CACHE_SUBDIR = "world_teacher"
 JOBS = ("teacher", "referee", "augmentor")
@@ -82,12 +93,21 @@ class Schedule:
     num_images: int = 1200  # private training scenes
     max_length: int = 384  # longest referee prompt with two descriptions is ~280 tokens
     mix: tuple[float, float, float] = (0.45, 0.35, 0.2)  # share of steps per job, in JOBS order
+    # Stage 1 (vision first): vision tower + projector alone on the dense perception targets, before any text.
+    vision_steps: int = 0  # perception-only steps (cheap: no LM forward)
+    vision_batch_size: int = 64  # images per perception step
+    vision_lr: float = 3e-3  # peak learning rate of stage 1 (same warmup + cosine shape)
+    # Stage 2 (all jobs): the perception loss stays on as an auxiliary term, so answering cannot wash it out.
+    aux_weight: float = 0.0  # weight of the perception loss added to each step's LM loss
+    vision_lr_scale: float = 1.0  # stage 2 learning rate of the vision tower and projector, relative to lr
 
 
 # "full": ~12 min on 2 cores; "short": ~3 min, for CI (plumbing plus a parseable referee, not accuracy).
+# Both see first: stage 1 trains the vision tower on perception targets (seconds per hundred steps), which
+# the LM gradient alone does not manage in this budget (benchmarks/results/teacher_quality.md).
 SCHEDULES = {
-    "full": Schedule(steps=600),
-    "short": Schedule(steps=150, num_images=600),
+    "full": Schedule(steps=600, num_images=4000, vision_steps=1500, aux_weight=0.5),
+    "short": Schedule(steps=150, num_images=1500, vision_steps=400, aux_weight=0.5),
 }
 
 
@@ -375,6 +395,126 @@ def encode_example(tokenizer, example: Example, image_seq_length: int, max_lengt
     )
 
 
+# ----------------------------------------------------------------------------- perception targets
+
+# What the perception loss reads off each image token (a linear head on the projector output). Local parts are
+# about the token's own patch, global parts are the whole scene (every token predicts them, so each image token
+# carries the scene and the LM can read it wherever it attends). Each shape occurs at most once per scene, so
+# "the circle's colour" is well defined.
+#   local, binary:  cover[shape] (3), cover[colour] (5), centre[shape] (3)       -> BCE
+#   global, class:  colour-or-absent per shape (3 x 6), size-or-absent per shape (3 x 3),
+#                   background (3), object count 1..3 (3)                        -> CE
+#   global, value:  centre x, y per present shape, in [0, 1] (3 x 2)             -> MSE
+_N_LOCAL = len(world.SHAPES) + len(world.COLORS) + len(world.SHAPES)
+_N_COLOR, _N_SIZE = len(world.COLORS) + 1, len(world.SIZES) + 1
+PERCEPTION_OUTPUTS = (_N_LOCAL + len(world.SHAPES) * (_N_COLOR + _N_SIZE) + len(world.BACKGROUNDS) + 3
+                      + 2 * len(world.SHAPES))
+_MIN_COVER = 4  # pixels of an object inside a patch for the patch to count as covered
+
+
+def object_masks(scene: Scene) -> "np.ndarray":
+    """[objects, H, W] bool: the pixels each object covers, drawn alone by ``world.render`` (so exactly as shown)."""
+    import numpy as np
+
+    masks = []
+    for obj in scene.objects:
+        alone = dataclasses.replace(scene, objects=[obj], background="white")
+        masks.append((np.asarray(world.render(alone), dtype=np.int16) != 255).any(axis=-1))
+    return np.stack(masks)
+
+
+def perception_targets(scene: Scene, patch_size: int) -> dict:
+    """The perception targets of one scene (see PERCEPTION_OUTPUTS) as numpy arrays; P = patches."""
+    import numpy as np
+
+    side = scene.image_size
+    grid = side // patch_size
+    masks = object_masks(scene)  # [objects, H, W]
+    per_patch = masks.reshape(len(scene.objects), grid, patch_size, grid, patch_size).sum(axis=(2, 4))  # [objects, g, g]
+    per_patch = per_patch.reshape(len(scene.objects), grid * grid)  # [objects, P]
+    colors, shapes = list(world.COLORS), list(world.SHAPES)
+    local = np.zeros((grid * grid, _N_LOCAL), dtype=np.float32)  # [P, 11]
+    color_cls = np.full(len(shapes), len(colors), dtype=np.int64)  # absent = last class
+    size_cls = np.full(len(shapes), len(world.SIZES), dtype=np.int64)
+    xy = np.zeros((len(shapes), 2), dtype=np.float32)
+    present = np.zeros(len(shapes), dtype=np.float32)
+    for k, obj in enumerate(scene.objects):
+        s, c = shapes.index(obj.shape), colors.index(obj.color)
+        covered = per_patch[k] >= _MIN_COVER
+        local[covered, s] = 1
+        local[covered, len(shapes) + c] = 1
+        centre = min(obj.y // patch_size, grid - 1) * grid + min(obj.x // patch_size, grid - 1)
+        local[centre, len(shapes) + len(colors) + s] = 1
+        color_cls[s], size_cls[s] = c, world.SIZES.index(obj.size)
+        xy[s] = (obj.x / side, obj.y / side)
+        present[s] = 1
+    return {
+        "local": local,
+        "color": color_cls,
+        "size": size_cls,
+        "background": np.int64(list(world.BACKGROUNDS).index(scene.background)),
+        "count": np.int64(len(scene.objects) - 1),
+        "xy": xy,
+        "present": present,
+    }
+
+
+def stack_targets(scenes: Sequence[Scene], patch_size: int) -> dict:
+    """``perception_targets`` of every scene as tensors with a leading [N] dimension."""
+    import numpy as np
+    import torch
+
+    rows = [perception_targets(s, patch_size) for s in scenes]
+    return {k: torch.as_tensor(np.stack([r[k] for r in rows])) for k in rows[0]}
+
+
+def perception_loss(logits, targets: dict):
+    """Mean of the perception losses; ``logits`` [batch, P, PERCEPTION_OUTPUTS], targets from ``stack_targets``."""
+    import torch
+    import torch.nn.functional as F
+
+    n_shapes = len(world.SHAPES)
+    batch, patches, _ = logits.shape
+    local, rest = logits[..., :_N_LOCAL], logits[..., _N_LOCAL:]
+    color, rest = rest[..., : n_shapes * _N_COLOR], rest[..., n_shapes * _N_COLOR:]
+    size, rest = rest[..., : n_shapes * _N_SIZE], rest[..., n_shapes * _N_SIZE:]
+    background, count, xy = rest[..., :3], rest[..., 3:6], rest[..., 6:]
+
+    def global_ce(part, target, classes):  # part [batch, P, n * classes], target [batch, n] or [batch]
+        target = target.reshape(batch, 1, -1).expand(batch, patches, -1)  # [batch, P, n]
+        return F.cross_entropy(part.reshape(-1, classes), target.reshape(-1))
+
+    losses = [
+        F.binary_cross_entropy_with_logits(local, targets["local"]),
+        global_ce(color, targets["color"], _N_COLOR),
+        global_ce(size, targets["size"], _N_SIZE),
+        global_ce(background, targets["background"], 3),
+        global_ce(count, targets["count"], 3),
+    ]
+    present = targets["present"][:, None, :, None]  # [batch, 1, shapes, 1]
+    err = (torch.sigmoid(xy.reshape(batch, patches, n_shapes, 2)) - targets["xy"][:, None]) ** 2
+    losses.append(10 * (err * present).sum() / (present.sum() * patches * 2).clamp(min=1))
+    return sum(losses) / len(losses)
+
+
+def perception_accuracy(logits, targets: dict) -> dict[str, float]:
+    """Per-token accuracy of the global colour and size heads over present shapes, and of local cover bits."""
+    n_shapes = len(world.SHAPES)
+    batch, patches, _ = logits.shape
+    local = logits[..., :_N_LOCAL]
+    color = logits[..., _N_LOCAL: _N_LOCAL + n_shapes * _N_COLOR].reshape(batch, patches, n_shapes, _N_COLOR)
+    start = _N_LOCAL + n_shapes * _N_COLOR
+    size = logits[..., start: start + n_shapes * _N_SIZE].reshape(batch, patches, n_shapes, _N_SIZE)
+    present = targets["present"][:, None, :].expand(batch, patches, n_shapes).bool()
+    color_ok = (color.argmax(-1) == targets["color"][:, None, :])
+    size_ok = (size.argmax(-1) == targets["size"][:, None, :])
+    return {
+        "local": ((local > 0).float() == targets["local"]).float().mean().item(),
+        "color": color_ok[present].float().mean().item(),
+        "size": size_ok[present].float().mean().item(),
+    }
+
+
 # ----------------------------------------------------------------------------- tokenizer and fingerprint
 
 
@@ -431,6 +571,53 @@ def _lr_factor(step: int, schedule: Schedule) -> float:
     return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def image_features(model, pixels):
+    """The image tokens the LM sees: projector output for ``pixels`` [batch, 3, H, W] -> [batch, P, text_hidden]."""
+    import torch
+
+    out = model.model.get_image_features(
+        pixel_values=pixels,
+        vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+    )
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out
+    return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+
+def _perception_batch(step: int, n: int, batch_size: int, seed: int):
+    """Scene indices of perception step ``step``: a pure function of its arguments."""
+    import torch
+
+    generator = torch.Generator().manual_seed(int(hashlib.sha256(f"perception:{seed}:{step}".encode()).hexdigest()[:8], 16))
+    return torch.randint(n, (batch_size,), generator=generator)
+
+
+def train_perception(model, head, pixels, targets: dict, plan: Schedule, seed: int, log: Callable[[str], None]) -> dict:
+    """Stage 1: train the vision tower, projector and ``head`` on the perception targets; return the final loss."""
+    import torch
+
+    params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=plan.vision_lr, betas=(0.9, 0.98), weight_decay=plan.weight_decay)
+    stage = dataclasses.replace(plan, steps=plan.vision_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, stage))
+    started, smooth = time.perf_counter(), None
+    for step in range(plan.vision_steps):
+        idx = _perception_batch(step, len(pixels), plan.vision_batch_size, seed)
+        logits = head(image_features(model, pixels[idx].float()))  # [batch, P, PERCEPTION_OUTPUTS]
+        loss = perception_loss(logits, {k: v[idx] for k, v in targets.items()})
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        smooth = loss.item() if smooth is None else 0.9 * smooth + 0.1 * loss.item()
+        if (step + 1) % 100 == 0 or step + 1 == plan.vision_steps:
+            acc = perception_accuracy(logits.detach(), {k: v[idx] for k, v in targets.items()})
+            log(f"vision step {step + 1}/{plan.vision_steps} perception loss {smooth:.3f} "
+                f"acc[{' '.join(f'{k}={v:.2f}' for k, v in acc.items())}] elapsed={time.perf_counter() - started:.0f}s")
+    return {"perception_loss": round(smooth, 4)} if smooth is not None else {}
+
+
 def build_world_teacher(
     out_dir: str | os.PathLike,
     seed: int = 0,
@@ -471,16 +658,28 @@ def build_world_teacher(
 
         scenes = training_scenes(plan.num_images, seed, spec.image_size)
         index = {s.image_id: i for i, s in enumerate(scenes)}
-        pixels = pixel_values(processor.image_processor, [world.render(s) for s in scenes])  # [N, 3, H, W]
-        log(f"world teacher: {schedule} schedule, {plan.steps} steps x {plan.batch_size}, {len(scenes)} scenes, "
+        pixels = torch.cat([  # [N, 3, H, W]; stored in half precision (flat colours: exact to ~1e-3), 4000 scenes = 100 MB
+            pixel_values(processor.image_processor, [world.render(s) for s in scenes[i:i + 500]]).half()
+            for i in range(0, len(scenes), 500)
+        ])
+        targets = stack_targets(scenes, spec.patch_size)  # perception targets, [N, ...]
+        head = torch.nn.Linear(spec.text_hidden, PERCEPTION_OUTPUTS)  # perception readout, not saved
+        log(f"world teacher: {schedule} schedule, {plan.vision_steps} vision steps x {plan.vision_batch_size}, "
+            f"{plan.steps} steps x {plan.batch_size}, {len(scenes)} scenes, "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+        perception = train_perception(model, head, pixels, targets, plan, seed, log) if plan.vision_steps else {}
 
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": plan.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=plan.lr, betas=(0.9, 0.98),
-        )
+        vision = {id(p) for p in (*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters())}
+        groups = []
+        for is_vision, scale in ((False, 1.0), (True, plan.vision_lr_scale)):
+            named = [(n, p) for n, p in model.named_parameters() if (id(p) in vision) == is_vision]
+            if is_vision:
+                named += list(head.named_parameters())
+            groups += [
+                {"params": [p for _, p in named if p.ndim >= 2], "weight_decay": plan.weight_decay, "lr": plan.lr * scale},
+                {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0, "lr": plan.lr * scale},
+            ]
+        optimizer = torch.optim.AdamW(groups, lr=plan.lr, betas=(0.9, 0.98))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, plan))
         pad_id = tokenizer.pad_token_id
         losses: dict[str, float] = {}
@@ -489,10 +688,16 @@ def build_world_teacher(
             examples = step_batch(step, scenes, plan, seed)
             encoded = [encode_example(tokenizer, ex, image_seq_length, plan.max_length) for ex in examples]
             batch = collate(encoded, pad_id)
-            batch["pixel_values"] = pixels[[index[ex.image_id] for ex in examples]]  # [batch, 3, H, W]
+            rows = torch.tensor([index[ex.image_id] for ex in examples])
+            batch["pixel_values"] = pixels[rows].float()  # [batch, 3, H, W]
             loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            total = loss
+            if plan.aux_weight:
+                aux = perception_loss(head(image_features(model, batch["pixel_values"])), {k: v[rows] for k, v in targets.items()})
+                total = loss + plan.aux_weight * aux
+                losses["perception"] = aux.item() if "perception" not in losses else 0.9 * losses["perception"] + 0.1 * aux.item()
+            total.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -503,7 +708,7 @@ def build_world_teacher(
                 now = time.perf_counter()
                 rate = (seen - last_seen) / max(now - last_t, 1e-9)
                 last_t, last_seen = now, seen
-                shown = " ".join(f"{j}={losses[j]:.3f}" for j in JOBS if j in losses)
+                shown = " ".join(f"{j}={losses[j]:.3f}" for j in (*JOBS, "perception") if j in losses)
                 log(f"step {step + 1}/{plan.steps} loss[{shown}] lr={scheduler.get_last_lr()[0]:.2e} "
                     f"{rate:.1f} examples/s elapsed={now - started:.0f}s")
 
@@ -513,6 +718,7 @@ def build_world_teacher(
         info = fingerprint(schedule, seed, tokenizer, spec)
         info["build_seconds"] = round(time.perf_counter() - started, 1)
         info["final_losses"] = {j: round(v, 4) for j, v in losses.items()}
+        info["stage1"] = perception
         (tmp / FINGERPRINT_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
         _replace_dir(tmp, out)
     finally:
@@ -566,6 +772,45 @@ def ensure_world_teacher(
     if is_current(out, schedule, seed, tokenizer_texts):
         return str(out)
     return build_world_teacher(out, seed=seed, schedule=schedule, tokenizer_texts=tokenizer_texts, log=log)
+
+
+def student_with_teacher_vision(student_dir: str | os.PathLike, teacher_dir: str | os.PathLike,
+                                cache_dir: str | os.PathLike) -> str:
+    """The tiny student with the world teacher's trained vision tower in place of its random one; cached.
+
+    The paper's student and teacher see through the same pretrained CLIP ViT-L/14; a tiny student
+    with a random, frozen tower could never learn what is in an image, whatever the teacher says.
+    So the embedded default gives the student the teacher's tower (frozen, as CLIP is) and keeps its
+    own smaller LM and its fresh projector, which stage 1 aligns. Both towers must have one shape.
+    """
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from mmdc.actors.engines import model_fingerprint
+    from mmdc.train.assembly import save_llava
+    from transformers import AutoProcessor
+
+    key = hashlib.sha256(f"{model_fingerprint(str(student_dir))}:{model_fingerprint(str(teacher_dir))}".encode())
+    out = Path(cache_dir) / f"student-sees-{key.hexdigest()[:12]}"
+    if (out / "config.json").exists():
+        return str(out)
+    student = LlavaForConditionalGeneration.from_pretrained(student_dir, dtype=torch.float32)
+    teacher = LlavaForConditionalGeneration.from_pretrained(teacher_dir, dtype=torch.float32)
+    s_vis, t_vis = student.config.vision_config.to_dict(), teacher.config.vision_config.to_dict()
+    differ = sorted(k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                                "image_size", "patch_size") if s_vis.get(k) != t_vis.get(k))
+    if differ:
+        raise ValueError(f"the student's vision tower ({student_dir}) and the teacher's ({teacher_dir}) differ in "
+                         f"{', '.join(differ)}; they must have one shape to share weights")
+    student.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex}")
+    save_llava(student, AutoProcessor.from_pretrained(student_dir), tmp)
+    (tmp / "vision_source.json").write_text(json.dumps({"vision_tower_from": str(teacher_dir)}, indent=2))
+    try:
+        tmp.rename(out)
+    except OSError:  # a concurrent builder finished first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

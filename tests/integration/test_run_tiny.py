@@ -2,7 +2,8 @@
 
 Asserts on the run directory contract (ARCHITECTURE.md): pools per iteration, assessments with a
 difficulty or an explicit unscored reason for every row, generated questions with lineage, a
-student checkpoint in HF format that loads and generates, and metrics per phase.
+student checkpoint in HF format that loads and generates, and metrics per phase. The run itself is the
+session fixture ``tiny_run`` (tests/integration/conftest.py), shared with test_metrics_endpoint.py.
 """
 
 from __future__ import annotations
@@ -12,29 +13,7 @@ import json
 import pandas as pd
 import pytest
 
-from mmdc.run import main
-
 pytestmark = pytest.mark.integration
-
-OVERRIDES = [
-    "run.iterations=1",
-    "models.teacher=tiny:teacher-short",
-    "data.world.num_images=12",
-    "data.world.questions_per_image=3",
-    "data.world.test_images=4",
-    "align.epochs=1",
-    "tune.epochs=1",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(ray_cluster, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    args = ["--output", str(run_dir)]
-    for o in OVERRIDES:
-        args += ["--set", o]
-    assert main(args) == 0
-    return run_dir
 
 
 def test_run_directory_layout(tiny_run):
@@ -43,12 +22,14 @@ def test_run_directory_layout(tiny_run):
                 "pools/iter_1/tuning.parquet", "pools/iter_1/cache.parquet",
                 "assessments/iter_1.parquet", "generated/iter_1.parquet",
                 "train/iter_1/conversations.parquet", "checkpoints/align/config.json",
-                "checkpoints/student/iter_1/config.json"]:
+                "checkpoints/student/iter_1/config.json", "eval/world/iter_0.json", "eval/world/iter_1.json",
+                "eval/world/teacher.json", "plots/eval_per_iteration.png"]:
         assert (tiny_run / rel).exists(), rel
     state = json.loads((tiny_run / "state.json").read_text())
     assert state["status"] == "finished"
     phases = [(c["iteration"], c["phase"]) for c in state["completed"]]
-    assert phases == [(0, "prepare"), (0, "align"), (1, "teach"), (1, "tune"), (1, "assess"), (1, "augment")]
+    assert phases == [(0, "prepare"), (0, "align"), (0, "eval"), (0, "eval_teacher"), (1, "teach"), (1, "tune"),
+                      (1, "eval"), (1, "assess"), (1, "augment")]
 
 
 def test_every_cache_row_is_scored_or_says_why(tiny_run):

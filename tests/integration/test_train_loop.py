@@ -2,7 +2,8 @@
 
 Each test trains a few optimizer steps on a tiny repeated batch and checks what a user relies on:
 the loss falls, the checkpoint reloads with ``from_pretrained`` (model and processor) and
-generates, stage 1 changes only the projector, LoRA merges, ZeRO-3 gathers before saving.
+generates, stage 1 changes only the projector, LoRA merges, ZeRO-3 gathers before saving, and an
+interrupted run resumes from its saved state to the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -74,20 +75,38 @@ def _generates(path: str, image: Path) -> None:
     assert out.shape[1] > inputs["input_ids"].shape[1]
 
 
-def test_tune_deepspeed_zero2_loss_falls_and_checkpoint_reloads(ray_cluster, tiny_world, tmp_path):
+# 8 rows -> 4 per worker; micro 1 x accum 2 -> 2 optimizer steps per epoch, 12 in all; cosine after a
+# 10% warmup, so a resumed run must restore the schedule and the accumulation boundary as well.
+ZERO2 = dict(micro_batch_size=1, lr_schedule="cosine", warmup_ratio=0.1)
+
+
+def _train_zero2(world: dict, out: Path, run_name: str, **kw):
     import ray
 
-    rows = tiny_world["conversations"] * 2  # 8 rows -> 2 optimizer steps per epoch
-    metrics_path = tmp_path / "metrics.jsonl"
-    result = train_student(
-        stage="tune", init_checkpoint=tiny_world["ckpt"], output_dir=str(tmp_path / "ckpt"),
-        dataset=ray.data.from_items(rows), train_cfg=_cfg(), seed=0, image_root=str(tiny_world["root"]),
-        metrics_path=str(metrics_path), run_name="tune-z2",
+    return train_student(
+        stage="tune", init_checkpoint=world["ckpt"], output_dir=str(out / "ckpt"),
+        dataset=ray.data.from_items(world["conversations"] * 2), train_cfg=_cfg(**ZERO2, checkpoint_every_steps=5),
+        seed=0, image_root=str(world["root"]), metrics_path=str(out / "metrics.jsonl"), run_name=run_name, **kw,
     )
+
+
+def _steps(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def zero2_run(ray_cluster, tiny_world, tmp_path_factory):
+    """One uninterrupted ZeRO-2 tune: checked on its own and the reference for the resumed run."""
+    out = tmp_path_factory.mktemp("zero2")
+    return out, _train_zero2(tiny_world, out, "tune-z2")
+
+
+def test_tune_deepspeed_zero2_loss_falls_and_checkpoint_reloads(tiny_world, zero2_run):
+    out, result = zero2_run
     m = result.metrics
     assert m["steps"] == 12 and m["samples"] == 48 and m["dropped_samples"] == 0
     assert m["final_loss"] < 0.7 * m["first_loss"]
-    lines = [json.loads(line) for line in metrics_path.read_text().splitlines()][-12:]  # last attempt
+    lines = _steps(out)[-12:]  # last attempt
     assert [r["step"] for r in lines] == list(range(1, 13))
     assert all(r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 for r in lines)
     assert lines[-1]["loss"] == pytest.approx(m["final_loss"])
@@ -97,6 +116,33 @@ def test_tune_deepspeed_zero2_loss_falls_and_checkpoint_reloads(ray_cluster, tin
     vision = [k for k in before if "vision_tower" in k]
     assert vision and all(torch.equal(before[k], after[k]) for k in vision)  # tower frozen in stage 2
     assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])  # LM trains
+
+
+def test_interrupted_training_resumes_from_its_last_state(tiny_world, zero2_run, tmp_path, monkeypatch):
+    """Stop after step 7 (state saved at step 5), call again: steps 6-12 retrained, result as if never stopped."""
+    from mmdc.train.loop import STOP_AFTER_ENV, read_train_state, train_state_dir
+
+    ref_out, reference = zero2_run
+    monkeypatch.setenv(STOP_AFTER_ENV, "7")  # read by train_student in this process, raised in the workers
+    with pytest.raises(Exception):  # noqa: B017 - Ray Train wraps the workers' error in its own type
+        _train_zero2(tiny_world, tmp_path, "tune-z2-stopped", max_failures=0)
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    marker = read_train_state(tmp_path / "ckpt")
+    assert (marker["step"], marker["epoch"], marker["micro_in_epoch"]) == (5, 2, 2)  # mid-epoch: 2 batches to skip
+    assert not (tmp_path / "ckpt").exists()  # no final checkpoint yet
+
+    resumed = _train_zero2(tiny_world, tmp_path, "tune-z2-resumed")
+    assert resumed.metrics["resumed_from_step"] == 5 and resumed.metrics["steps"] == 12
+    assert [r["step"] for r in _steps(tmp_path)] == list(range(1, 8)) + list(range(6, 13))  # 6, 7 trained twice
+    for got, want in zip(_steps(tmp_path)[-7:], _steps(ref_out)[-7:]):
+        assert got["step"] == want["step"]
+        assert got["lr"] == pytest.approx(want["lr"], rel=1e-6)  # schedule restored
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)  # same batches, weights and Adam state
+    for key in ("samples", "tokens", "micro_steps_per_worker", "first_loss"):
+        assert resumed.metrics[key] == reference.metrics[key], key
+    before, after = _state(reference.checkpoint_dir), _state(resumed.checkpoint_dir)
+    assert max(float((before[k] - after[k]).abs().max()) for k in before) < 1e-5  # float order only
+    assert not train_state_dir(tmp_path / "ckpt").exists()  # removed once the final checkpoint is written
 
 
 def test_align_ddp_changes_only_the_projector(ray_cluster, tiny_world, tmp_path):
@@ -170,3 +216,4 @@ def test_refuses_a_non_empty_output_dir_and_too_little_data(ray_cluster, tiny_wo
     with pytest.raises(ValueError, match="global batch"):
         train_student(stage="tune", init_checkpoint=tiny_world["ckpt"], output_dir=str(tmp_path / "x"),
                       dataset=ds, train_cfg=_cfg(global_batch_size=8, epochs=1), seed=0)
+

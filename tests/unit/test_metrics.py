@@ -162,6 +162,10 @@ def test_publish_state_marks_one_active_phase(fake):
     assert active["assess"] == 1.0
     assert set(active) == set(metrics.PHASES)
     assert sum(active.values()) == 1.0
+    m.publish_state(2, "report")  # a phase name the module does not know yet
+    m.publish_state(3, "teach")
+    active = {dict(k)["phase"]: v[1] for k, v in backend.calls("mmdc_phase_active").items()}
+    assert active["report"] == 0.0 and active["teach"] == 1.0 and sum(active.values()) == 1.0
 
 
 def test_module_functions_are_noops_without_ray(monkeypatch):
@@ -202,3 +206,20 @@ def test_module_imports_without_ray_initialised():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip()) == len(METRICS)
+
+
+def test_dashboard_url_without_ray_or_dashboard(monkeypatch):
+    monkeypatch.delenv("RAY_OVERRIDE_DASHBOARD_URL", raising=False)
+    monkeypatch.setattr(metrics, "_ray_ready", lambda: False)
+    assert metrics.dashboard_url() is None
+    assert metrics.metrics_endpoints() == []
+
+
+def test_dashboard_url_comes_from_the_override_or_the_gcs(monkeypatch):
+    monkeypatch.setenv("RAY_OVERRIDE_DASHBOARD_URL", "https://ray.example.org/dash")
+    assert metrics.dashboard_url() == "https://ray.example.org/dash"
+    monkeypatch.delenv("RAY_OVERRIDE_DASHBOARD_URL")
+    monkeypatch.setattr(metrics, "_dashboard_url_from_gcs", lambda: "10.0.0.5:8265")  # how Ray stores it
+    assert metrics.dashboard_url() == "http://10.0.0.5:8265"
+    monkeypatch.setattr(metrics, "_dashboard_url_from_gcs", lambda: None)  # include_dashboard=False: empty key
+    assert metrics.dashboard_url() is None

@@ -145,3 +145,22 @@ def test_assess_table_keeps_callers_reply_history():
     df["referee_replies"] = [["[A0] nonsense", "[A1] garbage", "[B0] 8 and 7"]]
     out = assess_table(df, 0.33)
     assert out["referee_replies"].iloc[0] == ["[A0] nonsense", "[A1] garbage", "[B0] 8 and 7"]
+
+
+def test_random_selection_marks_a_seeded_fraction_hard_and_the_rest_easy():
+    import pandas as pd
+    import pyarrow as pa
+
+    from mmdc.data.calibration import ASSESSMENT_COLUMNS, random_selection
+
+    cache = pd.DataFrame({"instruction_id": [f"i{n:02d}" for n in range(10)], "image_id": ["img"] * 10,
+                          "question": ["q"] * 10})
+    a = random_selection(cache, 0.3, seed=0, iteration=1)
+    assert list(a.columns) == list(ASSESSMENT_COLUMNS)
+    assert int(a["hard"].eq(True).sum()) == 3 and int(a["hard"].eq(False).sum()) == 7
+    assert a["unscored_reason"].eq("selection=random").all()
+    same = random_selection(cache.iloc[::-1], 0.3, seed=0, iteration=1)  # row order does not matter
+    assert list(same["instruction_id"][same["hard"]]) == list(a["instruction_id"][a["hard"]])
+    other = random_selection(cache, 0.3, seed=0, iteration=2)  # a new draw each iteration
+    assert int(other["hard"].sum()) == 3
+    pa.Table.from_pandas(a, preserve_index=False)  # writes to Parquet as the driver does

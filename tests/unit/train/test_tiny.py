@@ -199,3 +199,20 @@ def test_freeze_for_stage(models):
 
     with pytest.raises(ValueError, match="stage"):
         freeze_for_stage(model, "pretrain")
+
+
+def test_student_with_teacher_vision_takes_the_tower_and_keeps_its_own_lm(models, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from mmdc.train.world_teacher import student_with_teacher_vision
+
+    out = student_with_teacher_vision(models["student"], models["teacher"], tmp_path)
+    assert student_with_teacher_vision(models["student"], models["teacher"], tmp_path) == out  # cached
+    made, student, teacher = (LlavaForConditionalGeneration.from_pretrained(p)
+                              for p in (out, models["student"], models["teacher"]))
+    for name, w in made.model.vision_tower.state_dict().items():
+        assert torch.equal(w, teacher.model.vision_tower.state_dict()[name]), name
+    for name, w in made.model.language_model.state_dict().items():
+        assert torch.equal(w, student.model.language_model.state_dict()[name]), name
+    assert not torch.equal(student.model.vision_tower.state_dict()["embeddings.patch_embedding.weight"],
+                           teacher.model.vision_tower.state_dict()["embeddings.patch_embedding.weight"])

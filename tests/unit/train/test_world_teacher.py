@@ -210,3 +210,51 @@ def test_tokenizer_is_the_students(tmp_path):
     texts = world.world_corpus(num_scenes=10)
     student = AutoTokenizer.from_pretrained(ensure_tiny_models(tmp_path, texts, seed=0)["student"])
     assert train_tokenizer(texts).backend_tokenizer.to_str() == student.backend_tokenizer.to_str()
+
+
+def test_perception_targets_match_the_scene():
+    scene = _two_object_scene()  # large red circle at (15, 20), small blue square at (45, 50)
+    t = wt.perception_targets(scene, patch_size=16)
+    shapes, colors = list(world.SHAPES), list(world.COLORS)
+    assert t["local"].shape == (16, 11) and t["color"].shape == (3,) and t["xy"].shape == (3, 2)
+    circle, square, triangle = (shapes.index(s) for s in ("circle", "square", "triangle"))
+    assert t["color"][circle] == colors.index("red") and t["color"][square] == colors.index("blue")
+    assert t["color"][triangle] == len(colors) and t["size"][triangle] == len(world.SIZES)  # absent
+    assert t["size"][circle] == world.SIZES.index("large") and t["size"][square] == world.SIZES.index("small")
+    assert t["count"] == 1 and t["background"] == list(world.BACKGROUNDS).index("white")
+    assert list(t["present"]) == [1, 1, 0]
+    assert tuple(t["xy"][circle]) == pytest.approx((15 / 64, 20 / 64))
+    centre = t["local"][:, 3 + len(colors):]  # [P, shapes]
+    assert centre[1 * 4 + 0, circle] == 1 and centre[3 * 4 + 2, square] == 1 and centre.sum() == 2
+    cover = t["local"][:, :3]
+    assert cover[1 * 4 + 0, circle] == 1 and cover[:, triangle].sum() == 0 and cover[0 * 4 + 3].sum() == 0
+    red = t["local"][:, 3 + colors.index("red")]
+    assert (red == cover[:, circle]).all()  # the only red object is the circle
+
+
+def test_object_masks_are_the_rendered_pixels():
+    import numpy as np
+
+    for scene in SCENES[:10]:
+        masks = wt.object_masks(scene)
+        image = np.asarray(world.render(scene))
+        assert masks.shape == (len(scene.objects), 64, 64) and not (masks.sum(axis=0) > 1).any()  # no overlap
+        for obj, mask in zip(scene.objects, masks):
+            assert (image[mask] == world.COLORS[obj.color]).all()
+
+
+def test_perception_loss_is_lowest_at_the_targets():
+    import torch
+
+    targets = wt.stack_targets(SCENES[:4], patch_size=16)
+    logits = torch.zeros(4, 16, wt.PERCEPTION_OUTPUTS)
+    base = wt.perception_loss(logits, targets).item()
+    assert base > 0
+    acc = wt.perception_accuracy(logits, targets)
+    assert set(acc) == {"local", "color", "size"} and all(0 <= v <= 1 for v in acc.values())
+
+
+def test_perception_batches_are_deterministic():
+    a = wt._perception_batch(3, 100, 8, seed=0)
+    assert a.tolist() == wt._perception_batch(3, 100, 8, seed=0).tolist()
+    assert a.tolist() != wt._perception_batch(4, 100, 8, seed=0).tolist()
