@@ -35,6 +35,7 @@ class RunConfig:
     seed: int = 0  # one seed for everything: data sampling, generation, training, pool updates
     iterations: int = 3  # K, number of distillation-calibration iterations (paper: 3)
     overwrite: bool = False  # allow reusing a non-empty run directory (otherwise refused)
+    resource_wait_s: float = 900.0  # on an autoscaling cluster, wait this long for nodes to fit every phase (0: fail at once)
 
 
 @dataclass
@@ -58,6 +59,21 @@ class CaptionFilterConfig:
 
 
 @dataclass
+class ClipFilterConfig:
+    """Stage 1 image-text similarity filter with open_clip (mmdc/data/clipscore.py; pip install "mmdc[clip]")."""
+
+    enabled: bool = False  # score every caption pair with CLIP and drop those below threshold (before the noun-phrase filter)
+    model: str = "ViT-B-32"  # open_clip model name (LAION filtered with OpenAI's ViT-B/32)
+    pretrained: str | None = "openai"  # open_clip pretrained tag or a local checkpoint file (null: random weights, tests only)
+    model_config: str | None = None  # JSON model config file or folder to register first (a model open_clip does not ship)
+    threshold: float = 0.28  # cosine similarity to keep a pair (LAION-5B English: 0.28; LAION-400M: 0.3)
+    batch_size: int = 64  # pairs per Ray Data batch
+    concurrency: int = 1  # scoring actors (one model each)
+    num_cpus: float = 1.0  # CPUs per scoring actor
+    num_gpus: float = 0.0  # GPUs per scoring actor
+
+
+@dataclass
 class DataConfig:
     source: Literal["world", "llava"] = "world"  # world: generate the synthetic world; llava: read a LLaVA-Instruct file
     instructions: str | None = None  # LLaVA-Instruct JSON/JSONL (source = llava), e.g. llava_instruct_80k.json
@@ -67,6 +83,7 @@ class DataConfig:
     max_image_pixels: int = 40_000_000  # images larger than this are rejected (recorded as skipped), never decoded
     world: WorldConfig = field(default_factory=WorldConfig)  # synthetic world settings (source = world)
     caption_filter: CaptionFilterConfig = field(default_factory=CaptionFilterConfig)  # stage 1 pair filter
+    clip_filter: ClipFilterConfig = field(default_factory=ClipFilterConfig)  # stage 1 CLIP-score filter (optional extra)
 
 
 @dataclass
@@ -410,6 +427,12 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     if cfg.run.iterations < 0:
         raise ConfigError("run.iterations must be >= 0")
+    c = cfg.data.clip_filter
+    if not -1 <= c.threshold <= 1 or c.batch_size < 1 or c.concurrency < 1 or c.num_cpus < 0 or c.num_gpus < 0:
+        raise ConfigError("data.clip_filter: threshold in [-1, 1] (a cosine similarity), batch_size >= 1, "
+                          "concurrency >= 1 and num_cpus, num_gpus >= 0 are required")
+    if cfg.run.resource_wait_s < 0:
+        raise ConfigError("run.resource_wait_s must be >= 0 (0: fail at once when the cluster is too small)")
     if cfg.calibration.tau < 0:  # tau above 1 is allowed (everything easy), negative is not
         raise ConfigError("calibration.tau must be >= 0")
     if not 0 < cfg.calibration.rouge_l_threshold <= 1:
@@ -417,6 +440,8 @@ def validate(cfg: Config) -> None:
     if not 0 < cfg.calibration.random_fraction <= 1:
         raise ConfigError("calibration.random_fraction must be in (0, 1]")
     for stage in ("align", "tune"):
+        if getattr(cfg, stage).checkpoint_every_steps < 0:
+            raise ConfigError(f"{stage}.checkpoint_every_steps must be >= 0 (0: save only the final checkpoint)")
         t: TrainConfig = getattr(cfg, stage)
         per_step = t.micro_batch_size * t.num_workers
         if t.global_batch_size % per_step:

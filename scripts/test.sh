@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the whole test suite: unit tests (no Ray) and integration tests (a local Ray cluster).
+# Set up (if needed) and run the whole test suite: unit tests (no Ray) and integration tests (a local Ray
+# cluster) in .venv, then the CLIP-score filter's tests (`-m clip`) in .venv-clip (scripts/setup_clip.sh
+# says why it is a second environment). MMDC_SKIP_CLIP=1 skips the second part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false MMDC_CACHE="${MMDC_CACHE:-$PWD/.mmdc_cache}"
-exec .venv/bin/python -m pytest tests "$@"
+status=0
+.venv/bin/python -m pytest tests "$@" || status=$?
+if [ "${MMDC_SKIP_CLIP:-0}" != 1 ]; then
+  bash scripts/setup_clip.sh
+  .venv-clip/bin/python -m pytest tests -m clip "$@" || status=$?
+fi
+exit "$status"

@@ -34,6 +34,7 @@ from mmdc.rundir import RunDir, atomic_write_table
 
 log = logging.getLogger("mmdc.driver")
 
+TRAINING_SECTIONS = ("align", "tune", "models", "data")  # a forced change here invalidates saved training state
 POOL_COLUMNS = ["instruction_id", "image_id", "image", "question", "origin", "parent_id", "iteration", "turn",
                 "image_position", "source_id"]
 
@@ -70,6 +71,11 @@ class Driver:
         self.captions: str | None = data.get("captions")
         self.teacher_fp = ""
         self._image_sha: dict[str, str] = {}
+        self.forced = list(forced or [])
+        self.resource_request = False  # True while an autoscaler request placed by check_resources stands
+        from mmdc import metrics
+
+        self.dashboard = metrics.dashboard_url()  # shown in every phase line, for the operator following the log
 
     # ----------------------------------------------------------------------------- the loop
     def run(self) -> str:
@@ -80,6 +86,15 @@ class Driver:
             last = self.state["completed"][-1]
             _say(f"resuming after iteration {last['iteration']} · {last['phase']}")
         self.check_resources()
+        try:
+            return self._loop()
+        finally:
+            if self.resource_request:
+                from mmdc.actors.resources import clear_resource_request
+
+                clear_resource_request()  # let idle nodes scale down
+
+    def _loop(self) -> str:
         self.release_stale_apps()
         self.prepare_data()
         student = self.prepare_models()
@@ -138,14 +153,14 @@ class Driver:
         self.state.pop("current", None)
         self.rd.save_state(self.state)
         summary = ", ".join(f"{k}={v}" for k, v in record.items() if k not in ("iteration", "phase"))
-        _say(f"iteration {iteration} · {name} done: {summary}")
+        where = f" · dashboard {self.dashboard}" if self.dashboard else ""
+        _say(f"iteration {iteration} · {name} done: {summary}{where}")
 
     def check_resources(self) -> None:
-        from mmdc.actors.resources import check_fits
+        """Fail fast when a phase cannot fit; on an autoscaling cluster, first ask for nodes and wait."""
+        from mmdc.actors.resources import wait_for_resources
 
-        problems = check_fits(self.cfg, ray.cluster_resources())
-        if problems:
-            raise ConfigError("the configured resources do not fit this cluster:\n  " + "\n  ".join(problems))
+        self.resource_request = wait_for_resources(self.cfg, self.cfg.run.resource_wait_s, say=_say)
 
     def prepare_data(self) -> None:
         """Build or read the instruction set, unfold it to D_sin, and write pools/iter_0."""
@@ -215,10 +230,17 @@ class Driver:
         if not self.captions:
             raise ConfigError("align.enabled needs caption pairs: set data.captions (or align.enabled=false)")
         from mmdc.data.llava import load_caption_pairs
-        from mmdc.train.loop import planned_steps, train_student
+        from mmdc.train.loop import planned_steps
 
         with self.phase(0, "align") as rec:
             rows = [{**p, "image": self.image_path(p["image"])} for p in load_caption_pairs(self.captions)]
+            if self.cfg.data.clip_filter.enabled:
+                from mmdc.data.clipscore import filter_by_clip_score
+
+                clip = filter_by_clip_score(rows, self.cfg.data.clip_filter, self.cfg.data.max_image_pixels)
+                self.rd.log_skips([{"stage": "clip_filter", **s} for s in clip.skipped])
+                rows = clip.kept
+                rec.update({f"clip_{k}": v for k, v in clip.stats.items()})
             f = self.cfg.data.caption_filter
             if f.enabled:
                 from mmdc.data.nounphrase import filter_caption_pairs
@@ -229,11 +251,9 @@ class Driver:
             if planned_steps(len(rows), self.cfg.align) < 1:
                 rec.update(skipped=f"{len(rows)} caption pairs make no optimizer step", rows=len(rows))
                 return student
-            ds = ray.data.from_items(rows)
-            result = train_student(stage="align", init_checkpoint=student, output_dir=str(self.rd.checkpoint(None)),
-                                   dataset=ds, train_cfg=self.cfg.align, seed=self.cfg.run.seed,
-                                   metrics_path=str(self.rd.metrics), run_name=f"{self.rd.root.name}-align")
-            rec.update(rows=len(rows), **{f"train_{k}": v for k, v in result.metrics.items()})
+            summary = self.train("align", student, self.rd.checkpoint(None), lambda: ray.data.from_items(rows),
+                                 self.cfg.align, seed=self.cfg.run.seed, run_name=f"{self.rd.root.name}-align")
+            rec.update(rows=len(rows), **{f"train_{k}": v for k, v in summary.items()})
             self.state["student"] = str(self.rd.checkpoint(None))
         return self.state["student"]
 
@@ -252,7 +272,7 @@ class Driver:
 
     def tune(self, k: int, student: str) -> str:
         """Phase B: Ray Train tunes the student on this iteration's conversations, from its last checkpoint."""
-        from mmdc.train.loop import planned_steps, train_student
+        from mmdc.train.loop import planned_steps
 
         if self.done(k, "tune"):
             return student
@@ -263,14 +283,39 @@ class Driver:
                 rec.update(skipped=f"{conversations} conversations make no optimizer step", rows=conversations)
                 self.state["student"] = self.models["student"] = student
                 return student
-            ds = self.training_dataset(self.rd.conversations(k))
-            self.await_trainer_resources(self.cfg.tune)
-            result = train_student(stage="tune", init_checkpoint=student, output_dir=str(self.rd.checkpoint(k)),
-                                   dataset=ds, train_cfg=self.cfg.tune, seed=self.cfg.run.seed + k,
-                                   metrics_path=str(self.rd.metrics), run_name=f"{self.rd.root.name}-tune-{k}")
-            rec.update(**{f"train_{key}": v for key, v in result.metrics.items()})
+            summary = self.train("tune", student, self.rd.checkpoint(k),
+                                 lambda: self.training_dataset(self.rd.conversations(k)), self.cfg.tune,
+                                 seed=self.cfg.run.seed + k, run_name=f"{self.rd.root.name}-tune-{k}")
+            rec.update(**{f"train_{key}": v for key, v in summary.items()})
             self.state["student"] = self.models["student"] = str(self.rd.checkpoint(k))
         return self.models["student"]
+
+    def train(self, stage: str, init: str, output_dir: Path, dataset, train_cfg, *, seed: int, run_name: str) -> dict:
+        """Run one Ray Train job into ``output_dir`` and return its summary metrics, picking up after a crash.
+
+        A checkpoint an earlier attempt finished (it crashed before committing the phase) is reused; an
+        interrupted one resumes from its last saved training state. A ``--force``d change to what
+        training depends on starts over instead, since the saved state was made under the old values.
+        ``dataset`` is a thunk: nothing is read when the checkpoint is reused.
+        """
+        import json
+
+        from mmdc.train.loop import SUMMARY_FILE, train_student
+
+        changed = training_keys(self.forced)
+        if changed and output_dir.exists():
+            _say(f"{stage}: discarding {output_dir.name} from before the forced change of {', '.join(changed)}")
+            shutil.rmtree(output_dir)
+        if (output_dir / SUMMARY_FILE).exists():
+            _say(f"{stage}: reusing {output_dir.name}, finished by an earlier attempt")
+            return json.loads((output_dir / SUMMARY_FILE).read_text())
+        shutil.rmtree(output_dir, ignore_errors=True)  # an empty folder left behind would be refused
+        ds = dataset()
+        self.await_trainer_resources(train_cfg)
+        result = train_student(stage=stage, init_checkpoint=init, output_dir=str(output_dir), dataset=ds,
+                               train_cfg=train_cfg, seed=seed, metrics_path=str(self.rd.metrics), run_name=run_name,
+                               resume=not changed)
+        return result.metrics
 
     def assess(self, k: int) -> None:
         """Phase C: teacher and student answer the cache pool; the referee scores both orders; Eq. 6."""
@@ -377,16 +422,15 @@ class Driver:
     def training_dataset(self, path: Path) -> "ray.data.Dataset":
         """The conversations as a Ray Dataset whose rows carry absolute image paths (workers may run anywhere).
 
-        Built with ``from_blocks`` (an object-store put), not ``read_parquet``: a read plans a
-        file-listing task that wants a whole CPU, and on a small cluster whose CPUs the trainer's
-        workers (and a previous attempt's not yet reclaimed ones) hold, it would wait forever.
+        Not ``read_parquet``: its listing task would wait for a CPU the trainer's workers (or a
+        crashed attempt's, not yet reclaimed) hold; see ``dataset_from_table``.
         """
-        from mmdc.data.pipelines import _blocks
+        from mmdc.data.pipelines import dataset_from_table
 
         df = pd.read_parquet(path)
         df["image"] = [self.image_path(img) if img else img for img in df["image"]]
         table = pa.Table.from_pandas(df, preserve_index=False)
-        return ray.data.from_blocks(_blocks(table, max(1, self.cfg.tune.num_workers) * 2))
+        return dataset_from_table(table, max(1, self.cfg.tune.num_workers) * 2)
 
     def teacher_answers(self, rows: pd.DataFrame, k: int, phase: str) -> tuple[pd.DataFrame, dict]:
         """Teacher answers for ``rows``, asking the engine only for keys never answered before."""
@@ -570,6 +614,22 @@ class Driver:
         from mmdc.report import write_report
 
         write_report(self.rd)
+
+
+def training_keys(changed: list[str]) -> list[str]:
+    """The dotted config keys among ``changed`` that make a saved training state or checkpoint stale.
+
+    Resources and the checkpoint cadence (``RESUME_FREE_KEYS``) may change between attempts.
+    """
+    from mmdc.train.loop import RESUME_FREE_KEYS
+
+    def stale(key: str) -> bool:
+        section, _, rest = key.partition(".")
+        if section in ("align", "tune"):
+            return rest.split(".")[0] not in RESUME_FREE_KEYS
+        return section in TRAINING_SECTIONS or key == "run.seed"
+
+    return [k for k in changed if stale(k)]
 
 
 def as_pool(df: pd.DataFrame, where: str) -> pa.Table:

@@ -21,7 +21,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
@@ -29,6 +29,9 @@ import pyarrow.parquet as pq
 
 from mmdc.actors import roles
 from mmdc.config import EngineConfig, PipelineConfig, SamplingConfig
+
+if TYPE_CHECKING:
+    import ray
 
 
 def row_seed(run_seed: int, role: str, instruction_id: str, attempt: int = 0) -> int:
@@ -213,7 +216,19 @@ class StageSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def _blocks(table: pa.Table, n: int) -> list[pa.Table]:
+def dataset_from_table(table: pa.Table, num_blocks: int) -> "ray.data.Dataset":
+    """``table`` as a Ray Dataset of about ``num_blocks`` equal blocks, without any read task.
+
+    ``from_blocks`` only puts the blocks in the object store: no listing or metadata tasks, which
+    ``read_parquet`` plans and which each want a whole CPU; on a small cluster whose CPUs the engine
+    replicas or trainer workers hold, such a task would wait forever.
+    """
+    import ray
+
+    return ray.data.from_blocks(_split(table, num_blocks))
+
+
+def _split(table: pa.Table, n: int) -> list[pa.Table]:
     n = max(1, min(n, table.num_rows))
     size = -(-table.num_rows // n)
     return [table.slice(i, size) for i in range(0, table.num_rows, size)]
@@ -231,8 +246,6 @@ def run_stages(table: pa.Table, stages: list[StageSpec], out_dir: str | Path, cf
     only for pipelines that start from a datasource read, and its filter actors want CPUs that the
     engine replicas hold on a small machine; our pools start from ``from_blocks``.
     """
-    import ray
-
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     done, table = resume_partial(tmp, table, id_column)
@@ -241,9 +254,7 @@ def run_stages(table: pa.Table, stages: list[StageSpec], out_dir: str | Path, cf
         if not done:
             pq.write_table(table, tmp / "empty.parquet")
     else:
-        # from_blocks only puts the blocks in the object store: no metadata or listing tasks, which
-        # would each want a CPU while the engine replicas hold every core (and wait forever).
-        ds = ray.data.from_blocks(_blocks(table, cfg.concurrency * cfg.blocks_per_client))
+        ds = dataset_from_table(table, cfg.concurrency * cfg.blocks_per_client)
         for spec in stages:
             ds = ds.map_batches(spec.cls, fn_constructor_kwargs=spec.kwargs, batch_size=cfg.batch_size,
                                 batch_format="pandas", concurrency=cfg.concurrency, num_cpus=0)

@@ -57,12 +57,15 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from mmdc.actors import roles
 from mmdc.data import world
 from mmdc.data.augment import rouge_l_f, tokenize
 from mmdc.data.world import QuestionSpec, Scene
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Bump when examples, training or saving change so that cached teachers are stale.
 BUILDER_VERSION = 2  # 2: vision-first stage and perception loss
@@ -756,7 +759,12 @@ def is_current(model_dir: str | os.PathLike, schedule: str, seed: int, tokenizer
     if saved is None:
         return False
     tokenizer = train_tokenizer(list(default_tokenizer_texts() if tokenizer_texts is None else tokenizer_texts))
-    wanted = fingerprint(schedule, seed, tokenizer, TEACHER_SPEC)
+    return fingerprint_matches(saved, fingerprint(schedule, seed, tokenizer, TEACHER_SPEC))
+
+
+def fingerprint_matches(saved: dict, wanted: dict) -> bool:
+    """Compare as JSON stores them: a tuple in a schedule comes back from the file as a list."""
+    wanted = json.loads(json.dumps(wanted))
     return all(saved.get(k) == v for k, v in wanted.items())
 
 

@@ -9,13 +9,17 @@ process that set it (the driver actor), and drops out of the endpoint ~20 s afte
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pytest
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 TINY_OVERRIDES = [
     "run.iterations=1",
@@ -128,3 +132,30 @@ def tiny_run_args() -> Callable[[Path], list[str]]:
         return out
 
     return args
+
+
+@pytest.fixture(scope="session")
+def tiny_student() -> str:
+    """The untrained tiny student checkpoint (built once into the model cache): an engine to serve."""
+    from mmdc.data.world import world_corpus
+    from mmdc.train.tiny import ensure_tiny_models
+
+    cache = Path(os.environ.get("MMDC_CACHE") or os.path.expanduser("~/.cache/mmdc")) / "models"
+    return str(ensure_tiny_models(cache, world_corpus(), seed=0)["student"])
+
+
+@pytest.fixture
+def colour_pool() -> Callable[[Path, int], "pa.Table"]:
+    """``make(image_dir, rows)``: a pool of ``rows`` questions over four plain-colour images written to ``image_dir``."""
+    import pyarrow as pa
+    from PIL import Image
+
+    def make(image_dir: Path, rows: int) -> pa.Table:
+        colours = [(230, 20, 20), (20, 200, 40), (30, 40, 220), (240, 220, 30)]
+        for k, c in enumerate(colours):
+            Image.new("RGB", (32, 32), c).save(image_dir / f"img{k}.png")
+        return pa.table({"instruction_id": [f"row{i:04d}" for i in range(rows)],
+                         "image": [f"img{i % len(colours)}.png" for i in range(rows)],
+                         "question": [f"what colour is shape {i}?" for i in range(rows)]})
+
+    return make

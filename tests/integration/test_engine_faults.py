@@ -8,15 +8,11 @@ is seeded per row, so a retried row must come back identical).
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
-from pathlib import Path
 
-import pyarrow as pa
 import pytest
-from PIL import Image
 
 from mmdc.config import EngineConfig, PipelineConfig, to_dict
 
@@ -25,23 +21,6 @@ pytestmark = pytest.mark.integration
 APP = "faults"
 ROWS = 256
 SAMPLING = {"temperature": 0.5, "max_new_tokens": 16, "retries": 0}
-
-
-def _student() -> str:
-    from mmdc.data.world import world_corpus
-    from mmdc.train.tiny import ensure_tiny_models
-
-    cache = Path(os.environ.get("MMDC_CACHE") or os.path.expanduser("~/.cache/mmdc")) / "models"
-    return ensure_tiny_models(cache, world_corpus(), seed=0)["student"]
-
-
-def _pool(image_dir: Path) -> pa.Table:
-    colours = [(230, 20, 20), (20, 200, 40), (30, 40, 220), (240, 220, 30)]
-    for k, c in enumerate(colours):
-        Image.new("RGB", (32, 32), c).save(image_dir / f"img{k}.png")
-    return pa.table({"instruction_id": [f"row{i:04d}" for i in range(ROWS)],
-                     "image": [f"img{i % len(colours)}.png" for i in range(ROWS)],
-                     "question": [f"what colour is shape {i}?" for i in range(ROWS)]})
 
 
 def _replica(deployment: str) -> dict:
@@ -54,7 +33,8 @@ def _replica(deployment: str) -> dict:
     return serve.get_deployment_handle(deployment, app_name=APP).info.remote().result(timeout_s=120)
 
 
-def test_a_replica_killed_mid_phase_loses_and_repeats_no_row(ray_cluster, tmp_path, capfd):
+def test_a_replica_killed_mid_phase_loses_and_repeats_no_row(ray_cluster, tmp_path, capfd, tiny_student,
+                                                             colour_pool):
     import ray
     from ray import serve
 
@@ -62,8 +42,8 @@ def test_a_replica_killed_mid_phase_loses_and_repeats_no_row(ray_cluster, tmp_pa
     from mmdc.data.pipelines import StageSpec, TeacherStage, image_url, row_seed, run_stages
     from mmdc.actors import roles
 
-    student = _student()
-    table = _pool(tmp_path)
+    student = tiny_student
+    table = colour_pool(tmp_path, ROWS)
     engine = EngineConfig(replicas=1, num_cpus=1, max_batch_size=16, request_timeout_s=60,
                           max_retries=6, retry_backoff_s=0.5)
     serve.start(proxy_location="Disabled")

@@ -103,12 +103,22 @@ def test_deepspeed_config_is_zero_fp16(cfg):
     assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] == 16
 
 
-def test_engines_are_fp16_single_gpu_hf(cfg):
-    for name in ("teacher", "student"):
-        e = cfg.engines[name]
-        assert e.dtype == "float16"
-        assert e.backend == "hf"  # until the vllm backend exists (issue 5)
-        assert e.num_gpus == 1  # the hf backend puts a replica on one device
+def test_engines_are_fp16_teacher_on_vllm_student_on_hf(cfg):
+    teacher, student = cfg.engines["teacher"], cfg.engines["student"]
+    assert teacher.dtype == student.dtype == "float16"  # V100: no bf16
+    assert teacher.backend == "vllm" and teacher.request_mode == "row"  # continuous batching wants rows
+    assert teacher.num_gpus == teacher.tensor_parallel_size == 2
+    assert teacher.accelerator_type == "V100"
+    assert student.backend == "hf" and student.num_gpus == 1  # the linear-projector student is not vLLM's LLaVA
+
+
+def test_the_teacher_engine_builds_a_vllm_config_without_vllm(cfg):
+    from mmdc.actors.backends.vllm import vllm_llm_config
+
+    c = vllm_llm_config(cfg.engines["teacher"], cfg.models.teacher)
+    assert c["engine_kwargs"]["tensor_parallel_size"] == 2 and c["engine_kwargs"]["dtype"] == "float16"
+    assert c["model_loading_config"]["model_source"] == "llava-hf/llava-1.5-13b-hf"
+    assert c["deployment_config"]["num_replicas"] == 2 and c["accelerator_type"] == "V100"
 
 
 def test_yaml_has_no_duplicate_keys():

@@ -201,6 +201,33 @@ class HFEngine:
         self.answered += len(out)
         return out
 
+    async def __call__(self, http_request: Any) -> Any:
+        """``POST <route_prefix>/chat/completions``, OpenAI-style: the engine as an HTTP endpoint.
+
+        Only reachable when the app is deployed with a route and Serve's proxy on (``python -m
+        mmdc.endpoint``); the run itself calls ``generate_batch`` / ``generate`` through handles.
+        """
+        import uuid
+
+        from starlette.responses import JSONResponse
+
+        from mmdc.actors.backends.openai import chat_completion_payload, request_from_chat_body
+
+        if http_request.method != "POST" or not http_request.url.path.rstrip("/").endswith("/chat/completions"):
+            return JSONResponse({"error": {"message": "this endpoint serves POST .../chat/completions only"}},
+                                status_code=404)
+        try:
+            body = await http_request.json()
+            request = request_from_chat_body(body)
+        except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
+            return JSONResponse({"error": {"message": f"bad request: {err}"}}, status_code=400)
+        try:
+            out = await self.generate(request)  # @serve.batch: concurrent HTTP requests share a forward pass
+        except ValueError as err:  # e.g. an image data URL that does not decode
+            return JSONResponse({"error": {"message": str(err)}}, status_code=400)
+        return JSONResponse(chat_completion_payload(out, body.get("model") or self.model_path,
+                                                    f"chatcmpl-{uuid.uuid4().hex}"))
+
     def info(self) -> dict:
         """What this replica serves, and which actor it is (tests and operators kill or inspect it by name)."""
         import ray

@@ -53,6 +53,35 @@ def parse_chat_completion(payload: dict) -> dict:
             "finish_reason": choice.get("finish_reason") or "stop"}
 
 
+def request_from_chat_body(body: dict) -> dict:
+    """An OpenAI chat-completions body -> our request: the inverse of ``chat_body`` (for serving our engines).
+
+    Raises ValueError naming the field when the body cannot be answered (no messages, n > 1, streaming).
+    """
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    if body.get("stream"):
+        raise ValueError("'stream': true is not supported")
+    if int(body.get("n") or 1) != 1:
+        raise ValueError("'n' must be 1")
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 64))
+    request = {"messages": messages, "temperature": float(body.get("temperature") or 0.0),
+               "max_new_tokens": int(max_tokens)}
+    if body.get("seed") is not None:
+        request["seed"] = int(body["seed"])
+    return request
+
+
+def chat_completion_payload(response: dict, model: str, request_id: str) -> dict:
+    """Our response -> an OpenAI chat-completions reply: the inverse of ``parse_chat_completion``."""
+    prompt, completion = int(response.get("prompt_tokens") or 0), int(response.get("completion_tokens") or 0)
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": response["text"]},
+                         "finish_reason": response.get("finish_reason") or "stop"}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+
+
 class RateLimiter:
     """At most ``per_s`` starts per second, spaced evenly, shared by the threads of one client."""
 

@@ -16,12 +16,11 @@ driver's ``serve.run(app, route_prefix=None)`` unchanged). It turns each row int
 wants many single requests in flight, not pre-formed batches. Images travel as data URLs, which
 vLLM's chat API reads itself.
 
-How to run it (6 x V100 32 GB, LLaVA-1.5-13B teacher in fp16 on 2 GPUs per replica):
+How to run it (6 x V100 32 GB, LLaVA-1.5-13B teacher in fp16 on 2 GPUs per replica, as
+``configs/paper.yaml`` sets it):
 
     pip install "mmdc[gpu]"
-    python -m mmdc.run --config configs/paper.yaml \\
-        engines.teacher.backend=vllm engines.teacher.tensor_parallel_size=2 \\
-        engines.teacher.num_gpus=2 engines.teacher.replicas=2 engines.teacher.max_model_len=4096
+    python -m mmdc.run --config configs/paper.yaml
 
 The student stays on ``hf``: vLLM's LLaVA expects the llava-hf layout and projector, which the
 paper's linear-projector student does not have (``mmdc/train/assembly.py``).

@@ -191,3 +191,24 @@ def test_rate_limiter_spaces_starts_evenly():
     limiter.acquire()
     assert waits == [0.25, 0.5]
     assert RateLimiter(None).interval == 0.0
+
+
+def test_serving_side_translation_inverts_the_client_side():
+    from mmdc.actors.backends.openai import chat_completion_payload, request_from_chat_body
+
+    ours = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0.5, "max_new_tokens": 7, "seed": 11}
+    assert request_from_chat_body(chat_body(ours, "m")) == ours
+    reply = {"text": "hello", "prompt_tokens": 3, "completion_tokens": 1, "finish_reason": "stop"}
+    payload = chat_completion_payload(reply, "m", "chatcmpl-1")
+    assert parse_chat_completion(payload) == reply
+    assert payload["usage"]["total_tokens"] == 4 and payload["model"] == "m"
+
+
+@pytest.mark.parametrize("body,field", [({}, "messages"), ({"messages": []}, "messages"),
+                                        ({"messages": [{"role": "user", "content": "x"}], "stream": True}, "stream"),
+                                        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "'n'")])
+def test_unanswerable_bodies_are_refused_naming_the_field(body, field):
+    from mmdc.actors.backends.openai import request_from_chat_body
+
+    with pytest.raises(ValueError, match=field):
+        request_from_chat_body(body)

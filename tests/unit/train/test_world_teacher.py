@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -199,6 +200,18 @@ def test_fingerprint_tracks_schedule_seed_and_tokenizer(tmp_path):
     assert wt.read_fingerprint(tmp_path) is None and not wt.is_current(tmp_path, "short", 0)
     with pytest.raises(ValueError, match="schedule"):
         wt.build_world_teacher(tmp_path / "x", schedule="nope")
+
+
+def test_a_fingerprint_read_back_from_its_file_still_matches(tmp_path):
+    """A built teacher must count as current: JSON turns the schedule's tuples into lists (a rebuild every run)."""
+    from mmdc.train.tiny import TEACHER_SPEC, train_tokenizer
+
+    tok = train_tokenizer(["a small corpus about red circles"] * 5, vocab_size=300)
+    wanted = wt.fingerprint("short", 0, tok, TEACHER_SPEC)
+    assert any(isinstance(v, tuple) for v in wanted["schedule"].values())  # what made the round trip lossy
+    (tmp_path / wt.FINGERPRINT_FILE).write_text(json.dumps(wanted, indent=2, sort_keys=True))
+    assert wt.fingerprint_matches(wt.read_fingerprint(tmp_path), wanted)
+    assert not wt.fingerprint_matches(wt.read_fingerprint(tmp_path), wt.fingerprint("short", 1, tok, TEACHER_SPEC))
 
 
 def test_tokenizer_is_the_students(tmp_path):
