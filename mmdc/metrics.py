@@ -81,6 +81,9 @@ METRICS: dict[str, MetricSpec] = {
         "gauge", "Training samples per second of the stage's latest run", ("run", "phase")),
     "mmdc_train_tokens_per_second": MetricSpec(
         "gauge", "Training tokens per second of the stage's latest run", ("run", "phase")),
+    "mmdc_eval_score": MetricSpec(
+        "gauge", "Latest evaluation: headline score per benchmark (e.g. world_Avg), model = student | teacher",
+        ("run", "model", "score")),
     "mmdc_iteration": MetricSpec("gauge", "Current distillation-calibration iteration (0 = before stage 2)",
                                  ("run",)),
     "mmdc_phase_active": MetricSpec("gauge", "1 for the phase running now, 0 for the others", ("run", "phase")),
@@ -182,6 +185,11 @@ class MmdcMetrics:
             self._set("mmdc_acceptance_ratio", record.get("acceptance_ratio"))
             self._set("mmdc_pool_rows", record.get("tuning_after"), pool="tuning")
             self._set("mmdc_pool_rows", record.get("cache_after"), pool="cache")
+        if phase in ("eval", "eval_teacher"):  # headline keys of eval.iteration.headline_metrics
+            model = "teacher" if phase == "eval_teacher" else "student"
+            for key, value in record.items():
+                if key.startswith("eval_"):
+                    self._set("mmdc_eval_score", value, model=model, score=key.removeprefix("eval_"))
         if phase in ("align", "tune"):
             self._set("mmdc_train_loss", record.get("train_final_loss"), phase=phase)
             wall = _number(record.get("train_wall_time_s"))

@@ -456,7 +456,7 @@ class Driver:
             atomic_write_table(self.rd.answer_cache / f"iter_{k}_{phase}.parquet",
                                pa.Table.from_pandas(new.sort_values("cache_key"), preserve_index=False))
             stats["generated_tokens"] = int(new["teacher_tokens"].sum())
-            cache = self.load_answer_cache()
+            cache = pd.concat([cache, new.set_index("cache_key")])  # misses are new keys: no re-read of the cache
         rows["teacher_answer"] = rows["cache_key"].map(cache["teacher_answer"])
         return rows, stats
 

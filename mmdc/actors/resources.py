@@ -41,7 +41,8 @@ def _bundles(count: int, cpus: float, gpus: float) -> list[Bundle]:
 
 
 def phase_bundles(cfg: Config) -> dict[str, list[Bundle]]:
-    """Resource shapes per phase: one per engine replica or train worker. Training holds only its workers."""
+    """Resource shapes per phase: one per engine replica, train worker or CLIP-scoring actor (the stage 1
+    CLIP filter, when enabled, runs first in align and is released before align's trainer starts)."""
     def engine(name: str) -> list[Bundle]:
         e = cfg.engines[name]
         return _bundles(e.replicas, e.num_cpus, e.num_gpus)
@@ -52,6 +53,9 @@ def phase_bundles(cfg: Config) -> dict[str, list[Bundle]]:
         t = getattr(cfg, stage)
         if t.enabled:
             bundles[stage] = _bundles(t.num_workers, t.cpus_per_worker, t.gpus_per_worker)
+    clip = cfg.data.clip_filter
+    if cfg.align.enabled and clip.enabled:  # scoring actors run inside align, before its trainer starts
+        bundles["clip_filter"] = _bundles(clip.concurrency, clip.num_cpus, clip.num_gpus)
     return bundles
 
 

@@ -98,7 +98,8 @@ def load_task(args: argparse.Namespace) -> harness.Task:
 def _open_generator(path: str, args: argparse.Namespace) -> Generator:
     from mmdc.actors.engines import HFGenerator
 
-    return HFGenerator(path, dtype=args.dtype, device=args.device, max_batch_size=args.batch_size)
+    return HFGenerator(path, dtype=args.dtype, device=args.device, max_batch_size=args.batch_size,
+                       attention=args.attention)
 
 
 def run(args: argparse.Namespace, generator: Generator | None = None, judge: Generator | None = None) -> dict:
@@ -154,6 +155,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="rows per generate call")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "auto"))
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--attention", default="auto", choices=("auto", "sdpa", "eager", "xformers"),
+                   help="attention kernel (auto: xformers on CUDA when installed, else SDPA)")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")

@@ -37,10 +37,12 @@ def _last_phase(run_dir) -> str:
 
 def test_endpoint_serves_mmdc_metrics_with_sensible_values(tiny_run, tiny_run_metrics):
     scraper, last_phase = tiny_run_metrics, _last_phase(tiny_run)
+    final_eval = _records(tiny_run)["eval"]["eval_world_Avg"]  # the latest student score the gauge must hold
 
     def all_phases_exported(s) -> bool:
         return (all(_one(s, "ray_mmdc_phase_duration_seconds_count", phase=p) for p in PHASES)
                 and _one(s, "ray_mmdc_hard_ratio") is not None
+                and _one(s, "ray_mmdc_eval_score", model="student", score="world_Avg") == pytest.approx(final_eval)
                 and _one(s, "ray_mmdc_phase_active", phase=last_phase) == 1.0)
 
     assert scraper.wait_for(all_phases_exported, timeout_s=60), (
@@ -66,6 +68,9 @@ def test_endpoint_serves_mmdc_metrics_with_sensible_values(tiny_run, tiny_run_me
         loss = _one(scraper, "ray_mmdc_train_loss", phase=stage)
         assert loss is not None and math.isfinite(loss) and loss > 0, stage
         assert _one(scraper, "ray_mmdc_train_samples_per_second", phase=stage) > 0, stage
+    for phase, model in (("eval", "student"), ("eval_teacher", "teacher")):  # the world benchmark's headline
+        score = _one(scraper, "ray_mmdc_eval_score", model=model, score="world_Avg")
+        assert score == pytest.approx(records[phase]["eval_world_Avg"]) and 0.0 <= score <= 100.0, model
     assert _one(scraper, "ray_mmdc_iteration") == 1.0
     active = {dict(labels)["phase"]: v for labels, v in scraper.values("ray_mmdc_phase_active", run=RUN).items()}
     assert active[last_phase] == 1.0 and sum(active.values()) == 1.0, active  # the phase that ran last, nothing else

@@ -118,6 +118,17 @@ def test_tune_record_gives_loss_and_throughput(fake):
     assert "mmdc_rows" not in backend.created  # the tune record has no 'rows'
 
 
+def test_eval_records_give_one_score_per_benchmark_and_model(fake):
+    backend, m = fake
+    m.publish_phase({"iteration": 2, "phase": "eval", "rows": 72, "eval_world_Avg": 11.11, "eval_seed_Overall": None,
+                     "wall_s": 3.0})
+    m.publish_phase({"iteration": 0, "phase": "eval_teacher", "rows": 72, "eval_world_Avg": 47.22, "wall_s": 3.0})
+    assert backend.calls("mmdc_eval_score") == {
+        (("model", "student"), ("score", "world_Avg")): ("set", 11.11),
+        (("model", "teacher"), ("score", "world_Avg")): ("set", 47.22),
+    }  # a benchmark without a score (None) publishes nothing
+
+
 def test_missing_none_nan_and_zero_values_are_not_published(fake):
     backend, m = fake
     # hard_ratio None (nothing scored), zero cache hits, NaN loss, zero rows: no measurement to report

@@ -90,6 +90,17 @@ def _wait(cfg, cluster, timeout_s=600.0):
     return requested, said, clock.t
 
 
+def test_clip_filter_actors_are_checked_only_when_they_run():
+    off = phase_needs(load_config(None, []))
+    assert "clip_filter" not in off
+    cfg = load_config(None, ["data.clip_filter.enabled=true", "data.clip_filter.concurrency=2",
+                             "data.clip_filter.num_gpus=1"])
+    assert phase_bundles(cfg)["clip_filter"] == [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
+    assert "phase 'clip_filter' needs 2 GPU but the cluster has 0" in check_fits(cfg, {"CPU": 8})
+    no_align = load_config(None, ["data.clip_filter.enabled=true", "align.enabled=false"])
+    assert "clip_filter" not in phase_needs(no_align)
+
+
 def test_phase_bundles_are_per_replica_and_per_worker():
     bundles = phase_bundles(_gpu_cfg())
     assert bundles["teach"] == [{"CPU": 4, "GPU": 2}] * 2
