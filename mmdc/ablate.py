@@ -227,6 +227,38 @@ def _curve(path: Path) -> dict[str, dict[int, float]]:
     return curves
 
 
+# What each run's loop did, from its metrics.jsonl: (label, phase, key, how one number per run is
+# made, decimals in the table).
+PROCESS = (
+    ("tuning rows per iteration", "teach", "rows", "mean", 1),  # teacher-answered rows the student tuned on
+    ("teacher answers generated", None, "cache_misses", "sum", 1),  # teacher generations over the whole run
+    ("hard ratio", "assess", "hard_ratio", "mean", 2),
+    ("questions generated per iteration", "augment", "generated", "mean", 1),
+    ("acceptance ratio", "augment", "acceptance_ratio", "mean", 2),
+)
+
+
+def process_stats(path: Path) -> dict[str, float]:
+    """One number per ``PROCESS`` row for one run (mean over its iterations, or a sum): what the loop did,
+    so that arms can be compared on their teacher budget and not only on their scores."""
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        return {}
+    records = []
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a crash: the others still count
+            continue
+    out: dict[str, float] = {}
+    for label, phase, key, how, _ in PROCESS:
+        values = [float(r[key]) for r in records if r.get("phase") and (phase is None or r["phase"] == phase)
+                  and isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+        if values:
+            out[label] = sum(values) if how == "sum" else statistics.fmean(values)
+    return out
+
+
 def _stats(values: Sequence[float]) -> dict[str, Any]:
     """mean, sample standard deviation (None for one value), min, max, n."""
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
@@ -242,6 +274,7 @@ def build_summary(out: Path, variants: Sequence[Variant], seeds: Sequence[int]) 
         per_seed: dict[str, Any] = {}
         values: dict[str, dict[str, list[float]]] = {}
         curves: dict[str, dict[int, list[float]]] = {}
+        process: dict[str, list[float]] = {}
         missing = []
         for seed in seeds:
             path = run_dir(out, variant, seed)
@@ -255,6 +288,8 @@ def build_summary(out: Path, variants: Sequence[Variant], seeds: Sequence[int]) 
                 order += [c for c in cols if c not in order]
                 for column, value in cols.items():
                     values.setdefault(benchmark, {}).setdefault(column, []).append(value)
+            for label, value in process_stats(path).items():
+                process.setdefault(label, []).append(value)
             for benchmark, curve in _curve(path).items():
                 for k, value in curve.items():
                     curves.setdefault(benchmark, {}).setdefault(k, []).append(value)
@@ -267,6 +302,7 @@ def build_summary(out: Path, variants: Sequence[Variant], seeds: Sequence[int]) 
             "missing_seeds": missing,
             "final": {b: {c: _stats(v) for c, v in cols.items()} for b, cols in values.items()},
             "per_iteration": {b: {str(k): _stats(v) for k, v in sorted(c.items())} for b, c in curves.items()},
+            "process": {label: _stats(v) for label, v in process.items()},
         }
     return summary
 
@@ -326,6 +362,17 @@ def render_summary(summary: dict) -> str:
                 curve = v["per_iteration"].get(b, {})
                 lines.append(_row([name, *[_cell(curve.get(str(k)), decimals) for k in ks]]))
             lines.append("")
+
+    places = {label: d for label, *_, d in PROCESS}
+    labels = [label for label in places if any(label in v.get("process", {}) for v in variants.values())]
+    if labels:
+        lines += ["## What the loop did (per run, then mean ± std over seeds)", "",
+                  "Tuning rows: teacher-answered rows per tuning phase; teacher answers: generations over the "
+                  "whole run (cache misses); ratios and questions: mean over iterations.", "",
+                  _row(["variant", *labels]), _rule(len(labels) + 1)]
+        for name, v in variants.items():
+            lines.append(_row([name, *[_cell(v.get("process", {}).get(label), places[label]) for label in labels]]))
+        lines.append("")
 
     gaps = [f"{name}: seeds {', '.join(map(str, v['missing_seeds']))}" for name, v in variants.items()
             if v["missing_seeds"]]

@@ -104,6 +104,12 @@ def _fake_run(out: Path, name: str, seed: int, curve: list[float], families: dic
     if teacher is not None:
         write_named_results(root / "eval" / "world", "teacher", "world", {"Avg": teacher, "exist": 99.0}, [])
     (root / "state.json").write_text(json.dumps({"status": "finished" if finished else "running"}))
+    records = [{"event": "deploy", "engine": "teacher"}]  # an event line: no phase, not counted
+    for k in range(1, len(curve)):
+        records += [{"iteration": k, "phase": "teach", "rows": 100 + 10 * k, "cache_misses": 100},
+                    {"iteration": k, "phase": "assess", "rows": 200, "hard_ratio": 0.5 + 0.1 * k, "cache_misses": 20},
+                    {"iteration": k, "phase": "augment", "generated": 60, "acceptance_ratio": 0.5}]
+    (root / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n{\"cut by a cra")
 
 
 def test_summary_mean_and_spread_over_seeds(tmp_path):
@@ -132,6 +138,13 @@ def test_summary_mean_and_spread_over_seeds(tmp_path):
     assert "| variant | iteration 0 | iteration 1 | iteration 2 |" in text
     assert "| plain | 20.50 ± 0.71 | 32.50 ± 3.54 | 50.00 |" in text  # one seed reached iteration 2: no spread
     assert "tau_1: seeds 0, 1" in text and "plain seed 1" in text
+    process = summary["variants"]["mmdc"]["process"]  # seed runs of 2 iterations: k = 1, 2
+    assert process["tuning rows per iteration"]["mean"] == 115.0
+    assert process["teacher answers generated"]["mean"] == 240.0  # (100 + 20) per iteration, summed
+    assert process["hard ratio"]["mean"] == pytest.approx(0.65)
+    assert ("| variant | tuning rows per iteration | teacher answers generated | hard ratio | "
+            "questions generated per iteration | acceptance ratio |") in text
+    assert "| mmdc | 115.0 ± 0.0 | 240.0 ± 0.0 | 0.65 ± 0.00 | 60.0 ± 0.0 | 0.50 ± 0.00 |" in text
     assert json.loads((tmp_path / ablate.SUMMARY_JSON).read_text())["seeds"] == [0, 1]
 
 
