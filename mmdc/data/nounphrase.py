@@ -205,9 +205,11 @@ def extract_noun_phrases(
     (spaCy's own ``nlp.pipe(n_process=...)`` ships every Doc back to the
     parent as bytes: measured on 2 cores it cost 2.5x the CPU per caption of
     one process, so it was slower than ``n_process=1``; see
-    benchmarks/results/nounphrase_filter.md.) Workers are forked where the
-    platform can fork (they share the loaded pipeline copy-on-write) and
-    spawned otherwise (the pipeline is pickled to them).
+    benchmarks/results/nounphrase_filter.md.) Workers start from the
+    ``forkserver`` (``spawn`` where there is none), never a plain ``fork``:
+    forking a process that runs threads (a Ray driver, torch's pools) can copy
+    a held lock into the child, which then hangs, and so does the pool's
+    shutdown; it did in CI. The pipeline is pickled to each worker once.
     """
     if n_process < 1:
         raise ValueError(f"n_process must be >= 1, got {n_process}")
@@ -219,7 +221,7 @@ def extract_noun_phrases(
 
     import multiprocessing
 
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
     out: list[list[str]] = []
     with context.Pool(n_process, initializer=_init_worker, initargs=(nlp, batch_size)) as pool:
