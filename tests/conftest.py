@@ -7,6 +7,7 @@ cluster, started once per session by ``ray_cluster`` (Ray removed local_mode).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +34,19 @@ def ray_cluster():
     except Exception:  # serve may never have started
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, str]:
+    """The untrained tiny teacher and student checkpoints, built once into the model cache (no Ray needed)."""
+    from mmdc.data.world import world_corpus
+    from mmdc.train.tiny import ensure_tiny_models
+
+    cache = Path(os.environ.get("MMDC_CACHE") or os.path.expanduser("~/.cache/mmdc")) / "models"
+    return ensure_tiny_models(cache, world_corpus(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tiny_models: dict[str, str]) -> str:
+    """The untrained tiny student checkpoint: an engine to serve or a model to evaluate."""
+    return tiny_models["student"]

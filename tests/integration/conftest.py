@@ -9,7 +9,6 @@ process that set it (the driver actor), and drops out of the endpoint ~20 s afte
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import urllib.request
@@ -132,16 +131,6 @@ def tiny_run_args() -> Callable[[Path], list[str]]:
         return out
 
     return args
-
-
-@pytest.fixture(scope="session")
-def tiny_student() -> str:
-    """The untrained tiny student checkpoint (built once into the model cache): an engine to serve."""
-    from mmdc.data.world import world_corpus
-    from mmdc.train.tiny import ensure_tiny_models
-
-    cache = Path(os.environ.get("MMDC_CACHE") or os.path.expanduser("~/.cache/mmdc")) / "models"
-    return str(ensure_tiny_models(cache, world_corpus(), seed=0)["student"])
 
 
 @pytest.fixture
