@@ -140,6 +140,7 @@ def filter_by_clip_score(pairs: list[dict], cfg: ClipFilterConfig,
                          max_image_pixels: int = DEFAULT_MAX_PIXELS) -> ClipFilterResult:
     """Score ``{id, image, caption}`` pairs (absolute image paths) with Ray Data and keep those >= threshold."""
     import pyarrow as pa
+    import ray
 
     from mmdc.data.pipelines import dataset_from_table
 
@@ -152,7 +153,7 @@ def filter_by_clip_score(pairs: list[dict], cfg: ClipFilterConfig,
         ClipScorer,
         fn_constructor_kwargs={"model": cfg.model, "pretrained": cfg.pretrained, "model_config": cfg.model_config,
                                "max_image_pixels": max_image_pixels, "use_gpu": cfg.num_gpus > 0},
-        batch_size=cfg.batch_size, batch_format="pandas", concurrency=cfg.concurrency,
+        batch_size=cfg.batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
     )
     scored = ds.to_pandas().sort_values("_order").drop(columns="_order").reset_index(drop=True)

@@ -246,6 +246,8 @@ def run_stages(table: pa.Table, stages: list[StageSpec], out_dir: str | Path, cf
     only for pipelines that start from a datasource read, and its filter actors want CPUs that the
     engine replicas hold on a small machine; our pools start from ``from_blocks``.
     """
+    import ray
+
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     done, table = resume_partial(tmp, table, id_column)
@@ -257,7 +259,8 @@ def run_stages(table: pa.Table, stages: list[StageSpec], out_dir: str | Path, cf
         ds = dataset_from_table(table, cfg.concurrency * cfg.blocks_per_client)
         for spec in stages:
             ds = ds.map_batches(spec.cls, fn_constructor_kwargs=spec.kwargs, batch_size=cfg.batch_size,
-                                batch_format="pandas", concurrency=cfg.concurrency, num_cpus=0)
+                                batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+                                num_cpus=0)
         ds.write_parquet(str(tmp), ray_remote_args={"num_cpus": 0})
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
