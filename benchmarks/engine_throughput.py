@@ -1,6 +1,6 @@
 """Teach-phase throughput: Ray Data + Serve engines against one process, replicas, and pool size.
 
-    MMDC_CACHE=.mmdc_cache OMP_NUM_THREADS=1 nice -n 10 python benchmarks/engine_throughput.py \\
+    MMDC_CACHE=.mmdc_cache OMP_NUM_THREADS=1 python benchmarks/engine_throughput.py \\
         --out benchmarks/results/engine_throughput.md
 
 One run, one machine, one model (the tiny student: the cheapest forward pass, so pipeline overhead
@@ -129,7 +129,7 @@ def machine() -> str:
                 if line.startswith("model name")), platform.processor())
     load = os.getloadavg()
     return (f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}; "
-            f"load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (shared machine)")
+            f"load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
 
 
 def main() -> int:
@@ -194,7 +194,7 @@ def write_report(out: Path, load: str, sizes, single, tokens, ray_init_s, cases,
     lines = [
         "# Engine throughput: the teach phase through Ray Data + Serve",
         "",
-        f"Command: `MMDC_CACHE=.mmdc_cache OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/engine_throughput.py"
+        f"Command: `MMDC_CACHE=.mmdc_cache OMP_NUM_THREADS=1 .venv/bin/python benchmarks/engine_throughput.py"
         f" --sizes {args.sizes} --batch1-rows {args.batch1_rows}`",
         "",
         f"Machine: {load}. Ray {__import__('ray').__version__}, torch {__import__('torch').__version__}, "
