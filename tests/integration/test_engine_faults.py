@@ -57,8 +57,10 @@ def test_a_replica_killed_mid_phase_loses_and_repeats_no_row(ray_cluster, tmp_pa
 
     def phase():
         try:
-            result["table"] = run_stages(table, [spec], out_dir, PipelineConfig(batch_size=16, concurrency=2,
-                                                                                 blocks_per_client=5))
+            # 64-row batches sent as four 16-row requests each: the replica always has requests queued
+            # (max_ongoing_requests=4), so the kill below cannot fall into a gap between requests.
+            result["table"] = run_stages(table, [spec], out_dir, PipelineConfig(batch_size=64, concurrency=2,
+                                                                                 blocks_per_client=2))
         except BaseException as err:  # noqa: BLE001 - reported by the test thread
             result["error"] = err
 
