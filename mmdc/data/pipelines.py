@@ -240,11 +240,11 @@ def run_stages(table: pa.Table, stages: list[StageSpec], out_dir: str | Path, cf
 
     The output is written into ``<out_dir>.tmp`` and renamed into place only when complete, so a
     crash never leaves a half-written phase output that looks finished. Row-level resume: each
-    finished block lands in ``<out_dir>.tmp`` as its own Parquet file (``write_blocks``), so when a phase is run again
-    after a crash, the rows of every complete file there are kept and only the others are sent to
-    the engines (``resume_partial``). Ray Data's own ``ray.data.checkpoint`` does the same, but
-    only for pipelines that start from a datasource read, and its filter actors want CPUs that the
-    engine replicas hold on a small machine; our pools start from ``from_blocks``.
+    finished block lands in ``<out_dir>.tmp`` as its own Parquet file (``write_blocks``), so when a
+    phase is run again after a crash, the rows of every complete file there are kept and only the
+    others are sent to the engines (``resume_partial``). Ray Data's own ``ray.data.checkpoint``
+    does the same, but only for pipelines that start from a datasource read, and its filter actors
+    want CPUs that the engine replicas hold on a small machine; our pools start from ``from_blocks``.
     """
     import ray
 
@@ -272,8 +272,9 @@ def write_blocks(ds: "ray.data.Dataset", folder: Path) -> None:
 
     Not ``Dataset.write_parquet``: its write tasks start fresh worker processes during the phase
     (pyarrow imports and all), which on a small machine take CPU from the engine replicas that are
-    still generating; measured on 2 cores, about 1 s of the fixed cost of every phase. Each file
-    is written under a temporary name and renamed, so a crash leaves only whole files behind.
+    still generating; measured on 2 cores, they added ~1.2 s after the last batch and made the
+    generation itself ~35% slower (benchmarks/results/engine_throughput.md). Each file is written
+    under a temporary name and renamed, so a crash leaves only whole files behind.
     """
     folder.mkdir(parents=True, exist_ok=True)
     attempt = os.urandom(4).hex()  # a resumed phase adds files beside the kept ones, never over them
