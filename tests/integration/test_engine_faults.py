@@ -19,7 +19,7 @@ from mmdc.config import EngineConfig, PipelineConfig, to_dict
 pytestmark = pytest.mark.integration
 
 APP = "faults"
-ROWS = 256
+ROWS = 1024  # long enough that the kill lands mid-phase: info() queues behind the clients' requests
 SAMPLING = {"temperature": 0.5, "max_new_tokens": 16, "retries": 0}
 
 
