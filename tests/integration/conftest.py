@@ -28,6 +28,7 @@ TINY_OVERRIDES = [
     "data.world.test_images=4",
     "align.epochs=1",
     "tune.epochs=1",
+    "pipeline.batch_size=4",  # many small batches: a phase writes its output over a window a kill can hit (test_resume)
 ]
 
 Series = tuple[str, frozenset]  # (sample name, frozenset of (label, value)) as Prometheus keys a series

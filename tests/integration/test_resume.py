@@ -48,7 +48,7 @@ def _run_and_kill(ray, args: list[str], run_dir: Path, ready, timeout_s: float =
     while not ready():
         assert thread.is_alive(), f"the run ended (rc={result.get('rc')}) before the kill point"
         assert time.monotonic() < deadline, "the kill point was never reached"
-        time.sleep(0.05)
+        time.sleep(0.01)
     state = _state(run_dir)
     ray.kill(ray.get_actor(f"mmdc-driver-{run_dir.name}"), no_restart=True)
     thread.join(timeout=120)
