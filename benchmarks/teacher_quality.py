@@ -44,13 +44,17 @@ import torch
 
 from mmdc.actors import roles
 from mmdc.actors.engines import HFGenerator
+from mmdc.config import load_config
 from mmdc.data import world
 from mmdc.data.augment import contains_answer, is_one_sentence, rouge_l_f, tokenize
 from mmdc.data.images import to_data_url
 from mmdc.train import world_teacher as wt
 
 TAU = 0.33
-SAMPLING = {"temperature": 0.5, "max_new_tokens": 24}  # configs/tiny.yaml roles.*
+# Per-role sampling exactly as the embedded default runs it (configs/tiny.yaml roles.*).
+_ROLES = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").roles
+SAMPLING = {role: {"temperature": getattr(_ROLES, role).temperature, "max_new_tokens": getattr(_ROLES, role).max_new_tokens}
+            for role in ("teacher", "referee", "augmentor")}
 
 
 def load_test_split(root: Path, test_images: int, seed: int) -> list[tuple[world.Scene, str, str, str]]:
@@ -67,11 +71,11 @@ def load_test_split(root: Path, test_images: int, seed: int) -> list[tuple[world
     return rows
 
 
-def _ask(gen: HFGenerator, messages: list[list[dict]], seed: int, batch: int = 16) -> list[str]:
+def _ask(gen: HFGenerator, role: str, messages: list[list[dict]], seed: int, batch: int = 16) -> list[str]:
     out = []
     started = time.perf_counter()
     for start in range(0, len(messages), batch):
-        reqs = [{"messages": m, **SAMPLING, "seed": seed + start + i} for i, m in enumerate(messages[start:start + batch])]
+        reqs = [{"messages": m, **SAMPLING[role], "seed": seed + start + i} for i, m in enumerate(messages[start:start + batch])]
         out.extend(r["text"] for r in gen.generate(reqs))
     print(f"  {len(messages)} requests in {time.perf_counter() - started:.0f}s", flush=True)
     return out
@@ -97,7 +101,7 @@ def measure(model_dir: str, rows: list, seed: int) -> dict:
     results: dict = {}
 
     # Teacher.
-    replies = _ask(gen, [roles.teacher_messages(q, urls[p]) for _, p, q, _ in rows], seed)
+    replies = _ask(gen, "teacher", [roles.teacher_messages(q, urls[p]) for _, p, q, _ in rows], seed)
     per_family: dict[str, list[bool]] = defaultdict(list)
     for (scene, _, q, family), reply in zip(rows, replies):
         per_family[family].append(bool(world.grade(scene, q, reply)))
@@ -118,7 +122,7 @@ def measure(model_dir: str, rows: list, seed: int) -> dict:
     for _, (scene, p, q, _), good, other, _ in pairs:
         msgs.append(roles.referee_messages(q, good, other, urls[p]))  # good first
         msgs.append(roles.referee_messages(q, other, good, urls[p]))  # good second
-    replies = _ask(gen, msgs, seed + 100_000)
+    replies = _ask(gen, "referee", msgs, seed + 100_000)
     parsed = []
     for reply in replies:
         try:
@@ -156,7 +160,7 @@ def measure(model_dir: str, rows: list, seed: int) -> dict:
     results["referee_examples"] = replies[:4]
 
     # Augmentor.
-    replies = _ask(gen, [roles.augmentor_messages(q, urls[p]) for _, p, q, _ in rows], seed + 200_000)
+    replies = _ask(gen, "augmentor", [roles.augmentor_messages(q, urls[p]) for _, p, q, _ in rows], seed + 200_000)
     aug = defaultdict(int)
     for (scene, _, q, family), reply in zip(rows, replies):
         new = roles.parse_augmentor(reply)
@@ -179,7 +183,7 @@ def measure(model_dir: str, rows: list, seed: int) -> dict:
     # Latency: 16 referee requests, one thread, as the engine runs in the embedded default.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    batch = [{"messages": m, **SAMPLING, "seed": i} for i, m in enumerate(msgs[:16])]
+    batch = [{"messages": m, **SAMPLING["referee"], "seed": i} for i, m in enumerate(msgs[:16])]
     gen.generate(batch)  # warm-up
     times = []
     for _ in range(3):
@@ -206,7 +210,7 @@ def report(results: dict, args: argparse.Namespace, model_dir: str, build: dict 
         f"builder version {(build or {}).get('builder_version', '?')}, build time {(build or {}).get('build_seconds', '?')} s; "
         f"stage 1 (vision first) {(build or {}).get('stage1') or 'none'}; final training losses {(build or {}).get('final_losses', '?')}.",
         f"Test split: world seed {args.world_seed}, {args.test_images} held-out images, {results['n_questions']} questions; "
-        f"sampling temperature {SAMPLING['temperature']}, max_new_tokens {SAMPLING['max_new_tokens']} (configs/tiny.yaml). "
+        f"sampling per role (configs/tiny.yaml): {SAMPLING}. "
         f"Measurement took {wall_s:.0f} s.",
         "",
         "## Teacher accuracy per family (world.grade)",
@@ -260,7 +264,11 @@ def main() -> int:
     parser.add_argument("--test-images", type=int, default=60)
     parser.add_argument("--out", default="benchmarks/results/teacher_quality.md")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--referee-max-new-tokens", type=int, default=None,
+                        help="override configs/tiny.yaml's referee cap (a referee that reasons before scoring)")
     args = parser.parse_args()
+    if args.referee_max_new_tokens is not None:
+        SAMPLING["referee"]["max_new_tokens"] = args.referee_max_new_tokens
 
     torch.set_num_threads(2)
     model_dir = args.model or wt.ensure_world_teacher(args.cache, schedule=args.schedule, seed=args.seed,
