@@ -1,10 +1,10 @@
-"""Where a teach phase's time goes: driver-side wall time against timestamps taken inside the client actors.
+"""Where a teach phase's time goes: driver-side wall time against timestamps taken inside the stage tasks.
 
     MMDC_CACHE=.mmdc_cache OMP_NUM_THREADS=1 .venv/bin/python benchmarks/phase_breakdown.py [--sizes 2000,32,32,2000,2000]
 
 For each phase (2 replicas, per-batch requests, 2 clients x 64 rows, as in engine_throughput.py):
-when the client actors' constructors start and how long they take (actor start, imports, the Serve
-handle), when the first batch starts, when the last batch ends, and the wall time of the whole
+when the stage constructors start and how long they take (imports, the Serve handle; "none" when every
+task found its stage from an earlier phase in its worker process), when the first batch starts, when the last batch ends, and the wall time of the whole
 ``run_stages`` call; what lies after the last batch is output writing and the folder rename. The
 first phase of a Ray session also pays one-time warm-up. This is the probe behind the "where the
 fixed cost went" section of results/engine_throughput.md.
@@ -73,7 +73,7 @@ def main() -> int:
     events = work / "events.jsonl"
     spec = StageSpec(TimedTeacher, {"events": str(events), "app_name": "bench", "deployment": deployment_name(model),
                                     "sampling": SAMPLING, "run_seed": 0, "image_root": image_root, "timeout_s": 600,
-                                    "engine": to_dict(engine)})
+                                    "engine": to_dict(engine)}, scope="bench")  # as the driver: a scope per run
     print("| phase | rows | wall s | constructors start | constructor s | first batch | last batch ends | after it |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for k, n in enumerate(sizes):
@@ -86,8 +86,10 @@ def main() -> int:
         ctor = [e for e in ev if e["ev"] == "ctor"]
         batches = [e for e in ev if e["ev"] == "batch"]
         last = max(e["end"] for e in batches) - start
-        print(f"| {k + 1} | {n} | {wall:.2f} | +{min(e['start'] for e in ctor) - start:.2f} "
-              f"| {max(e['end'] - e['start'] for e in ctor):.2f} | +{min(e['start'] for e in batches) - start:.2f} "
+        ctor_start = f"+{min(e['start'] for e in ctor) - start:.2f}" if ctor else "none"  # stages kept from before
+        ctor_s = f"{max(e['end'] - e['start'] for e in ctor):.2f}" if ctor else "-"
+        print(f"| {k + 1} | {n} | {wall:.2f} | {ctor_start} "
+              f"| {ctor_s} | +{min(e['start'] for e in batches) - start:.2f} "
               f"| +{last:.2f} | {wall - last:.2f} |", flush=True)
     serve.shutdown()
     ray.shutdown()

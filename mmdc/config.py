@@ -125,8 +125,8 @@ class EngineConfig:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # vllm only: extra vLLM engine args (win over the above)
     base_url: str | None = None  # openai only: the endpoint, e.g. http://127.0.0.1:8000/v1
     api_key_env: str | None = "OPENAI_API_KEY"  # openai only: environment variable holding the key (null: none)
-    max_concurrency: int = 8  # openai only: requests in flight per Ray Data client actor
-    requests_per_s: float | None = None  # openai only: request starts per second per client actor (null: no limit)
+    max_concurrency: int = 8  # openai only: requests in flight per Ray Data client (one per task in flight)
+    requests_per_s: float | None = None  # openai only: request starts per second per client (null: no limit)
 
 
 def validate_engine(where: str, e: EngineConfig) -> None:
@@ -219,7 +219,7 @@ class TrainConfig:
 @dataclass
 class PipelineConfig:
     batch_size: int = 16  # rows per Serve request (one request carries a whole batch)
-    concurrency: int = 2  # Ray Data client actors per role stage
+    concurrency: int = 2  # Ray Data client tasks in flight per role stage
     blocks_per_client: int = 4  # read the pool into concurrency x this many blocks
 
 

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import shutil
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -65,6 +66,7 @@ class Driver:
         if forced:
             self.state.setdefault("forced_changes", []).append({"time": time.time(), "keys": forced})
         self.deployed: dict[str, str] = {}  # engine name -> model path it serves now
+        self.stage_scope = f"run-{uuid.uuid4().hex}"  # this run's Ray Data stage workers (pipelines.StageSpec.scope)
         self.models: dict[str, str] = {}  # engine name -> model path it should serve (teacher, current student)
         data = self.state.get("data", {})
         self.image_root: str | None = data.get("image_root")
@@ -477,7 +479,8 @@ class Driver:
                                "sampling": to_dict(sampling), "run_seed": self.cfg.run.seed,
                                "image_root": self.image_root,
                                "timeout_s": self.cfg.engines[engine].request_timeout_s,
-                               "engine": to_dict(self.cfg.engines[engine])})
+                               "engine": to_dict(self.cfg.engines[engine])},
+                         scope=self.stage_scope)
 
     def deploy(self, engine: str) -> None:
         """Make ``engine`` serve its current model (no-op when it already does)."""

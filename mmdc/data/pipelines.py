@@ -3,8 +3,15 @@
 Each stage is a callable class (Ray's LLM-library habit): the engine client is made once in
 ``__init__`` (``mmdc.actors.engines.make_client``: a Serve handle per batch or per row for hf and
 vllm, HTTP for an OpenAI-compatible endpoint), ``__call__`` turns a pandas batch into requests,
-parses the replies, and adds columns. The client actors ask for no CPU: on a small machine the
-engine replicas hold the cores, and a client that waited for a CPU would deadlock them.
+parses the replies, and adds columns.
+
+Stages run as Ray Data *tasks* (``TaskPoolStrategy``), not as a per-phase actor pool: each task
+finds its stage object in its worker process (``run_stage``) or makes it once, and Ray keeps
+worker processes alive between tasks. A per-phase actor pool starts fresh actor processes in every
+phase (~1.1-1.5 s before the first batch on 2 cores, every phase, for a few seconds of work on a
+small pool); with tasks the first batch starts ~0.03 s into a warm phase
+(benchmarks/results/engine_throughput.md). The tasks ask for no CPU: on a small machine the engine
+replicas hold the cores, and a client that waited for a CPU would deadlock them.
 
 Faults: rows whose request failed transiently (a replica died or restarted, a timeout, HTTP
 429/5xx) are sent again with backoff, with the same seeds, until ``max_retries`` is spent; only
@@ -17,6 +24,8 @@ every row has its reply, so a phase output never loses or repeats a row.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -32,6 +41,8 @@ from mmdc.config import EngineConfig, PipelineConfig, SamplingConfig
 
 if TYPE_CHECKING:
     import ray
+
+log = logging.getLogger("mmdc.pipelines")
 
 
 def row_seed(run_seed: int, role: str, instruction_id: str, attempt: int = 0) -> int:
@@ -210,10 +221,57 @@ class AugmentorStage(ServeStage):
 
 @dataclass
 class StageSpec:
-    """One map_batches stage: the class and its constructor kwargs."""
+    """One map_batches stage: the class, its constructor kwargs, and the scope its worker processes belong to.
+
+    Stage objects are kept in Ray's worker processes between tasks (``run_stage``). A non-empty
+    ``scope`` gives the stage tasks their own worker processes (an environment variable in their
+    runtime env, so Ray never hands them a worker of another scope): the driver uses one scope
+    per run, so a run never meets Serve clients cached by an earlier run in the same job, whose
+    Serve instance may be gone. Callers that restart Serve within one job should do the same.
+    """
 
     cls: type
     kwargs: dict[str, Any] = field(default_factory=dict)
+    scope: str = ""
+
+
+# Stage objects made in this worker process, by (class, constructor kwargs, scope); see ``run_stage``.
+_STAGES: dict[tuple[str, str, str, str], Any] = {}
+_MAX_STAGES = 32  # a run makes a handful per deployment; the bound only keeps a long-lived worker from growing
+
+
+def _stage_key(cls: type, kwargs: dict[str, Any], scope: str) -> tuple[str, str, str, str]:
+    return cls.__module__, cls.__qualname__, json.dumps(kwargs, sort_keys=True, default=str), scope
+
+
+def run_stage(batch: pd.DataFrame, cls: type, kwargs: dict[str, Any], scope: str = "") -> pd.DataFrame:
+    """A Ray Data task's body: one batch through this worker process's ``cls(**kwargs)`` stage.
+
+    Ray reuses worker processes between tasks, so a stage object, with its engine client (a Serve
+    handle, an HTTP session) and its image cache, outlives one block and one phase: it is made
+    once per process and key (the class, its kwargs as canonical JSON, and the scope). A Serve
+    handle stays valid when its app is deleted and deployed again, but not when Serve itself is
+    shut down and started again; ``StageSpec.scope`` keeps those apart. A stage whose call fails
+    is dropped, never kept; when it was a kept one, the batch is tried once more with a new stage
+    (the rows' seeds are fixed, so the retry asks for the same samples).
+    """
+    key = _stage_key(cls, kwargs, scope)
+    kept = _STAGES.pop(key, None)
+    if kept is not None:
+        try:
+            out = kept(batch)
+        except Exception as err:  # noqa: BLE001 - any failure: retry once below with a new client
+            log.warning("%s: a kept stage failed (%s: %s); retrying the batch with a new one",
+                           cls.__name__, type(err).__name__, err)
+        else:
+            _STAGES[key] = kept
+            return out
+    stage = cls(**kwargs)
+    out = stage(batch)  # raises: the stage is not kept
+    if len(_STAGES) >= _MAX_STAGES:
+        _STAGES.clear()
+    _STAGES[key] = stage
+    return out
 
 
 def dataset_from_table(table: pa.Table, num_blocks: int) -> "ray.data.Dataset":
@@ -258,9 +316,10 @@ def run_stages(table: pa.Table, stages: list[StageSpec], out_dir: str | Path, cf
     else:
         ds = dataset_from_table(table, cfg.concurrency * cfg.blocks_per_client)
         for spec in stages:
-            ds = ds.map_batches(spec.cls, fn_constructor_kwargs=spec.kwargs, batch_size=cfg.batch_size,
-                                batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-                                num_cpus=0)
+            scoped = {"runtime_env": {"env_vars": {"MMDC_STAGE_SCOPE": spec.scope}}} if spec.scope else {}
+            ds = ds.map_batches(run_stage, fn_kwargs={"cls": spec.cls, "kwargs": spec.kwargs, "scope": spec.scope},
+                                batch_size=cfg.batch_size, batch_format="pandas",
+                                compute=ray.data.TaskPoolStrategy(size=cfg.concurrency), num_cpus=0, **scoped)
         write_blocks(ds, tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)

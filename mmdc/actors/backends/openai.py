@@ -1,14 +1,14 @@
 """The openai backend: any OpenAI-compatible chat-completions endpoint, reached over HTTP.
 
-Nothing is deployed: Ray Data client actors POST ``{base_url}/chat/completions`` themselves
+Nothing is deployed: the Ray Data stage tasks POST ``{base_url}/chat/completions`` themselves
 (stdlib ``urllib``, no SDK), e.g. for a GPT-4-class judge or a vLLM server someone else runs.
 Each client keeps at most ``max_concurrency`` requests in flight and starts at most
-``requests_per_s`` per second (both per client actor: the endpoint sees pipeline.concurrency
-times that). Errors come back per row; the stage retries 408/429/5xx, timeouts and refused
+``requests_per_s`` per second (both per client, one per stage task in flight: the endpoint sees
+pipeline.concurrency times that). Errors come back per row; the stage retries 408/429/5xx, timeouts and refused
 connections with backoff (honouring ``Retry-After``) and fails at once on other 4xx replies.
 
-The API key is read from the environment variable named by ``api_key_env`` in the client actor's
-process, so on a cluster pass it with the job (``ray job submit --runtime-env-json
+The API key is read from the environment variable named by ``api_key_env`` in the stage task's
+worker process, so on a cluster pass it with the job (``ray job submit --runtime-env-json
 '{"env_vars": {"OPENAI_API_KEY": "..."}}'``); an unset variable sends no Authorization header.
 
 ``chat_body`` / ``parse_chat_completion`` translate our protocol to OpenAI's and back; the vllm

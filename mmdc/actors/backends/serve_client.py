@@ -26,7 +26,7 @@ class ServeBatchClient:
 
     With a Ray Data batch of several engine batches (pipeline.batch_size a multiple of the engine's
     max_batch_size), Serve's router spreads one client's chunks over the replicas and each replica
-    has its next batch queued while it computes this one, so fewer client actors keep more
+    has its next batch queued while it computes this one, so fewer clients keep more
     replicas busy. A failed chunk fails only its own rows.
     """
 

@@ -1,0 +1,77 @@
+"""Stage objects live on in the worker process between Ray Data tasks (pipelines.run_stage)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from mmdc.data import pipelines
+
+BATCH = pd.DataFrame({"x": [1, 2]})
+
+
+class CountingStage:
+    """Records every construction; fails while ``broken`` holds its tag (a client pointing at a dead engine)."""
+
+    made: list[dict] = []
+    broken: set[str] = set()
+
+    def __init__(self, **kwargs):
+        CountingStage.made.append(kwargs)
+        self.kwargs = kwargs
+        self.calls = 0
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        self.calls += 1
+        if self.kwargs["tag"] in CountingStage.broken and self.calls > self.kwargs.get("works_for", 0):
+            raise RuntimeError("DeploymentUnavailableError")
+        return batch.assign(tag=self.kwargs["tag"])
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(monkeypatch):
+    monkeypatch.setattr(pipelines, "_STAGES", {})
+    CountingStage.made = []
+    CountingStage.broken = set()
+
+
+def test_same_kwargs_and_scope_reuse_one_stage_across_tasks():
+    for _ in range(3):
+        out = pipelines.run_stage(BATCH, CountingStage, {"tag": "a", "sampling": {"temperature": 0.5}}, "teacher:1")
+    assert list(out["tag"]) == ["a", "a"]
+    assert len(CountingStage.made) == 1
+
+
+def test_other_kwargs_or_scope_get_their_own_stage_and_key_order_does_not_matter():
+    pipelines.run_stage(BATCH, CountingStage, {"tag": "a", "seed": 1}, "s1")
+    pipelines.run_stage(BATCH, CountingStage, {"seed": 1, "tag": "a"}, "s1")
+    assert len(CountingStage.made) == 1
+    pipelines.run_stage(BATCH, CountingStage, {"tag": "a", "seed": 2}, "s1")
+    pipelines.run_stage(BATCH, CountingStage, {"tag": "a", "seed": 1}, "s2")  # the engine was deployed again
+    assert len(CountingStage.made) == 3
+
+
+def test_a_kept_stage_that_fails_is_replaced_and_the_batch_retried_once():
+    pipelines.run_stage(BATCH, CountingStage, {"tag": "a", "works_for": 1})
+    CountingStage.broken = {"a"}  # the kept client now fails; a new one (calls reset) works once
+    out = pipelines.run_stage(BATCH, CountingStage, {"tag": "a", "works_for": 1})
+    assert list(out["tag"]) == ["a", "a"]
+    assert len(CountingStage.made) == 2
+
+
+def test_a_new_stage_that_fails_raises_and_is_not_kept():
+    CountingStage.broken = {"b"}
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            pipelines.run_stage(BATCH, CountingStage, {"tag": "b"})
+    assert len(CountingStage.made) == 2  # no retry loop for a fresh stage, and nothing kept
+    assert pipelines._STAGES == {}
+
+
+def test_the_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(pipelines, "_MAX_STAGES", 3)
+    for i in range(7):
+        pipelines.run_stage(BATCH, CountingStage, {"tag": str(i)})
+    assert len(pipelines._STAGES) <= 3
+    pipelines.run_stage(BATCH, CountingStage, {"tag": "6"})
+    assert len(CountingStage.made) == 7  # the newest survived the clear
