@@ -262,7 +262,7 @@ def run_stage(batch: pd.DataFrame, cls: type, kwargs: dict[str, Any], scope: str
             out = kept(batch)
         except Exception as err:  # noqa: BLE001 - any failure: retry once below with a new client
             log.warning("%s: a kept stage failed (%s: %s); retrying the batch with a new one",
-                           cls.__name__, type(err).__name__, err)
+                        cls.__name__, type(err).__name__, err)
         else:
             _STAGES[key] = kept
             return out
