@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 from ray import serve
-from ray.exceptions import ActorDiedError
 
 from mmdc.actors.backends.hf import HFEngine, HFGenerator, build_hf_app
 from mmdc.actors.backends.openai import OpenAIChatClient
@@ -91,27 +90,10 @@ def make_client(engine: EngineConfig, app_name: str, deployment: str, timeout_s:
         return OpenAIChatClient.from_env(engine.base_url or "", engine.model_name or "",
                                          timeout_s, engine.api_key_env, max_concurrency=engine.max_concurrency,
                                          requests_per_s=engine.requests_per_s)
-    handle = _deployment_handle(deployment, app_name)
+    handle = serve.get_deployment_handle(deployment, app_name=app_name)
     if engine.request_mode == "row":
         return ServeRowClient(handle, timeout_s)
     return ServeBatchClient(handle, timeout_s, chunk_size=engine.max_batch_size)
-
-
-def _deployment_handle(deployment: str, app_name: str):
-    """``serve.get_deployment_handle``, through a fresh Serve client when the process's cached one is dead.
-
-    Serve caches its controller client per process and job. Ray Data's stage tasks run in worker
-    processes that Ray keeps between tasks (``pipelines.run_stage``), so a process can outlive the
-    Serve instance whose client it cached (Serve shut down and started again in the same job, as
-    between two runs in one session); the cached client then fails with ``ActorDiedError``.
-    """
-    try:
-        return serve.get_deployment_handle(deployment, app_name=app_name)
-    except ActorDiedError:
-        from ray.serve import context
-
-        context._disconnect()  # forget the dead controller; the next call finds the live one by name
-        return serve.get_deployment_handle(deployment, app_name=app_name)
 
 
 def retry_policy(engine: EngineConfig) -> RetryPolicy:

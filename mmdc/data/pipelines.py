@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +42,6 @@ from mmdc.config import EngineConfig, PipelineConfig, SamplingConfig
 if TYPE_CHECKING:
     import ray
 
-log = logging.getLogger("mmdc.pipelines")
 
 
 def row_seed(run_seed: int, role: str, instruction_id: str, attempt: int = 0) -> int:
@@ -223,16 +222,18 @@ class AugmentorStage(ServeStage):
 class StageSpec:
     """One map_batches stage: the class, its constructor kwargs, and the scope its worker processes belong to.
 
-    Stage objects are kept in Ray's worker processes between tasks (``run_stage``). A non-empty
-    ``scope`` gives the stage tasks their own worker processes (an environment variable in their
-    runtime env, so Ray never hands them a worker of another scope): the driver uses one scope
-    per run, so a run never meets Serve clients cached by an earlier run in the same job, whose
-    Serve instance may be gone. Callers that restart Serve within one job should do the same.
+    Stage objects are kept in Ray's worker processes between tasks (``run_stage``), and a scope
+    gives its stage tasks worker processes of their own (an environment variable in their runtime
+    env, so Ray never hands them a worker of another scope). Serve clients cached in a process
+    stay valid while Serve runs (a handle survives its app being deleted and deployed again) but
+    not across a Serve restart, so a scope must not outlive the Serve instance it talks to. By
+    default every spec has its own scope (safe, but its first phase starts worker processes);
+    the driver passes one scope per run, so all of a run's phases share warm workers.
     """
 
     cls: type
     kwargs: dict[str, Any] = field(default_factory=dict)
-    scope: str = ""
+    scope: str = field(default_factory=lambda: f"stage-{uuid.uuid4().hex}")
 
 
 # Stage objects made in this worker process, by (class, constructor kwargs, scope); see ``run_stage``.
@@ -244,29 +245,18 @@ def _stage_key(cls: type, kwargs: dict[str, Any], scope: str) -> tuple[str, str,
     return cls.__module__, cls.__qualname__, json.dumps(kwargs, sort_keys=True, default=str), scope
 
 
-def run_stage(batch: pd.DataFrame, cls: type, kwargs: dict[str, Any], scope: str = "") -> pd.DataFrame:
+def run_stage(batch: pd.DataFrame, cls: type, kwargs: dict[str, Any], scope: str) -> pd.DataFrame:
     """A Ray Data task's body: one batch through this worker process's ``cls(**kwargs)`` stage.
 
     Ray reuses worker processes between tasks, so a stage object, with its engine client (a Serve
     handle, an HTTP session) and its image cache, outlives one block and one phase: it is made
-    once per process and key (the class, its kwargs as canonical JSON, and the scope). A Serve
-    handle stays valid when its app is deleted and deployed again, but not when Serve itself is
-    shut down and started again; ``StageSpec.scope`` keeps those apart. A stage whose call fails
-    is dropped, never kept; when it was a kept one, the batch is tried once more with a new stage
-    (the rows' seeds are fixed, so the retry asks for the same samples).
+    once per process and key (the class, its kwargs as canonical JSON, and the scope; see
+    ``StageSpec``). A stage whose call raises is dropped, so the next task makes a new one.
     """
     key = _stage_key(cls, kwargs, scope)
-    kept = _STAGES.pop(key, None)
-    if kept is not None:
-        try:
-            out = kept(batch)
-        except Exception as err:  # noqa: BLE001 - any failure: retry once below with a new client
-            log.warning("%s: a kept stage failed (%s: %s); retrying the batch with a new one",
-                        cls.__name__, type(err).__name__, err)
-        else:
-            _STAGES[key] = kept
-            return out
-    stage = cls(**kwargs)
+    stage = _STAGES.pop(key, None)
+    if stage is None:
+        stage = cls(**kwargs)
     out = stage(batch)  # raises: the stage is not kept
     if len(_STAGES) >= _MAX_STAGES:
         _STAGES.clear()
@@ -316,10 +306,10 @@ def run_stages(table: pa.Table, stages: list[StageSpec], out_dir: str | Path, cf
     else:
         ds = dataset_from_table(table, cfg.concurrency * cfg.blocks_per_client)
         for spec in stages:
-            scoped = {"runtime_env": {"env_vars": {"MMDC_STAGE_SCOPE": spec.scope}}} if spec.scope else {}
             ds = ds.map_batches(run_stage, fn_kwargs={"cls": spec.cls, "kwargs": spec.kwargs, "scope": spec.scope},
                                 batch_size=cfg.batch_size, batch_format="pandas",
-                                compute=ray.data.TaskPoolStrategy(size=cfg.concurrency), num_cpus=0, **scoped)
+                                compute=ray.data.TaskPoolStrategy(size=cfg.concurrency), num_cpus=0,
+                                runtime_env={"env_vars": {"MMDC_STAGE_SCOPE": spec.scope}})
         write_blocks(ds, tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)

@@ -11,7 +11,7 @@ BATCH = pd.DataFrame({"x": [1, 2]})
 
 
 class CountingStage:
-    """Records every construction; fails while ``broken`` holds its tag (a client pointing at a dead engine)."""
+    """Records every construction; fails while its tag is in ``broken`` (a client pointing at a dead engine)."""
 
     made: list[dict] = []
     broken: set[str] = set()
@@ -19,13 +19,13 @@ class CountingStage:
     def __init__(self, **kwargs):
         CountingStage.made.append(kwargs)
         self.kwargs = kwargs
-        self.calls = 0
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        self.calls += 1
-        if self.kwargs["tag"] in CountingStage.broken and self.calls > self.kwargs.get("works_for", 0):
+        if self.kwargs["tag"] in CountingStage.broken:
             raise RuntimeError("DeploymentUnavailableError")
         return batch.assign(tag=self.kwargs["tag"])
+
+
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +37,7 @@ def fresh_cache(monkeypatch):
 
 def test_same_kwargs_and_scope_reuse_one_stage_across_tasks():
     for _ in range(3):
-        out = pipelines.run_stage(BATCH, CountingStage, {"tag": "a", "sampling": {"temperature": 0.5}}, "teacher:1")
+        out = pipelines.run_stage(BATCH, CountingStage, {"tag": "a", "sampling": {"temperature": 0.5}}, "run-1")
     assert list(out["tag"]) == ["a", "a"]
     assert len(CountingStage.made) == 1
 
@@ -47,31 +47,31 @@ def test_other_kwargs_or_scope_get_their_own_stage_and_key_order_does_not_matter
     pipelines.run_stage(BATCH, CountingStage, {"seed": 1, "tag": "a"}, "s1")
     assert len(CountingStage.made) == 1
     pipelines.run_stage(BATCH, CountingStage, {"tag": "a", "seed": 2}, "s1")
-    pipelines.run_stage(BATCH, CountingStage, {"tag": "a", "seed": 1}, "s2")  # the engine was deployed again
+    pipelines.run_stage(BATCH, CountingStage, {"tag": "a", "seed": 1}, "s2")  # another run
     assert len(CountingStage.made) == 3
 
 
-def test_a_kept_stage_that_fails_is_replaced_and_the_batch_retried_once():
-    pipelines.run_stage(BATCH, CountingStage, {"tag": "a", "works_for": 1})
-    CountingStage.broken = {"a"}  # the kept client now fails; a new one (calls reset) works once
-    out = pipelines.run_stage(BATCH, CountingStage, {"tag": "a", "works_for": 1})
+def test_a_stage_that_fails_is_dropped_and_the_next_task_makes_a_new_one():
+    pipelines.run_stage(BATCH, CountingStage, {"tag": "a"}, "s")
+    CountingStage.broken = {"a"}
+    with pytest.raises(RuntimeError):
+        pipelines.run_stage(BATCH, CountingStage, {"tag": "a"}, "s")
+    assert pipelines._STAGES == {}
+    CountingStage.broken = set()
+    out = pipelines.run_stage(BATCH, CountingStage, {"tag": "a"}, "s")
     assert list(out["tag"]) == ["a", "a"]
     assert len(CountingStage.made) == 2
-
-
-def test_a_new_stage_that_fails_raises_and_is_not_kept():
-    CountingStage.broken = {"b"}
-    for _ in range(2):
-        with pytest.raises(RuntimeError):
-            pipelines.run_stage(BATCH, CountingStage, {"tag": "b"})
-    assert len(CountingStage.made) == 2  # no retry loop for a fresh stage, and nothing kept
-    assert pipelines._STAGES == {}
 
 
 def test_the_cache_is_bounded(monkeypatch):
     monkeypatch.setattr(pipelines, "_MAX_STAGES", 3)
     for i in range(7):
-        pipelines.run_stage(BATCH, CountingStage, {"tag": str(i)})
+        pipelines.run_stage(BATCH, CountingStage, {"tag": str(i)}, "s")
     assert len(pipelines._STAGES) <= 3
-    pipelines.run_stage(BATCH, CountingStage, {"tag": "6"})
+    pipelines.run_stage(BATCH, CountingStage, {"tag": "6"}, "s")
     assert len(CountingStage.made) == 7  # the newest survived the clear
+
+
+def test_every_spec_has_its_own_scope_unless_given_one():
+    assert pipelines.StageSpec(CountingStage).scope != pipelines.StageSpec(CountingStage).scope
+    assert pipelines.StageSpec(CountingStage, {}, scope="run-1").scope == "run-1"
