@@ -113,7 +113,7 @@ def serve_phase(case: ServeCase, model: str, table: pa.Table, image_root: str, w
             ids = result.column("instruction_id").to_pylist()
             assert sorted(ids) == sorted(table.slice(0, n).column("instruction_id").to_pylist()), "rows lost or repeated"
             out["tokens"][n] = sum(result.column("teacher_tokens").to_pylist())
-        out.setdefault("first_phase_s", walls[0])  # the deployment's first phase: stage workers start
+        out.setdefault("first_phase_s", walls[0])  # new stage objects (the first case: new stage workers too)
         out["walls"][n] = statistics.median(walls)
         print(f"  {case.label}: {n} rows in {' / '.join(f'{w:.1f}' for w in walls)} s", flush=True)
     start = time.perf_counter()

@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     import ray
 
 
-
 def row_seed(run_seed: int, role: str, instruction_id: str, attempt: int = 0) -> int:
     """Per-row sampling seed: stable across batching, iterations and resumes."""
     digest = hashlib.sha256(f"{run_seed}:{role}:{instruction_id}:{attempt}".encode()).hexdigest()
