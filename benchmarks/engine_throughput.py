@@ -10,7 +10,8 @@ to the single-process batched loop measured in the same run, because absolute ro
 
 (a) rows/s of the teach stage through Ray Data + Serve, vs. HFGenerator in this process one prompt
     at a time (batch 1), and vs. the same batching (16) in this process;
-(b) 1 vs. 2 engine replicas (1 CPU each) on 2 cores, and per-batch vs. per-row requests;
+(b) 1 vs. 2 engine replicas (1 CPU each) on 2 cores, and request shape: one request per Ray Data
+    batch of 128, 64 or 16 rows from 2 or 4 clients, or one request per row;
 (c) phase wall time as the pool grows (250 .. 2000 rows), fit as fixed + per-row cost, with Ray
     start-up and engine deployment reported apart.
 """
@@ -44,7 +45,7 @@ class ServeCase:
     replicas: int
     request_mode: str
     clients: int  # Ray Data client tasks in flight
-    batch: int  # rows per Ray Data batch (each client sends it as max_batch_size chunks, all in flight)
+    batch: int  # rows per Ray Data batch: one Serve request (per batch) or one per row
     sizes: list[int]
 
 
@@ -180,7 +181,9 @@ def main() -> int:
     ray_init_s = time.perf_counter() - start
     DataContext.get_current().enable_progress_bars = False
     cases = [ServeCase("2 replicas, per batch, 2 clients x 64 rows", 2, "batch", 2, 64, sizes),
+             ServeCase("2 replicas, per batch, 2 clients x 128 rows", 2, "batch", 2, 128, [rows]),
              ServeCase("2 replicas, per batch, 2 clients x 16 rows", 2, "batch", 2, 16, [rows]),
+             ServeCase("2 replicas, per batch, 4 clients x 16 rows", 2, "batch", 4, 16, [rows]),
              ServeCase("2 replicas, per row, 2 clients x 64 rows", 2, "row", 2, 64, [rows]),
              ServeCase("1 replica, per batch, 1 client x 64 rows", 1, "batch", 1, 64, [rows])]
     results = {}

@@ -14,6 +14,7 @@ the tiny preset overrides what must change to run in minutes on a CPU.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import types
 import typing
@@ -219,7 +220,7 @@ class TrainConfig:
 @dataclass
 class PipelineConfig:
     batch_size: int = 16  # rows per Serve request (one request carries a whole batch)
-    concurrency: int = 2  # Ray Data client tasks in flight per role stage
+    concurrency: int = 2  # Ray Data client tasks in flight per role stage; >= an hf engine's replicas
     blocks_per_client: int = 4  # read the pool into concurrency x this many blocks
 
 
@@ -458,6 +459,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"engines.{name} is required")
     for name, engine in cfg.engines.items():
         validate_engine(f"engines.{name}", engine)
+        if engine.backend == "hf" and engine.request_mode == "batch" and engine.replicas > cfg.pipeline.concurrency:
+            # Not an error: the run works, but each replica takes one client's batch at a time.
+            logging.getLogger("mmdc.config").warning(
+                "engines.%s.replicas (%d) > pipeline.concurrency (%d): an hf replica works on one client's batch "
+                "at a time, so %d replica(s) of %s will idle; raise pipeline.concurrency", name, engine.replicas,
+                cfg.pipeline.concurrency, engine.replicas - cfg.pipeline.concurrency, name)
     if cfg.data.source == "llava" and not cfg.data.instructions:
         raise ConfigError("data.instructions is required when data.source = llava")
     validate_eval(cfg)

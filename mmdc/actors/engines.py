@@ -93,7 +93,7 @@ def make_client(engine: EngineConfig, app_name: str, deployment: str, timeout_s:
     handle = serve.get_deployment_handle(deployment, app_name=app_name)
     if engine.request_mode == "row":
         return ServeRowClient(handle, timeout_s)
-    return ServeBatchClient(handle, timeout_s, chunk_size=engine.max_batch_size)
+    return ServeBatchClient(handle, timeout_s)
 
 
 def retry_policy(engine: EngineConfig) -> RetryPolicy:

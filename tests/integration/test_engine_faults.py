@@ -1,54 +1,74 @@
 """A replica killed mid-phase: the stage retries its in-flight rows and the phase output is still whole.
 
 Deploys the tiny student as an hf engine (one replica), runs a teach-style ``run_stages`` over a
-few hundred rows, kills the replica actor with ``ray.kill`` while rows are in flight, and checks
-that every input row appears exactly once with the answer a fault-free engine gives it (sampling
-is seeded per row, so a retried row must come back identical).
+few hundred rows, kills the replica actor with ``ray.kill`` while a request is in flight, and
+checks that every input row appears exactly once with the answer a fault-free engine gives it
+(sampling is seeded per row, so a retried row must come back identical).
+
+The kill is not timed against the phase: the replica holds one request (its first after 48 rows
+answered) until it is killed, and says which actor it is in a marker file, so the kill always
+lands on rows in flight. (A replica works on one batch at a time, so ``HFEngine.info`` queues
+behind the clients' requests and cannot tell the test when one is in flight.)
 """
 
 from __future__ import annotations
 
 import re
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from mmdc.actors.backends.hf import HFEngine
 from mmdc.config import EngineConfig, PipelineConfig, to_dict
 
 pytestmark = pytest.mark.integration
 
 APP = "faults"
-ROWS = 1024  # long enough that the kill lands mid-phase: info() queues behind the clients' requests
+ROWS = 512
 SAMPLING = {"temperature": 0.5, "max_new_tokens": 16, "retries": 0}
 
 
-def _replica(deployment: str) -> dict:
-    """The live replica names itself (``HFEngine.info``: actor name and id, rows answered so far).
+class HeldEngine(HFEngine.func_or_class):
+    """The hf engine, except that one request after ``hold_after`` rows waits, in flight, until the replica is killed."""
 
-    (The state API, ``ray.util.state.list_actors``, needs the dashboard, which the test cluster runs without.)
-    """
-    from ray import serve
+    def __init__(self, marker: str, hold_after: int, *args):
+        super().__init__(*args)
+        self.marker, self.hold_after = Path(marker), hold_after
 
-    return serve.get_deployment_handle(deployment, app_name=APP).info.remote().result(timeout_s=120)
+    def generate_batch(self, requests: list[dict]) -> list[dict]:
+        import ray
+
+        if self.answered >= self.hold_after and not self.marker.exists():  # the replacement replica answers
+            written = self.marker.with_name(self.marker.name + ".tmp")
+            written.write_text(ray.get_runtime_context().get_actor_name())
+            written.rename(self.marker)  # whole, or not there
+            time.sleep(300)  # killed before this returns
+        return super().generate_batch(requests)
 
 
 def test_a_replica_killed_mid_phase_loses_and_repeats_no_row(ray_cluster, tmp_path, capfd, tiny_student,
                                                              colour_pool):
     import ray
-    from ray import serve
+    from ray import cloudpickle, serve
 
-    from mmdc.actors.engines import HFGenerator, build_engine_app, deployment_name
+    from mmdc.actors.engines import HFGenerator, deployment_name
     from mmdc.data.pipelines import StageSpec, TeacherStage, image_url, row_seed, run_stages
     from mmdc.actors import roles
 
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # replicas cannot import the test module
     student = tiny_student
     table = colour_pool(tmp_path, ROWS)
     engine = EngineConfig(replicas=1, num_cpus=1, max_batch_size=16, request_timeout_s=60,
                           max_retries=6, retry_backoff_s=0.5)
     serve.start(proxy_location="Disabled")
-    serve.run(build_engine_app(engine, student), name=APP, route_prefix=None)
     dep = deployment_name(student)
+    marker = tmp_path / "held-replica"
+    app = serve.deployment(HeldEngine).options(name=dep, num_replicas=1, max_ongoing_requests=1,
+                                               ray_actor_options={"num_cpus": 1})
+    serve.run(app.bind(str(marker), 48, student, "float32", 16, 1), name=APP, route_prefix=None)
     spec = StageSpec(TeacherStage, {"app_name": APP, "deployment": dep, "sampling": SAMPLING,
                                     "run_seed": 0, "image_root": str(tmp_path), "timeout_s": 60,
                                     "engine": to_dict(engine)})
@@ -57,8 +77,6 @@ def test_a_replica_killed_mid_phase_loses_and_repeats_no_row(ray_cluster, tmp_pa
 
     def phase():
         try:
-            # 64-row batches sent as four 16-row requests each: the replica always has requests queued
-            # (max_ongoing_requests=4), so the kill below cannot fall into a gap between requests.
             result["table"] = run_stages(table, [spec], out_dir, PipelineConfig(batch_size=64, concurrency=2,
                                                                                  blocks_per_client=2))
         except BaseException as err:  # noqa: BLE001 - reported by the test thread
@@ -68,14 +86,17 @@ def test_a_replica_killed_mid_phase_loses_and_repeats_no_row(ray_cluster, tmp_pa
         worker = threading.Thread(target=phase)
         worker.start()
         deadline = time.monotonic() + 240
-        while (first := _replica(dep))["answered"] < 48 and time.monotonic() < deadline:  # mid-phase
-            time.sleep(0.2)
-        assert first["answered"] < ROWS and worker.is_alive(), "the phase ended before the kill: use more rows"
-        ray.kill(ray.get_actor(first["actor_name"], namespace="serve"), no_restart=True)
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the replica never held a request"
+        held = marker.read_text()
+        ray.kill(ray.get_actor(held, namespace="serve"), no_restart=True)
         worker.join(timeout=240)
         assert not worker.is_alive(), "the phase hung after the replica died"
         assert "error" not in result, result.get("error")
-        assert _replica(dep)["actor_id"] != first["actor_id"]  # Serve replaced the replica, and the phase still finished
+        # Serve replaced the replica, and the phase still finished
+        live = serve.get_deployment_handle(dep, app_name=APP).info.remote().result(timeout_s=120)
+        assert live["actor_name"] != held
     finally:
         serve.delete(APP)
     # The stage saw the death and retried (the warning names the role and the rows); logs reach us asynchronously.

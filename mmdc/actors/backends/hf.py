@@ -4,8 +4,9 @@ Works on CPU and GPU (fp16 on V100; SDPA attention, or xformers on GPUs where it
 attention.py). ``HFEngine`` answers two request shapes:
 
 - ``generate_batch(requests)``: one Serve call per Ray Data batch (``request_mode: batch``, the
-  default). On 2 cores this measured 1.19x a plain batched loop where one call per row ran at
-  0.77x: a tiny model's forward pass is cheaper than a Serve round trip.
+  default), split here into forward batches of ``max_batch_size`` rows. On 2 cores one call per
+  batch is several times faster than one call per row: a tiny model's forward pass is cheaper
+  than a Serve round trip (benchmarks/results/engine_throughput.md).
 - ``generate(request)``: one Serve call per row, grouped on the replica by ``@serve.batch``
   (``request_mode: row``), so rows from many clients share a forward pass. Right when requests
   arrive one at a time from many callers, or when rows differ a lot in length.
@@ -173,7 +174,7 @@ class HFGenerator:
         return results
 
 
-@serve.deployment(max_ongoing_requests=4)
+@serve.deployment(max_ongoing_requests=1)  # build_hf_app sets it per request mode
 class HFEngine:
     """Serve deployment over ``HFGenerator``: a whole batch per call, or one row per call batched by Serve."""
 
@@ -248,13 +249,19 @@ class HFEngine:
 def build_hf_app(engine: EngineConfig, model_path: str, name: str) -> serve.Application:
     """Serve application for an hf engine: ``engine.replicas`` replicas, each on its CPUs/GPUs.
 
-    Row mode needs room for a batch being formed while one runs: max_ongoing_requests is twice
-    the batch size there; in batch mode each request already is a batch, so a few suffice.
+    Batch mode: one request at a time per replica (``max_ongoing_requests=1``). A request is a
+    whole Ray Data batch, long next to the turnaround between two batches, and Serve's router can
+    then only send a request to a free replica; keep at least as many clients as replicas, or
+    some replicas idle (``config.validate`` warns). With more room, the callers' routers (one per client process, each with its own
+    stale view of the queues) now and then sent two clients' batches to one replica while the
+    other idled: on 2 cores a 2,000-row phase took 5.06 s that way against 4.47 s with one at a
+    time, median of 5 alternating phases (benchmarks/results/request_routing.md). Row mode needs
+    room for a batch being formed while one runs: max_ongoing_requests is twice the batch size there.
     """
     threads = max(1, int(engine.num_cpus))
     actor_options = {"num_cpus": engine.num_cpus, "num_gpus": engine.num_gpus,
                      "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}}
-    ongoing = 2 * engine.max_batch_size if engine.request_mode == "row" else 4
+    ongoing = 2 * engine.max_batch_size if engine.request_mode == "row" else 1
     return HFEngine.options(
         name=name,
         num_replicas=engine.replicas,

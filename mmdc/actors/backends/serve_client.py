@@ -2,9 +2,9 @@
 
 Both deployments answer the same two methods, so one pair of clients serves both:
 
-- ``ServeBatchClient``: one ``generate_batch`` call per engine batch (``max_batch_size`` rows) of a
-  Ray Data batch, all in flight together (``request_mode: batch``). A failure fails every row of
-  its call; the stage retries those rows.
+- ``ServeBatchClient``: one ``generate_batch`` call per Ray Data batch (``request_mode: batch``);
+  the engine splits it into forward batches of ``max_batch_size`` rows. A failure fails every row
+  of the call; the stage retries those rows.
 - ``ServeRowClient``: one ``generate`` call per row, all in flight at once (``request_mode: row``);
   the replica batches them (hf: ``@serve.batch``; vllm: continuous batching). A failure fails
   only its own row. Serve's router spreads the rows over the replicas.
@@ -22,30 +22,28 @@ from mmdc.actors.backends.protocol import Outcome
 
 
 class ServeBatchClient:
-    """``request_mode: batch``: one Serve request per ``chunk_size`` rows, every chunk in flight at once.
+    """``request_mode: batch``: one Serve request per Ray Data batch; the engine splits it into forward batches.
 
-    With a Ray Data batch of several engine batches (pipeline.batch_size a multiple of the engine's
-    max_batch_size), Serve's router spreads one client's chunks over the replicas and each replica
-    has its next batch queued while it computes this one, so fewer clients keep more
-    replicas busy. A failed chunk fails only its own rows.
+    One request per batch, not one per ``max_batch_size`` rows: every request costs the replica a
+    hand-off (arguments, a thread of Serve's pool, GIL contention with the request that is
+    generating), so on CPU fewer, larger requests win: in one run on 2 cores, 128-, 64- and
+    16-row requests ran at 1.53x, 1.42x and 0.99x of a single process batching the same rows
+    (benchmarks/results/engine_throughput.md). An hf replica takes one batch at a time, so run
+    at least as many clients as replicas (``pipeline.concurrency``). A failed request fails every
+    row of the batch, and the stage retries them.
     """
 
-    def __init__(self, handle: Any, timeout_s: float, chunk_size: int = 16):
-        self.handle, self.timeout_s, self.chunk_size = handle, timeout_s, max(1, chunk_size)
+    def __init__(self, handle: Any, timeout_s: float):
+        self.handle, self.timeout_s = handle, timeout_s
 
     def generate(self, requests: list[dict]) -> list[Outcome]:
-        chunks = [requests[i : i + self.chunk_size] for i in range(0, len(requests), self.chunk_size)]
-        responses = [self.handle.generate_batch.remote(chunk) for chunk in chunks]
-        deadline = time.monotonic() + self.timeout_s
-        outs: list[Outcome] = []
-        for chunk, response in zip(chunks, responses):
-            try:
-                outs.extend(response.result(timeout_s=max(0.001, deadline - time.monotonic())))
-            except Exception as err:  # noqa: BLE001 - returned as the outcome of each row of the chunk
-                if isinstance(err, TimeoutError):
-                    response.cancel()
-                outs.extend([err] * len(chunk))
-        return outs
+        response = self.handle.generate_batch.remote(requests)
+        try:
+            return list(response.result(timeout_s=self.timeout_s))
+        except Exception as err:  # noqa: BLE001 - returned as the outcome of each row of the batch
+            if isinstance(err, TimeoutError):
+                response.cancel()
+            return [err] * len(requests)
 
 
 class ServeRowClient:

@@ -63,6 +63,18 @@ def test_openai_needs_a_url_and_a_model_name_and_deploys_nothing():
     assert isinstance(client, OpenAIChatClient) and client.url == "http://127.0.0.1:8000/v1/chat/completions"
 
 
+def test_more_hf_replicas_than_clients_is_a_warning_naming_both_keys(caplog):
+    # an hf replica in batch mode works on one client's batch at a time: the extra replicas would idle
+    with caplog.at_level("WARNING", logger="mmdc.config"):
+        load_config(None, ["engines.student.replicas=3", "pipeline.concurrency=2"])
+    assert "engines.student.replicas (3) > pipeline.concurrency (2)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmdc.config"):
+        load_config(None, ["engines.student.replicas=2", "pipeline.concurrency=2",
+                           "engines.teacher.replicas=4", "engines.teacher.request_mode=row"])
+    assert caplog.text == ""  # enough clients; row mode keeps many requests per replica
+
+
 def test_request_mode_and_retry_settings_parse():
     cfg = load_config(None, ["engines.student.request_mode=row", "engines.student.max_retries=2",
                              "engines.student.batch_wait_timeout_s=0.2"])

@@ -1,4 +1,4 @@
-"""mmdc/actors/backends/serve_client.py with a stand-in handle: chunking, per-chunk failures, cancel on timeout."""
+"""mmdc/actors/backends/serve_client.py with a stand-in handle: one request per batch, failures per batch or row, cancel on timeout."""
 
 from __future__ import annotations
 
@@ -41,24 +41,42 @@ def _reply(req):
     return {"text": f"a{req['seed']}", "prompt_tokens": 1, "completion_tokens": 1, "finish_reason": "stop"}
 
 
-def test_a_batch_is_sent_as_engine_sized_chunks_all_in_flight():
-    handle = Handle(lambda chunk, n: Response([_reply(r) for r in chunk]))
+def test_a_batch_is_sent_as_one_request_and_the_replies_come_back_in_order():
+    handle = Handle(lambda batch, n: Response([_reply(r) for r in batch]))
     reqs = [{"seed": i} for i in range(40)]
-    out = ServeBatchClient(handle, 5.0, chunk_size=16).generate(reqs)
-    assert [len(c) for c in handle.generate_batch.sent] == [16, 16, 8]
+    out = ServeBatchClient(handle, 5.0).generate(reqs)
+    assert [len(b) for b in handle.generate_batch.sent] == [40]
     assert [o["text"] for o in out] == [f"a{i}" for i in range(40)]
 
 
-def test_a_dead_replica_fails_only_its_chunk_and_the_retry_resends_only_those_rows():
-    def answer(chunk, n):  # the second chunk of the first round lands on a replica that dies
-        return Response(error=rex.ActorDiedError()) if n == 2 else Response([_reply(r) for r in chunk])
+def test_a_dead_replica_fails_the_batch_and_the_retry_resends_its_rows():
+    def answer(batch, n):  # the first request lands on a replica that dies
+        return Response(error=rex.ActorDiedError()) if n == 1 else Response([_reply(r) for r in batch])
 
     handle = Handle(answer)
     reqs = [{"seed": i} for i in range(8)]
-    out = call_with_retries(ServeBatchClient(handle, 5.0, chunk_size=4), reqs, [str(i) for i in range(8)],
+    out = call_with_retries(ServeBatchClient(handle, 5.0), reqs, [str(i) for i in range(8)],
                             "teacher", sleep=lambda s: None)
     assert [o["text"] for o in out] == [f"a{i}" for i in range(8)]
-    assert [[r["seed"] for r in c] for c in handle.generate_batch.sent] == [[0, 1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 7]]
+    assert [[r["seed"] for r in b] for b in handle.generate_batch.sent] == [list(range(8))] * 2
+
+
+def test_an_engine_that_fails_single_rows_gets_only_those_rows_again():
+    # vllm's generate_batch returns a failed row as its exception inside the list
+    def answer(batch, n):
+        return Response([rex.ActorDiedError() if (n == 1 and r["seed"] == 2) else _reply(r) for r in batch])
+
+    handle = Handle(answer)
+    out = call_with_retries(ServeBatchClient(handle, 5.0), [{"seed": i} for i in range(4)], list("abcd"),
+                            "teacher", sleep=lambda s: None)
+    assert [o["text"] for o in out] == [f"a{i}" for i in range(4)]
+    assert [[r["seed"] for r in b] for b in handle.generate_batch.sent] == [[0, 1, 2, 3], [2]]
+
+
+def test_a_timed_out_batch_is_cancelled_and_reported_for_every_row():
+    handle = Handle(lambda batch, n: Response(error=rex.GetTimeoutError("late")))
+    out = ServeBatchClient(handle, 5.0).generate([{"seed": i} for i in range(3)])
+    assert all(isinstance(o, TimeoutError) for o in out) and handle.generate_batch.responses[0].cancelled
 
 
 def test_a_timed_out_request_is_cancelled_and_reported_per_row():
