@@ -252,11 +252,12 @@ def build_hf_app(engine: EngineConfig, model_path: str, name: str) -> serve.Appl
     Batch mode: one request at a time per replica (``max_ongoing_requests=1``). A request is a
     whole Ray Data batch, long next to the turnaround between two batches, and Serve's router can
     then only send a request to a free replica; keep at least as many clients as replicas, or
-    some replicas idle (``config.validate`` warns). With more room, the callers' routers (one per client process, each with its own
-    stale view of the queues) now and then sent two clients' batches to one replica while the
-    other idled: on 2 cores a 2,000-row phase took 5.06 s that way against 4.47 s with one at a
-    time, median of 5 alternating phases (benchmarks/results/request_routing.md). Row mode needs
-    room for a batch being formed while one runs: max_ongoing_requests is twice the batch size there.
+    some replicas idle (``config.validate`` warns). With more room, the callers' routers (one per
+    client process, each with its own stale view of the queues) now and then sent two clients'
+    batches to one replica while the other idled: on 2 cores a 2,000-row phase took 5.06 s that
+    way against 4.47 s with one at a time, median of 5 alternating phases
+    (benchmarks/results/request_routing.md). Row mode needs room for a batch being formed while
+    one runs: max_ongoing_requests is twice the batch size there.
     """
     threads = max(1, int(engine.num_cpus))
     actor_options = {"num_cpus": engine.num_cpus, "num_gpus": engine.num_gpus,
