@@ -39,7 +39,7 @@ tower starts random too), AdamW with warmup + cosine in each stage.
 
 Run::
 
-    python -m mmdc.train.world_teacher --out /tmp/world_teacher [--schedule short] [--seed 0]
+    python -m mmdc.train.world_teacher --out /tmp/world_teacher [--schedule short] [--seed 0] [--set FIELD=VALUE ...]
 """
 
 from __future__ import annotations
@@ -533,12 +533,40 @@ def _tokenizer_sha(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()
 
 
-def fingerprint(schedule_name: str, seed: int, tokenizer, spec) -> dict:
-    """What a world teacher was built from; any change means rebuild."""
+def schedule_with(name: str, overrides: dict[str, str] | None = None) -> Schedule:
+    """Schedule ``name`` with fields replaced by ``overrides`` (text values, cast to each field's type).
+
+    For experiments (``--set vision_steps=6000``); a tuple field takes comma-separated values. An unknown
+    schedule or field raises ``ValueError`` naming it and listing the valid ones.
+    """
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {name!r}")
+    base = SCHEDULES[name]
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Schedule)}
+    cast = {}
+    for key, text in (overrides or {}).items():
+        if key not in fields:
+            raise ValueError(f"world teacher schedule has no field {key!r}; fields are {sorted(fields)}")
+        default = fields[key]
+        try:
+            if isinstance(default, tuple):
+                cast[key] = tuple(type(default[0])(v) for v in str(text).split(","))
+                if len(cast[key]) != len(default):
+                    raise ValueError(f"needs {len(default)} comma-separated values")
+            else:
+                cast[key] = type(default)(text)
+        except ValueError as exc:
+            raise ValueError(f"world teacher schedule field {key!r}: cannot read {text!r} as "
+                             f"{type(default).__name__} like {default!r} ({exc})") from None
+    return dataclasses.replace(base, **cast)
+
+
+def fingerprint(schedule_name: str, seed: int, tokenizer, spec, overrides: dict[str, str] | None = None) -> dict:
+    """What a world teacher was built from; any change (overrides included) means rebuild."""
     return {
         "builder_version": BUILDER_VERSION,
         "schedule_name": schedule_name,
-        "schedule": dataclasses.asdict(SCHEDULES[schedule_name]),
+        "schedule": dataclasses.asdict(schedule_with(schedule_name, overrides)),
         "seed": seed,
         "tokenizer_sha256": _tokenizer_sha(tokenizer),
         "corpus_sha256": _corpus_sha(),
@@ -627,11 +655,14 @@ def build_world_teacher(
     schedule: str = "full",
     tokenizer_texts: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
+    overrides: dict[str, str] | None = None,
 ) -> str:
     """Train the world teacher and save it (model + processor, HF format) atomically at ``out_dir``; return it.
 
     The tokenizer is the run's shared one (trained on ``tokenizer_texts``,
     default: what the driver uses), so teacher and student tokenize alike.
+    ``overrides`` replace schedule fields (``schedule_with``); the fingerprint
+    records them, so such a build never passes for the cached default.
     """
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -639,9 +670,7 @@ def build_world_teacher(
     from mmdc.train.formatting import collate, pixel_values
     from mmdc.train.tiny import TEACHER_SPEC, build_tiny_llava, train_tokenizer
 
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
-    plan = SCHEDULES[schedule]
+    plan = schedule_with(schedule, overrides)
     spec = TEACHER_SPEC
     torch.set_num_threads(2)
     torch.manual_seed(seed)
@@ -718,7 +747,7 @@ def build_world_teacher(
         model.eval()
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        info = fingerprint(schedule, seed, tokenizer, spec)
+        info = fingerprint(schedule, seed, tokenizer, spec, overrides)
         info["build_seconds"] = round(time.perf_counter() - started, 1)
         info["final_losses"] = {j: round(v, 4) for j, v in losses.items()}
         info["stage1"] = perception
@@ -826,8 +855,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder to write the model + processor to")
     parser.add_argument("--schedule", default="full", choices=sorted(SCHEDULES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="replace a schedule field for an experiment, e.g. --set vision_steps=6000 "
+                             "--set mix=0.4,0.45,0.15 (repeatable; recorded in the fingerprint)")
     args = parser.parse_args(argv)
-    build_world_teacher(args.out, seed=args.seed, schedule=args.schedule, log=lambda m: print(m, flush=True))
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected FIELD=VALUE")
+        overrides[key.strip()] = value.strip()
+    try:
+        schedule_with(args.schedule, overrides)
+    except ValueError as exc:
+        parser.error(str(exc))
+    build_world_teacher(args.out, seed=args.seed, schedule=args.schedule, log=lambda m: print(m, flush=True),
+                        overrides=overrides)
     return 0
 
 

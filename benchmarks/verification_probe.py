@@ -1,0 +1,116 @@
+"""Can the tiny world teacher learn to *verify* (answer yes/no about a claim), given time? A training probe.
+
+The world teacher retrieves well (the colour of the square: its likelihood ranks the correct colour first
+96% of the time) but verifies at chance (exist questions, "Is there a red circle?"), and the referee's job is
+verification: is "The square is blue." true of this image? This probe continues training a built teacher on
+teacher examples of one question family only, at a fixed learning rate, and every ``--eval-every`` steps
+measures on held-out private scenes how often the correct answer is more likely than a plausible wrong one
+(``teacher_knowledge.Scorer``). A family the model can learn climbs; one stuck on a plateau stays at chance.
+
+    .venv/bin/python benchmarks/verification_probe.py --model .mmdc_cache/models/world_teacher/full-seed0 \\
+        --family exist --steps 2000 --lr 1.5e-3
+    .venv/bin/python benchmarks/verification_probe.py --model ... --family color --steps 300   # a control
+
+Prints one line per evaluation; nothing is saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from teacher_knowledge import Scorer  # noqa: E402
+
+from mmdc.actors import roles  # noqa: E402
+from mmdc.data import world  # noqa: E402
+from mmdc.train import world_teacher as wt  # noqa: E402
+from mmdc.train.formatting import collate, pixel_values  # noqa: E402
+
+
+def family_examples(scenes: list[world.Scene], family: str, n: int, rng: random.Random) -> list[wt.Example]:
+    """``n`` teacher examples of ``family`` on random scenes that can ask it."""
+    usable = [s for s in scenes if family in world.families_for(s)]
+    out = []
+    for _ in range(n):
+        scene = rng.choice(usable)
+        question, spec = world.random_question(scene, family, rng)
+        out.append(wt._example("teacher", scene, roles.teacher_messages(question, ""), world.answer(scene, spec)))
+    return out
+
+
+def held_out_pairs(scenes: list[world.Scene], family: str, rng: random.Random) -> list[tuple[world.Scene, str, str, str]]:
+    """(scene, question, correct, plausible wrong) per held-out scene that can ask ``family``."""
+    pairs = []
+    for scene in scenes:
+        if family not in world.families_for(scene):
+            continue
+        question, spec = world.random_question(scene, family, rng)
+        for _ in range(20):
+            wrong, kind = wt.wrong_answer(scene, spec, rng)
+            if kind != "garbled":
+                pairs.append((scene, question, world.answer(scene, spec), wrong))
+                break
+    return pairs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="a built world teacher folder (not modified)")
+    parser.add_argument("--family", default="exist", choices=world.FAMILIES)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--lr", type=float, default=1.5e-3, help="constant AdamW learning rate")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.set_num_threads(2)
+    torch.manual_seed(args.seed)
+    scorer = Scorer(args.model)
+    model, tokenizer = scorer.model, scorer.tokenizer
+    train = wt.training_scenes(3000, seed=11 + args.seed)  # private streams: not the build's, not the test split
+    held = wt.training_scenes(150, seed=12 + args.seed)
+    by_id = {s.image_id: s for s in (*train, *held)}
+    pairs = held_out_pairs(held, args.family, random.Random(f"verification-probe:{args.seed}"))
+
+    def ranked_right() -> float:
+        model.eval()
+        right = 0
+        for start in range(0, len(pairs), 8):
+            chunk = pairs[start:start + 8]
+            lp = scorer.answer_logprobs([(s, q, a) for s, q, good, bad in chunk for a in (good, bad)], by_id)
+            right += sum(lp[2 * i] > lp[2 * i + 1] for i in range(len(chunk)))
+        model.train()
+        return right / len(pairs)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    rng = random.Random(f"verification-probe-train:{args.seed}")
+    print(f"{args.family}: {len(pairs)} held-out pairs; step 0 correct more likely {ranked_right():.3f}", flush=True)
+    started, smooth = time.perf_counter(), None
+    model.train()
+    for step in range(1, args.steps + 1):
+        examples = family_examples(train, args.family, args.batch_size, rng)
+        batch = collate([wt.encode_example(tokenizer, ex, scorer.image_seq_length, 384) for ex in examples],
+                        tokenizer.pad_token_id)
+        batch["pixel_values"] = pixel_values(scorer.processor.image_processor, [world.render(by_id[ex.image_id]) for ex in examples])
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        smooth = loss.item() if smooth is None else 0.9 * smooth + 0.1 * loss.item()
+        if step % args.eval_every == 0 or step == args.steps:
+            print(f"step {step} loss {smooth:.3f} correct more likely {ranked_right():.3f} "
+                  f"elapsed={time.perf_counter() - started:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
