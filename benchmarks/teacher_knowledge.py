@@ -13,16 +13,24 @@ they are told apart by their surface, not by their facts):
   answer as Assistant 1, and with the wrong one as Assistant 1; the share of pairs where the first is higher by at least half a point.
   A referee whose scores reflect correctness gives correct-first the higher score (it is Assistant 1's score).
 
+With ``--runs DIR ...`` (run folders of the embedded world, e.g. ``runs/ablation/mmdc-seed*``) it also asks
+the question in situ: over every scored row of the runs' assessments, how well does the referee's score for
+the student's answer separate right answers from wrong ones (graded by the world's checker), against the
+teacher's likelihood of that answer under the Teacher prompt? Reported as AUC: the chance that a right answer
+outscores a wrong one (0.5 = no information; ties count half).
+
 Run from the repository root (~1 min)::
 
-    .venv/bin/python benchmarks/teacher_knowledge.py --model .mmdc_cache/models/world_teacher/full-seed0
+    .venv/bin/python benchmarks/teacher_knowledge.py --model .mmdc_cache/models/world_teacher/full-seed0 \
+        [--runs runs/ablation/mmdc-seed0 runs/ablation/mmdc-seed1 runs/ablation/mmdc-seed2]
 
-Prints a Markdown table (results are recorded by hand in ``benchmarks/results/teacher_quality.md``).
+Prints Markdown tables (results are recorded by hand in ``benchmarks/results/teacher_quality.md``).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 import tempfile
@@ -30,6 +38,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import pandas as pd
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -137,6 +146,48 @@ def measure(model_dir: str, rows: list, seed: int) -> dict:
     return stats
 
 
+def auc(right: list[float], wrong: list[float]) -> float:
+    """P(a right answer's value > a wrong one's), ties half: the Mann-Whitney U statistic, normalised."""
+    if not right or not wrong:
+        return math.nan
+    ranked = sorted([(v, 1) for v in right] + [(v, 0) for v in wrong])
+    rank_sum, i = 0.0, 0
+    while i < len(ranked):  # average ranks over ties
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        rank_sum += sum(label for _, label in ranked[i:j]) * (i + j + 1) / 2
+        i = j
+    return (rank_sum - len(right) * (len(right) + 1) / 2) / (len(right) * len(wrong))
+
+
+def separation(scorer: Scorer, run_dirs: list[Path]) -> dict[str, float]:
+    """AUCs of the referee's student score and of the teacher's likelihood for the student being right."""
+    values: dict[str, dict[bool, list[float]]] = {k: {True: [], False: []} for k in ("referee", "sum", "mean")}
+    for run in run_dirs:
+        scenes = world.load_scenes(run / "data" / "world" / "scenes.jsonl")
+        for parquet in sorted((run / "assessments").glob("iter_*.parquet")):
+            rows = []
+            for row in pd.read_parquet(parquet).itertuples(index=False):
+                spec = world.parse_question(row.question)
+                if spec is None or pd.isna(row.score_student) or not isinstance(row.student_answer, str):
+                    continue
+                scene = scenes[row.image_id]
+                rows.append((scene, row.question, row.student_answer, float(row.score_student),
+                             bool(world.check_answer(scene, spec, row.student_answer))))
+            for start in range(0, len(rows), 16):
+                chunk = rows[start:start + 16]
+                lp = scorer.answer_logprobs([(s, q, a) for s, q, a, _, _ in chunk], scenes)
+                for (_, _, answer, score, right), total in zip(chunk, lp):
+                    n = max(1, len(scorer.tokenizer.encode(answer, add_special_tokens=False)))
+                    values["referee"][right].append(score)
+                    values["sum"][right].append(total)
+                    values["mean"][right].append(total / n)
+    out = {k: auc(v[True], v[False]) for k, v in values.items()}
+    out["right"], out["wrong"] = len(values["referee"][True]), len(values["referee"][False])
+    return out
+
+
 def report(stats: dict) -> str:
     lines = ["| family | pairs | knows: correct answer more likely | referee E[score 1], correct first | "
              f"..., wrong first | judges: higher by >= {MARGIN} with correct first |", "|---|---|---|---|---|---|"]
@@ -157,6 +208,8 @@ def main() -> int:
     parser.add_argument("--test-images", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0, help="seed of the wrong answers")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=Path, nargs="*", default=[],
+                        help="run folders whose assessments to re-read (embedded world only)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -166,6 +219,14 @@ def main() -> int:
     print(f"Model `{args.model}`; world seed {args.world_seed}, {args.test_images} held-out images; "
           f"{time.perf_counter() - started:.0f} s.\n")
     print(report(stats))
+    if args.runs:
+        sep = separation(Scorer(args.model), args.runs)
+        print(f"\nAssessments of {len(args.runs)} run(s): {sep['right']} right and {sep['wrong']} wrong student answers "
+              "(world checker).\n")
+        print("| ranks the student's answers by | AUC, right above wrong |\n|---|---|")
+        print(f"| the referee's score (as recorded in the run) | {sep['referee']:.3f} |")
+        print(f"| the teacher's log-likelihood of the answer | {sep['sum']:.3f} |")
+        print(f"| ... per token | {sep['mean']:.3f} |")
     return 0
 
 
