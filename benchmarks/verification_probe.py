@@ -11,14 +11,26 @@ measures on held-out private scenes how often the correct answer is more likely 
         --family exist --steps 2000 --lr 1.5e-3
     .venv/bin/python benchmarks/verification_probe.py --model ... --family color --steps 300   # a control
 
-Prints one line per evaluation; nothing is saved.
+``--chain`` (exist only) tests why: the target first states what the image shows about the shape asked for,
+then the verdict ("The circle is blue, so no." / "There is no circle, so no."), so each hop (find the shape,
+read its colour, compare) has its own supervised tokens, as a colour answer ("The square is red.") has.
+Progress is then measured by what a run would see: greedy replies through ``HFGenerator`` (the engine's code),
+graded by ``world.check_answer`` (the first yes/no word decides), for both modes.
+
+    .venv/bin/python benchmarks/verification_probe.py --model ... --family exist --steps 1000 --generate
+    .venv/bin/python benchmarks/verification_probe.py --model ... --family exist --steps 1000 --chain
+
+Prints one line per evaluation; nothing is kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import re
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,15 +46,68 @@ from mmdc.train import world_teacher as wt  # noqa: E402
 from mmdc.train.formatting import collate, pixel_values  # noqa: E402
 
 
-def family_examples(scenes: list[world.Scene], family: str, n: int, rng: random.Random) -> list[wt.Example]:
-    """``n`` teacher examples of ``family`` on random scenes that can ask it."""
+def chain_answer(scene: world.Scene, spec: world.QuestionSpec) -> str:
+    """An exist answer that states the evidence before the verdict: "The circle is blue, so no."."""
+    obj = scene.find(spec.shape)
+    if obj is None:
+        return f"There is no {spec.shape}, so no."
+    return f"The {spec.shape} is {obj.color}, so {'yes' if obj.color == spec.color else 'no'}."
+
+
+def family_examples(scenes: list[world.Scene], family: str, n: int, rng: random.Random,
+                    chain: bool = False) -> list[wt.Example]:
+    """``n`` teacher examples of ``family`` on random scenes that can ask it (``chain``: evidence-first targets)."""
     usable = [s for s in scenes if family in world.families_for(s)]
     out = []
     for _ in range(n):
         scene = rng.choice(usable)
         question, spec = world.random_question(scene, family, rng)
-        out.append(wt._example("teacher", scene, roles.teacher_messages(question, ""), world.answer(scene, spec)))
+        target = chain_answer(scene, spec) if chain else world.answer(scene, spec)
+        out.append(wt._example("teacher", scene, roles.teacher_messages(question, ""), target))
     return out
+
+
+def generated_accuracy(scorer: Scorer, pairs: list[tuple[world.Scene, str, str, str]], folder: Path) -> tuple[float, str]:
+    """Share of greedy replies (the engine's generator on a saved copy) that ``world.check_answer`` accepts,
+    and ``chain_hops`` of them."""
+    from mmdc.actors.engines import HFGenerator
+    from mmdc.data.images import to_data_url
+
+    scorer.model.save_pretrained(folder / "model")
+    scorer.processor.save_pretrained(folder / "model")
+    urls = []
+    for scene, *_ in pairs:
+        path = folder / f"{scene.image_id}.png"
+        if not path.exists():
+            world.render(scene).save(path)
+        urls.append(to_data_url(str(path)))
+    generator = HFGenerator(str(folder / "model"), max_batch_size=16)
+    requests = [{"messages": roles.teacher_messages(q, url), "temperature": 0.0, "max_new_tokens": 16, "seed": 0}
+                for (_, q, _, _), url in zip(pairs, urls)]
+    replies = [r["text"] for r in generator.generate(requests)]
+    right = sum(bool(world.check_answer(s, world.parse_question(q), reply)) for (s, q, _, _), reply
+                in zip(pairs, replies)) / len(pairs)
+    return right, chain_hops(pairs, replies)
+
+
+def chain_hops(pairs: list[tuple[world.Scene, str, str, str]], replies: list[str]) -> str:
+    """For evidence-first replies: which hop fails. Evidence right = the stated colour (or absence) is the
+    scene's; verdict follows = "yes" exactly when the stated colour is the one asked about."""
+    evidence = follows = parsed = 0
+    for (scene, question, _, _), reply in zip(pairs, replies):
+        spec = world.parse_question(question)
+        m = re.match(r"\s*(?:the (\w+) is (\w+)|there is no (\w+)), so (yes|no)\b", reply.lower())
+        if m is None or spec is None:
+            continue
+        parsed += 1
+        stated = None if m.group(3) else m.group(2)  # None: "there is no <shape>"
+        obj = scene.find(spec.shape)
+        evidence += stated == (obj.color if obj else None)
+        follows += (m.group(4) == "yes") == (stated == spec.color)
+    if not parsed:
+        return "no evidence-first replies"
+    return (f"evidence-first replies {parsed}/{len(pairs)}: evidence right {evidence / parsed:.3f}, "
+            f"verdict follows the evidence {follows / parsed:.3f}")
 
 
 def held_out_pairs(scenes: list[world.Scene], family: str, rng: random.Random) -> list[tuple[world.Scene, str, str, str]]:
@@ -69,7 +134,13 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chain", action="store_true", help="exist only: evidence-first targets (implies --generate)")
+    parser.add_argument("--generate", action="store_true", help="also measure greedy replies, graded by the world")
     args = parser.parse_args()
+    if args.chain and args.family != "exist":
+        parser.error("--chain is defined for --family exist only")
+    generate = args.generate or args.chain
+    scratch = Path(tempfile.mkdtemp(prefix="verification-probe-"))
 
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
@@ -92,11 +163,19 @@ def main() -> int:
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     rng = random.Random(f"verification-probe-train:{args.seed}")
-    print(f"{args.family}: {len(pairs)} held-out pairs; step 0 correct more likely {ranked_right():.3f}", flush=True)
+    def progress() -> str:
+        text = f"correct more likely {ranked_right():.3f}"
+        if generate:
+            right, hops = generated_accuracy(scorer, pairs, scratch)
+            text += f" greedy replies right {right:.3f}" + (f" ({hops})" if args.chain else "")
+            model.train()
+        return text
+
+    print(f"{args.family}{' (chain)' if args.chain else ''}: {len(pairs)} held-out pairs; step 0 {progress()}", flush=True)
     started, smooth = time.perf_counter(), None
     model.train()
     for step in range(1, args.steps + 1):
-        examples = family_examples(train, args.family, args.batch_size, rng)
+        examples = family_examples(train, args.family, args.batch_size, rng, chain=args.chain)
         batch = collate([wt.encode_example(tokenizer, ex, scorer.image_seq_length, 384) for ex in examples],
                         tokenizer.pad_token_id)
         batch["pixel_values"] = pixel_values(scorer.processor.image_processor, [world.render(by_id[ex.image_id]) for ex in examples])
@@ -107,8 +186,8 @@ def main() -> int:
         optimizer.zero_grad(set_to_none=True)
         smooth = loss.item() if smooth is None else 0.9 * smooth + 0.1 * loss.item()
         if step % args.eval_every == 0 or step == args.steps:
-            print(f"step {step} loss {smooth:.3f} correct more likely {ranked_right():.3f} "
-                  f"elapsed={time.perf_counter() - started:.0f}s", flush=True)
+            print(f"step {step} loss {smooth:.3f} {progress()} elapsed={time.perf_counter() - started:.0f}s", flush=True)
+    shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 
