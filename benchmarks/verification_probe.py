@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import random
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -139,8 +138,14 @@ def main() -> int:
     args = parser.parse_args()
     if args.chain and args.family != "exist":
         parser.error("--chain is defined for --family exist only")
+    with tempfile.TemporaryDirectory(prefix="verification-probe-") as scratch:
+        probe(args, Path(scratch))
+    return 0
+
+
+def probe(args: argparse.Namespace, scratch: Path) -> None:
+    """Train one family's examples and print progress (module docstring); ``scratch`` holds saved copies."""
     generate = args.generate or args.chain
-    scratch = Path(tempfile.mkdtemp(prefix="verification-probe-"))
 
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
@@ -163,6 +168,7 @@ def main() -> int:
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     rng = random.Random(f"verification-probe-train:{args.seed}")
+
     def progress() -> str:
         text = f"correct more likely {ranked_right():.3f}"
         if generate:
@@ -187,8 +193,6 @@ def main() -> int:
         smooth = loss.item() if smooth is None else 0.9 * smooth + 0.1 * loss.item()
         if step % args.eval_every == 0 or step == args.steps:
             print(f"step {step} loss {smooth:.3f} {progress()} elapsed={time.perf_counter() - started:.0f}s", flush=True)
-    shutil.rmtree(scratch, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":
