@@ -22,10 +22,11 @@ import statistics
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any, Iterator
 
 import pandas as pd
 
-from mmdc.data.world import FAMILIES, check_answer, load_scenes, parse_question
+from mmdc.data.world import FAMILIES, QuestionSpec, Scene, check_answer, load_scenes, parse_question
 
 RUN = re.compile(r"^(?P<variant>.+)-seed(?P<seed>\d+)$")
 
@@ -47,18 +48,23 @@ def grade_iteration(conversations: pd.DataFrame, scenes: dict) -> dict[str, floa
     return dict(counts)
 
 
-def grade_assessment(assessments: pd.DataFrame, scenes: dict) -> dict[str, float]:
-    """Counts for one assessment: scored readable rows, hard ones, and student / teacher right in each split."""
-    counts: Counter = Counter()
+def scored_rows(assessments: pd.DataFrame, scenes: dict) -> Iterator[tuple[Any, Scene, QuestionSpec, bool]]:
+    """(row, scene, spec, student right) for each assessment row that was scored and that the world can read."""
     for row in assessments.itertuples(index=False):
         spec = parse_question(row.question)
         if spec is None or pd.isna(row.difficulty):
             continue
         scene = scenes[row.image_id]
+        yield row, scene, spec, bool(check_answer(scene, spec, row.student_answer))
+
+
+def grade_assessment(assessments: pd.DataFrame, scenes: dict) -> dict[str, float]:
+    """Counts for one assessment: scored readable rows, hard ones, and student / teacher right in each split."""
+    counts: Counter = Counter()
+    for row, scene, spec, student_right in scored_rows(assessments, scenes):
         split = "hard" if row.hard else "easy"
         counts["scored"] += 1
         counts[split] += 1
-        student_right = bool(check_answer(scene, spec, row.student_answer))
         counts[f"{split}_student_right"] += student_right
         counts[f"{split}_teacher_right"] += bool(check_answer(scene, spec, row.teacher_answer))
         verdict = "right" if student_right else "wrong"

@@ -44,6 +44,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from distillation_data import scored_rows  # noqa: E402
 from teacher_quality import load_test_split  # noqa: E402
 
 from mmdc.actors import roles  # noqa: E402
@@ -117,6 +118,15 @@ def referee_target_forcing(score_tokens: dict[int, list[int]]) -> str:
     return wt.referee_target(two[-1] if two else 9, 9)
 
 
+def plausible_wrong(scene: world.Scene, spec: world.QuestionSpec, rng: random.Random) -> str | None:
+    """A wrong answer in the truth's style (``world_teacher.wrong_answer``, not a garbled one), or None."""
+    for _ in range(20):
+        wrong, kind = wt.wrong_answer(scene, spec, rng)
+        if kind != "garbled":
+            return wrong
+    return None
+
+
 def measure(model_dir: str, rows: list, seed: int) -> dict:
     scorer = Scorer(model_dir)
     scenes = {scene.image_id: scene for scene, *_ in rows}
@@ -124,11 +134,9 @@ def measure(model_dir: str, rows: list, seed: int) -> dict:
     pairs = []  # (family, scene, question, correct, wrong)
     for scene, _, question, family in rows:
         spec = world.parse_question(question)
-        for _ in range(20):
-            wrong, kind = wt.wrong_answer(scene, spec, rng)
-            if kind != "garbled":
-                pairs.append((family, scene, question, world.answer(scene, spec), wrong))
-                break
+        wrong = plausible_wrong(scene, spec, rng)
+        if wrong is not None:
+            pairs.append((family, scene, question, world.answer(scene, spec), wrong))
     stats: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for start in range(0, len(pairs), 8):
         chunk = pairs[start:start + 8]
@@ -167,14 +175,9 @@ def separation(scorer: Scorer, run_dirs: list[Path]) -> dict[str, float]:
     for run in run_dirs:
         scenes = world.load_scenes(run / "data" / "world" / "scenes.jsonl")
         for parquet in sorted((run / "assessments").glob("iter_*.parquet")):
-            rows = []
-            for row in pd.read_parquet(parquet).itertuples(index=False):
-                spec = world.parse_question(row.question)
-                if spec is None or pd.isna(row.score_student) or not isinstance(row.student_answer, str):
-                    continue
-                scene = scenes[row.image_id]
-                rows.append((scene, row.question, row.student_answer, float(row.score_student),
-                             bool(world.check_answer(scene, spec, row.student_answer))))
+            rows = [(scene, row.question, row.student_answer, float(row.score_student), right)
+                    for row, scene, _, right in scored_rows(pd.read_parquet(parquet), scenes)
+                    if isinstance(row.student_answer, str)]
             for start in range(0, len(rows), 16):
                 chunk = rows[start:start + 16]
                 lp = scorer.answer_logprobs([(s, q, a) for s, q, a, _, _ in chunk], scenes)

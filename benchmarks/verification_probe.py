@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from teacher_knowledge import Scorer  # noqa: E402
+from teacher_knowledge import Scorer, plausible_wrong  # noqa: E402
 
 from mmdc.actors import roles  # noqa: E402
 from mmdc.data import world  # noqa: E402
@@ -116,11 +116,9 @@ def held_out_pairs(scenes: list[world.Scene], family: str, rng: random.Random) -
         if family not in world.families_for(scene):
             continue
         question, spec = world.random_question(scene, family, rng)
-        for _ in range(20):
-            wrong, kind = wt.wrong_answer(scene, spec, rng)
-            if kind != "garbled":
-                pairs.append((scene, question, world.answer(scene, spec), wrong))
-                break
+        wrong = plausible_wrong(scene, spec, rng)
+        if wrong is not None:
+            pairs.append((scene, question, world.answer(scene, spec), wrong))
     return pairs
 
 
