@@ -314,6 +314,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
         return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if origin is tuple:  # fixed length, e.g. tuple[float, float, float]
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, et, f"{key}[{i}]") for i, (v, et) in enumerate(zip(value, args)))
     if origin is list:
         (et,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -397,6 +402,22 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' has an empty key")
     value = yaml.safe_load(raw) if raw.strip() else ""
     return key, value
+
+
+def replace_fields(obj: Any, overrides: typing.Sequence[str]) -> Any:
+    """A copy of the flat dataclass ``obj`` with ``key=value`` overrides, parsed and checked as config overrides are.
+
+    For dataclasses outside ``Config`` that take ``--set`` too (the world teacher's training schedule).
+    """
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{key}' (known here: {', '.join(sorted(names))})")
+        changes[key] = _coerce(value, hints[key], key)
+    return dataclasses.replace(obj, **changes)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from mmdc.actors import roles
+from mmdc.config import replace_fields
 from mmdc.data import world
 from mmdc.data.augment import rouge_l_f, tokenize
 from mmdc.data.world import QuestionSpec, Scene
@@ -533,35 +534,18 @@ def _tokenizer_sha(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()
 
 
-def schedule_with(name: str, overrides: dict[str, str] | None = None) -> Schedule:
-    """Schedule ``name`` with fields replaced by ``overrides`` (text values, cast to each field's type).
+def schedule_with(name: str, overrides: Sequence[str] = ()) -> Schedule:
+    """Schedule ``name`` with ``field=value`` overrides (``--set``), parsed and checked like the run's config overrides.
 
-    For experiments (``--set vision_steps=6000``); a tuple field takes comma-separated values. An unknown
-    schedule or field raises ``ValueError`` naming it and listing the valid ones.
+    For experiments (``--set vision_steps=6000 --set 'mix=[0.4,0.45,0.15]'``). An unknown schedule or
+    field, or a value of the wrong type, raises ``ValueError`` naming it.
     """
     if name not in SCHEDULES:
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {name!r}")
-    base = SCHEDULES[name]
-    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Schedule)}
-    cast = {}
-    for key, text in (overrides or {}).items():
-        if key not in fields:
-            raise ValueError(f"world teacher schedule has no field {key!r}; fields are {sorted(fields)}")
-        default = fields[key]
-        try:
-            if isinstance(default, tuple):
-                cast[key] = tuple(type(default[0])(v) for v in str(text).split(","))
-                if len(cast[key]) != len(default):
-                    raise ValueError(f"needs {len(default)} comma-separated values")
-            else:
-                cast[key] = type(default)(text)
-        except ValueError as exc:
-            raise ValueError(f"world teacher schedule field {key!r}: cannot read {text!r} as "
-                             f"{type(default).__name__} like {default!r} ({exc})") from None
-    return dataclasses.replace(base, **cast)
+    return replace_fields(SCHEDULES[name], overrides)
 
 
-def fingerprint(schedule_name: str, seed: int, tokenizer, spec, overrides: dict[str, str] | None = None) -> dict:
+def fingerprint(schedule_name: str, seed: int, tokenizer, spec, overrides: Sequence[str] = ()) -> dict:
     """What a world teacher was built from; any change (overrides included) means rebuild."""
     return {
         "builder_version": BUILDER_VERSION,
@@ -655,7 +639,7 @@ def build_world_teacher(
     schedule: str = "full",
     tokenizer_texts: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
-    overrides: dict[str, str] | None = None,
+    overrides: Sequence[str] = (),
 ) -> str:
     """Train the world teacher and save it (model + processor, HF format) atomically at ``out_dir``; return it.
 
@@ -857,20 +841,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="replace a schedule field for an experiment, e.g. --set vision_steps=6000 "
-                             "--set mix=0.4,0.45,0.15 (repeatable; recorded in the fingerprint)")
+                             "--set 'mix=[0.4,0.45,0.15]' (values as in the run's --set; recorded in the fingerprint)")
     args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected FIELD=VALUE")
-        overrides[key.strip()] = value.strip()
     try:
-        schedule_with(args.schedule, overrides)
+        schedule_with(args.schedule, args.set)
     except ValueError as exc:
         parser.error(str(exc))
     build_world_teacher(args.out, seed=args.seed, schedule=args.schedule, log=lambda m: print(m, flush=True),
-                        overrides=overrides)
+                        overrides=args.set)
     return 0
 
 

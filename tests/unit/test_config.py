@@ -1,10 +1,12 @@
 """mmdc/config.py: presets parse, overrides apply, unknown keys and wrong types are errors naming the key."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from mmdc.config import ConfigError, Config, dump_config, grad_accumulation, load_config, parse_override
+from mmdc.config import (ConfigError, Config, dump_config, grad_accumulation, load_config, parse_override,
+                         replace_fields)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -79,3 +81,21 @@ def test_parse_override_yaml_values():
     assert parse_override("a=true") == ("a", True)
     with pytest.raises(ConfigError):
         parse_override("novalue")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    steps: int
+    lr: float = 1e-3
+    mix: tuple[float, float] = (0.5, 0.5)
+
+
+def test_replace_fields_parses_like_config_overrides():
+    plan = replace_fields(_Plan(steps=3), ["lr=2e-5", "mix=[0.25, 0.75]"])
+    assert plan == _Plan(steps=3, lr=2e-5, mix=(0.25, 0.75))
+    with pytest.raises(ConfigError, match="unknown config key 'stpes' .*steps"):
+        replace_fields(plan, ["stpes=1"])
+    with pytest.raises(ConfigError, match="'mix' must be a list of 2 values"):
+        replace_fields(plan, ["mix=0.5"])
+    with pytest.raises(ConfigError, match=r"'mix\[1\]' must be a number"):
+        replace_fields(plan, ["mix=[0.5, x]"])

@@ -205,20 +205,22 @@ def test_fingerprint_tracks_schedule_seed_and_tokenizer(tmp_path):
 def test_schedule_overrides_are_typed_recorded_and_checked():
     from mmdc.train.tiny import TEACHER_SPEC, train_tokenizer
 
-    plan = wt.schedule_with("full", {"vision_steps": "6000", "lr": "1e-3", "mix": "0.4,0.45,0.15"})
+    plan = wt.schedule_with("full", ["vision_steps=6000", "lr=1e-3", "mix=[0.4, 0.45, 0.15]"])
     assert (plan.vision_steps, plan.lr, plan.mix) == (6000, 1e-3, (0.4, 0.45, 0.15))
     assert plan.steps == wt.SCHEDULES["full"].steps  # untouched fields keep the named schedule's values
     assert wt.schedule_with("full") == wt.SCHEDULES["full"]
     tok = train_tokenizer(["a small corpus about red circles"] * 5, vocab_size=300)
-    assert wt.fingerprint("full", 0, tok, TEACHER_SPEC, {}) == wt.fingerprint("full", 0, tok, TEACHER_SPEC)
-    changed = wt.fingerprint("full", 0, tok, TEACHER_SPEC, {"vision_steps": "6000"})
+    assert wt.fingerprint("full", 0, tok, TEACHER_SPEC, []) == wt.fingerprint("full", 0, tok, TEACHER_SPEC)
+    changed = wt.fingerprint("full", 0, tok, TEACHER_SPEC, ["vision_steps=6000"])
     assert changed != wt.fingerprint("full", 0, tok, TEACHER_SPEC) and changed["schedule"]["vision_steps"] == 6000
-    with pytest.raises(ValueError, match="no field 'vison_steps'.*vision_steps"):
-        wt.schedule_with("full", {"vison_steps": "6000"})
-    with pytest.raises(ValueError, match="'steps'.*'many'.*int"):
-        wt.schedule_with("full", {"steps": "many"})
-    with pytest.raises(ValueError, match="'mix'.*3 comma-separated"):
-        wt.schedule_with("full", {"mix": "0.5,0.5"})
+    with pytest.raises(ValueError, match="unknown config key 'vison_steps'.*vision_steps"):
+        wt.schedule_with("full", ["vison_steps=6000"])
+    with pytest.raises(ValueError, match="'steps' must be an integer, got 'many'"):
+        wt.schedule_with("full", ["steps=many"])
+    with pytest.raises(ValueError, match="'mix' must be a list of 3 values"):
+        wt.schedule_with("full", ["mix=[0.5, 0.5]"])
+    with pytest.raises(ValueError, match="key.path=value"):
+        wt.schedule_with("full", ["steps"])
     with pytest.raises(SystemExit):
         wt.main(["--out", "/nonexistent/never-built", "--set", "vison_steps=1"])
 
