@@ -11,6 +11,9 @@ attention.py). ``HFEngine`` answers two request shapes:
   (``request_mode: row``), so rows from many clients share a forward pass. Right when requests
   arrive one at a time from many callers, or when rows differ a lot in length.
 
+A request with ``score_reply`` is scored, not generated (protocol.py): the log-likelihood of that
+reply after the prompt, from one teacher-forced forward pass (``HFGenerator._score_chunk``).
+
 Sampling is reproducible per row and independent of how rows are batched: each row draws its
 own Gumbel noise from a generator seeded by the request's ``seed`` and decoding takes the
 argmax of ``logits / T + gumbel``, which is an exact sample from ``softmax(logits / T)``.
@@ -113,30 +116,83 @@ class HFGenerator:
         self._lock = threading.Lock()
 
     def generate(self, requests: list[dict]) -> list[dict]:
-        """Answer every request; rows are chunked to ``max_batch_size`` and grouped by image presence."""
+        """Answer every request; rows are chunked to ``max_batch_size`` and grouped by kind and image presence.
+
+        A request with ``score_reply`` is not generated: it gets the log-likelihood of that text as the
+        assistant's reply (protocol.py), one teacher-forced forward pass.
+        """
         results: list[dict | None] = [None] * len(requests)
         prepared = []
         for i, req in enumerate(requests):
             msgs, images = _to_hf_messages(req["messages"])
             prompt = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-            prepared.append((i, prompt, images))
-        with_images = [p for p in prepared if p[2]]
-        text_only = [p for p in prepared if not p[2]]
-        for group in (with_images, text_only):
-            for start in range(0, len(group), self.max_batch_size):
-                chunk = group[start : start + self.max_batch_size]
-                with self._lock:  # decoding images and templating above may overlap another batch
-                    outs = self._generate_chunk(chunk, [requests[i] for i, _, _ in chunk])
-                for (i, _, _), out in zip(chunk, outs):
-                    results[i] = out
+            reply = None
+            if "score_reply" in req:  # the template's own rendering of the reply turn, after the prompt
+                reply = self._reply_suffix(msgs, prompt, req["score_reply"])
+            prepared.append((i, prompt, images, reply))
+        for scoring in (False, True):
+            for has_images in (True, False):
+                group = [p for p in prepared if (p[3] is not None) == scoring and bool(p[2]) == has_images]
+                for start in range(0, len(group), self.max_batch_size):
+                    chunk = group[start : start + self.max_batch_size]
+                    with self._lock:  # decoding images and templating above may overlap another batch
+                        outs = (self._score_chunk(chunk) if scoring
+                                else self._generate_chunk(chunk, [requests[p[0]] for p in chunk]))
+                    for p, out in zip(chunk, outs):
+                        results[p[0]] = out
         return results  # type: ignore[return-value]
+
+    def _reply_suffix(self, msgs: list[dict], prompt: str, reply: str) -> str:
+        """The text the chat template adds after the generation prompt for an assistant ``reply`` (its stop token too)."""
+        if not isinstance(reply, str):
+            raise ValueError(f"score_reply must be text, got {type(reply).__name__}")
+        turn = {"role": "assistant", "content": [{"type": "text", "text": reply}]}
+        full = self.processor.apply_chat_template(msgs + [turn], add_generation_prompt=False, tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError("the chat template does not render the reply turn after its generation prompt; "
+                             "score_reply needs a template that does")
+        return full[len(prompt):]
+
+    def _score_chunk(self, chunk) -> list[dict]:
+        """Sum of log-probabilities of each row's reply tokens given its prompt (right-padded, one forward pass)."""
+        import torch
+
+        tok = self.processor.tokenizer
+        prompts = [p for _, p, _, _ in chunk]
+        images = [img for _, _, imgs, _ in chunk for img in imgs] or None
+        enc = self.processor(text=prompts, images=images, return_tensors="pt", padding=True)
+        rows, spans = [], []
+        for r, (_, _, _, reply) in enumerate(chunk):
+            prompt_ids = enc["input_ids"][r][enc["attention_mask"][r].bool()].tolist()  # image tokens expanded
+            reply_ids = tok(reply, add_special_tokens=False)["input_ids"]
+            rows.append(prompt_ids + reply_ids)
+            spans.append((len(prompt_ids), len(reply_ids)))
+        width = max(len(ids) for ids in rows)
+        input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, ids in enumerate(rows):  # right padding: positions start at 0 in every row, as when generating
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            mask[r, : len(ids)] = 1
+        inputs = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
+        if "pixel_values" in enc:
+            inputs["pixel_values"] = enc["pixel_values"].to(self.device, self.model.dtype)
+        with torch.inference_mode():
+            logits = self.model(**inputs).logits  # [batch, width, vocab]
+        results = []
+        for r, (start, n) in enumerate(spans):
+            logp = torch.log_softmax(logits[r, start - 1 : start + n - 1].float(), dim=-1)  # predicts the reply
+            target = input_ids[r, start : start + n].to(logp.device)
+            total = float(logp.gather(-1, target.unsqueeze(-1)).sum()) if n else 0.0
+            results.append({"text": "", "logprob": total, "scored_tokens": n, "prompt_tokens": start,
+                            "completion_tokens": 0, "finish_reason": "score"})
+        return results
 
     def _generate_chunk(self, chunk, reqs) -> list[dict]:
         import torch
         from transformers import LogitsProcessorList
 
-        prompts = [p for _, p, _ in chunk]
-        images = [img for _, _, imgs in chunk for img in imgs] or None
+        prompts = [p for _, p, _, _ in chunk]
+        images = [img for _, _, imgs, _ in chunk for img in imgs] or None
         inputs = self.processor(text=prompts, images=images, return_tensors="pt", padding=True)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:

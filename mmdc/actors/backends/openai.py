@@ -32,6 +32,8 @@ from mmdc.actors.backends.protocol import EngineHTTPError, Outcome
 
 def chat_body(request: dict, model: str) -> dict:
     """Our request -> an OpenAI chat-completions body (non-streaming, one choice)."""
+    if "score_reply" in request:  # config.validate keeps likelihood scoring on hf; this keeps it from being ignored
+        raise ValueError("score_reply (likelihood scoring) is served by the hf backend only, not by chat completions")
     body = {"model": model, "messages": request["messages"], "n": 1, "stream": False,
             "temperature": float(request.get("temperature", 0.0)),
             "max_tokens": int(request.get("max_new_tokens", 64))}

@@ -4,6 +4,13 @@
                 "temperature": 0.5, "max_new_tokens": 64, "seed": 1234}
     response = {"text": "...", "prompt_tokens": 250, "completion_tokens": 12, "finish_reason": "stop"}
 
+A request with ``"score_reply": "text"`` is scored instead of answered (hf backend only; the
+likelihood referee, ``calibration.referee_scoring``): the reply gets the log-likelihood of that
+text as the assistant's turn after ``messages``, stop token included,
+
+    response = {"text": "", "logprob": -3.2, "scored_tokens": 6, "prompt_tokens": 250,
+                "completion_tokens": 0, "finish_reason": "score"}
+
 A client (``EngineClient``) takes a list of requests and returns one *outcome* per request, in
 order: the response dict, or the exception that request ended with. Returning exceptions instead
 of raising lets a per-row backend (vLLM, an OpenAI endpoint, hf in row mode) retry only the rows
