@@ -178,6 +178,12 @@ class CalibrationConfig:
     # for the ablation: no assessment, the augmentor's parents are drawn at random from the cache pool.
     selection: Literal["hard", "random"] = "hard"
     random_fraction: float = 0.5  # selection = random: share of the cache pool drawn as parents each iteration
+    # How the referee scores (selection = hard). reply: the paper's Table 6 referee prompt, scores read from
+    # its text reply. likelihood: each answer scored 1 + 9 x its mean per-token probability under the Table 6
+    # teacher prompt, one forward pass on the teacher engine (hf backend only), written as a reply in the
+    # paper's format. For a model that knows answers but cannot judge them, like the tiny world teacher
+    # (benchmarks/results/teacher_quality.md); the paper's models use reply.
+    referee_scoring: Literal["reply", "likelihood"] = "reply"
 
 
 @dataclass
@@ -463,6 +469,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("calibration.rouge_l_threshold must be in (0, 1]")
     if not 0 < cfg.calibration.random_fraction <= 1:
         raise ConfigError("calibration.random_fraction must be in (0, 1]")
+    teacher_engine = cfg.engines.get("teacher")
+    if cfg.calibration.referee_scoring == "likelihood" and teacher_engine and teacher_engine.backend != "hf":
+        raise ConfigError("calibration.referee_scoring: likelihood reads answer probabilities from the teacher "
+                          f"engine, which only backend hf serves (engines.teacher.backend is "
+                          f"{teacher_engine.backend!r}); use referee_scoring: reply")
     for stage in ("align", "tune"):
         if getattr(cfg, stage).checkpoint_every_steps < 0:
             raise ConfigError(f"{stage}.checkpoint_every_steps must be >= 0 (0: save only the final checkpoint)")

@@ -24,6 +24,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -338,7 +339,8 @@ class Driver:
             with_teacher, stats = self.teacher_answers(cache, k, "assess")
             table = pa.Table.from_pandas(with_teacher, preserve_index=False)
             scored = run_stages(table, [self.stage(StudentStage, "student", self.cfg.roles.student),
-                                        self.stage(RefereeStage, "teacher", self.cfg.roles.referee)],
+                                        self.stage(RefereeStage, "teacher", self.cfg.roles.referee,
+                                                   scoring=c.referee_scoring)],
                                 self.rd.phase_output(k, "assess"), self.cfg.pipeline).to_pandas()
             scored = scored.sort_values("instruction_id", kind="stable").reset_index(drop=True)
             assessment = assess_table(scored, self.cfg.calibration.tau)
@@ -469,8 +471,8 @@ class Driver:
         df = pd.concat([pd.read_parquet(f) for f in files]).drop_duplicates("cache_key")
         return df.set_index("cache_key")
 
-    def stage(self, cls, engine: str, sampling):
-        """A Ray Data stage bound to ``engine``, deploying the engine first if it is not serving yet."""
+    def stage(self, cls, engine: str, sampling, **extra: Any):
+        """A Ray Data stage bound to ``engine`` (``extra``: the stage's own keyword arguments), deploying it first."""
         from mmdc.actors.engines import deployment_name
         from mmdc.data.pipelines import StageSpec
 
@@ -479,7 +481,7 @@ class Driver:
                                "sampling": to_dict(sampling), "run_seed": self.cfg.run.seed,
                                "image_root": self.image_root,
                                "timeout_s": self.cfg.engines[engine].request_timeout_s,
-                               "engine": to_dict(self.cfg.engines[engine])},
+                               "engine": to_dict(self.cfg.engines[engine]), **extra},
                          scope=self.stage_scope)
 
     def deploy(self, engine: str) -> None:

@@ -157,6 +157,30 @@ def assess_table(df: pd.DataFrame, tau: float) -> pd.DataFrame:
     return out[list(ASSESSMENT_COLUMNS)]
 
 
+# The explanation line of a likelihood reply: no digits, so the parser reads the scores from the first line only.
+LIKELIHOOD_EXPLANATION = ("Scored by likelihood: each score grows with the mean probability the teacher gives "
+                          "each token of that answer, given the image and the question.")
+
+
+def likelihood_score(logprob: float, tokens: int) -> float:
+    """An answer's referee score from its log-likelihood under the teacher prompt (``referee_scoring: likelihood``).
+
+    1 + 9 x the geometric mean of its token probabilities, so it lies in 1..10 like a referee's
+    score, and a long answer is not punished for its length (a sum would make every description
+    "worse" than every yes). ``tokens`` counts the scored tokens, the stop token included.
+    """
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens must be a positive integer, got {tokens!r}")
+    if not math.isfinite(logprob) or logprob > 1e-6:
+        raise ValueError(f"logprob must be a finite log-probability (<= 0), got {logprob!r}")
+    return SCORE_MIN + (SCORE_MAX - SCORE_MIN) * math.exp(min(0.0, logprob) / tokens)
+
+
+def likelihood_reply(score_1: float, score_2: float) -> str:
+    """Two likelihood scores written as the paper's referee reply: the scores on the first line, then why."""
+    return f"{score_1:.2f} {score_2:.2f}\n{LIKELIHOOD_EXPLANATION}"
+
+
 def random_selection(cache: pd.DataFrame, fraction: float, seed: int, iteration: int) -> pd.DataFrame:
     """The plain-distillation stand-in for an assessment (``calibration.selection: random``).
 

@@ -139,11 +139,24 @@ class RefereeStage(ServeStage):
     ``referee_replies``; ``reply_teacher_first`` / ``reply_student_first`` hold the last reply of
     each order (a parseable one if any attempt parsed). Scoring itself is the pure
     ``mmdc.data.calibration.combine_orders``.
+
+    ``scoring="likelihood"`` (``calibration.referee_scoring``) asks the engine for each answer's
+    log-likelihood under the Table 6 teacher prompt instead of a reply to the referee prompt, and
+    writes both orders as replies in the paper's format (``calibration.likelihood_reply``), so
+    everything downstream reads them as it reads a referee's.
     """
 
     role = roles.Role.REFEREE
 
+    def __init__(self, *args: Any, scoring: str = "reply", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if scoring not in ("reply", "likelihood"):
+            raise ValueError(f"referee scoring must be 'reply' or 'likelihood', got {scoring!r}")
+        self.scoring = scoring
+
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        if self.scoring == "likelihood":
+            return self._by_likelihood(batch)
         n = len(batch)
         ids = batch["instruction_id"].tolist()
         questions, teach, stud = batch["question"].tolist(), batch["teacher_answer"].tolist(), batch["student_answer"].tolist()
@@ -174,6 +187,27 @@ class RefereeStage(ServeStage):
         batch["referee_replies"] = all_replies
         batch["reply_teacher_first"] = final["A"]
         batch["reply_student_first"] = final["B"]
+        return batch
+
+    def _by_likelihood(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from mmdc.data.calibration import likelihood_reply, likelihood_score
+
+        ids = batch["instruction_id"].tolist()
+        reqs, req_ids = [], []
+        for iid, q, img, t, s in zip(ids, batch["question"], batch["image"], batch["teacher_answer"],
+                                     batch["student_answer"]):
+            messages = roles.teacher_messages(q, self.url(img))
+            for who, answer in (("teacher", t), ("student", s)):
+                reqs.append({"messages": messages, "score_reply": answer})
+                req_ids.append(f"{iid}:{who}")
+        outs = self.call(reqs, req_ids)
+        scores = [likelihood_score(o["logprob"], o["scored_tokens"]) for o in outs]
+        teacher, student = scores[0::2], scores[1::2]
+        batch = batch.copy()
+        batch["reply_teacher_first"] = [likelihood_reply(t, s) for t, s in zip(teacher, student)]
+        batch["reply_student_first"] = [likelihood_reply(s, t) for t, s in zip(teacher, student)]
+        batch["referee_replies"] = [[f"[A0] {a}", f"[B0] {b}"] for a, b in
+                                    zip(batch["reply_teacher_first"], batch["reply_student_first"])]
         return batch
 
 

@@ -99,3 +99,14 @@ def test_replace_fields_parses_like_config_overrides():
         replace_fields(plan, ["mix=0.5"])
     with pytest.raises(ConfigError, match=r"'mix\[1\]' must be a number"):
         replace_fields(plan, ["mix=[0.5, x]"])
+
+
+def test_likelihood_referee_needs_an_hf_teacher_engine():
+    cfg = load_config(None, ["calibration.referee_scoring=likelihood"])
+    assert cfg.calibration.referee_scoring == "likelihood"
+    with pytest.raises(ConfigError, match=r"calibration.referee_scoring: likelihood .*engines.teacher.backend is 'openai'"):
+        load_config(None, ["calibration.referee_scoring=likelihood", "engines.teacher.backend=openai",
+                           "engines.teacher.base_url=http://127.0.0.1:9/v1", "engines.teacher.model_name=judge",
+                           "engines.teacher.replicas=0"])
+    with pytest.raises(ConfigError, match="referee_scoring"):
+        load_config(None, ["calibration.referee_scoring=votes"])

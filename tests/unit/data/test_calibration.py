@@ -164,3 +164,23 @@ def test_random_selection_marks_a_seeded_fraction_hard_and_the_rest_easy():
     other = random_selection(cache, 0.3, seed=0, iteration=2)  # a new draw each iteration
     assert int(other["hard"].sum()) == 3
     pa.Table.from_pandas(a, preserve_index=False)  # writes to Parquet as the driver does
+
+
+def test_likelihood_score_is_the_geometric_mean_probability_on_the_referee_scale():
+    from mmdc.data.calibration import likelihood_score
+
+    assert likelihood_score(0.0, 3) == 10.0  # certain
+    assert likelihood_score(4 * math.log(0.5), 4) == pytest.approx(5.5)  # every token at p = 0.5
+    assert likelihood_score(-1000.0, 2) == pytest.approx(1.0)  # impossible: the bottom of the scale, not below
+    assert likelihood_score(-2.0, 4) > likelihood_score(-2.0, 2)  # the same total over more tokens is better per token
+    for bad_logprob, bad_tokens in [(0.5, 2), (float("nan"), 2), (-1.0, 0), (-1.0, True)]:
+        with pytest.raises(ValueError):
+            likelihood_score(bad_logprob, bad_tokens)
+
+
+def test_likelihood_reply_reads_back_as_a_referee_reply():
+    from mmdc.actors.roles import parse_referee
+    from mmdc.data.calibration import likelihood_reply
+
+    assert parse_referee(likelihood_reply(8.4312, 1.0)) == (8.43, 1.0)
+    assert combine_orders(likelihood_reply(9, 2), likelihood_reply(2, 9))["score_student"] == 2.0

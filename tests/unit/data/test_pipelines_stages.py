@@ -114,3 +114,40 @@ def test_a_stage_gives_up_with_the_role_and_rows(batch, tmp_path):
     stage.client = Dead()
     with pytest.raises(EngineError, match=r"teacher engine failed on 5 row\(s\) \[i0, i1, i2, i3, i4\] after 2"):
         stage(batch)
+
+
+class LikelihoodClient:
+    """Scores each reply by its text: "right" answers are likely, anything else is not."""
+
+    def __init__(self):
+        self.requests = []
+
+    def generate(self, requests):
+        self.requests.extend(requests)
+        return [{"text": "", "logprob": -0.1 * 4 if r["score_reply"] == "right" else -2.0 * 4, "scored_tokens": 4,
+                 "prompt_tokens": 9, "completion_tokens": 0, "finish_reason": "score"} for r in requests]
+
+
+def test_likelihood_referee_scores_answers_under_the_teacher_prompt(batch, tmp_path):
+    from mmdc.actors import roles
+    from mmdc.data.calibration import assess_table
+
+    batch = batch.assign(teacher_answer="right", student_answer=["right", "wrong", "right", "wrong", "wrong"])
+    stage = RefereeStage("teacher", "unused", SAMPLING, run_seed=0, image_root=str(tmp_path), engine=OPENAI,
+                         scoring="likelihood")
+    stage.client = LikelihoodClient()
+    out = stage(batch)
+    sent = stage.client.requests
+    assert len(sent) == 10 and [r["score_reply"] for r in sent[:4]] == ["right", "right", "right", "wrong"]
+    teacher_prompt = roles.teacher_messages("question 1?", stage.url("red.png"))
+    assert sent[2]["messages"] == sent[3]["messages"] == teacher_prompt  # the teacher's Table 6 prompt, no referee's
+    assert [roles.parse_referee(r) for r in out["reply_teacher_first"][:2]] == [(9.14, 9.14), (9.14, 2.22)]
+    assert roles.parse_referee(out["reply_student_first"][1]) == (2.22, 9.14)
+    assessed = assess_table(out.assign(image_id="img"), tau=0.33)
+    assert assessed["hard"].tolist() == [False, True, False, True, True]
+    assert all(len(r) == 2 for r in assessed["referee_replies"])
+
+
+def test_referee_scoring_must_be_known(tmp_path):
+    with pytest.raises(ValueError, match="'reply' or 'likelihood'"):
+        RefereeStage("teacher", "unused", SAMPLING, run_seed=0, engine=OPENAI, scoring="votes")
