@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -158,9 +157,7 @@ def test_end_to_end_tiny_student_on_a_tiny_world(world_dir, tmp_path):
     student = ensure_tiny_models(cache, world.world_corpus(), seed=0)["student"]
     gen = HFGenerator(student, max_batch_size=16)
     cfg = load_config(None, ["eval.limit=6", "eval.benchmarks=[world, world_mc]"])
-    started = time.monotonic()
     results = iteration.evaluate_iteration(cfg, tmp_path / "a", 0, "student", gen, world_dir, model=student)
-    assert time.monotonic() - started < 20
     assert results["world"]["metrics"]["n"] == 6 and results["world_mc"]["metrics"]["n"] == 6
     samples = [json.loads(line) for line in (tmp_path / "a" / "eval" / "world" / "iter_0.samples.jsonl")
                .read_text().splitlines()]
