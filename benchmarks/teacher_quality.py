@@ -8,7 +8,7 @@ Table 6 requests of ``mmdc.actors.roles`` and images as data URLs: exactly
 what the Serve engine does in a run. Measured:
 
 - teacher: accuracy per question family (``world.grade``);
-- referee: how often the reply parses (``roles.parse_referee``); for
+- referee (``--referee-scoring``, default configs/tiny.yaml's): how often the reply parses (``roles.parse_referee``); for
   (correct, wrong) answer pairs, how often the correct one scores higher, per
   order and after averaging both orders (what the assessment does); and the
   Eq. 6 split that follows (tau = 0.33): a wrong student answer should be
@@ -47,12 +47,14 @@ from mmdc.actors.engines import HFGenerator
 from mmdc.config import load_config
 from mmdc.data import world
 from mmdc.data.augment import contains_answer, is_one_sentence, rouge_l_f, tokenize
+from mmdc.data.calibration import likelihood_reply, likelihood_score
 from mmdc.data.images import to_data_url
 from mmdc.train import world_teacher as wt
 
 TAU = 0.33
 # Per-role sampling exactly as the embedded default runs it (configs/tiny.yaml roles.*).
-_ROLES = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").roles
+_TINY = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+_ROLES = _TINY.roles
 SAMPLING = {role: {"temperature": getattr(_ROLES, role).temperature, "max_new_tokens": getattr(_ROLES, role).max_new_tokens}
             for role in ("teacher", "referee", "augmentor")}
 
@@ -94,8 +96,18 @@ def eq6(score_student: float, score_teacher: float) -> float:
     return (abs(score_student - score_teacher) + 1) / max(score_student, score_teacher)
 
 
-def measure(model_dir: str, rows: list, seed: int) -> dict:
-    """Run all three jobs on ``rows`` and return the numbers."""
+def _likelihood_replies(gen: HFGenerator, requests: list[dict], batch: int = 16) -> list[str]:
+    """Score requests for (good, other) answer pairs -> the two replies per pair (good first, good second)."""
+    started = time.perf_counter()
+    outs = [o for start in range(0, len(requests), batch) for o in gen.generate(requests[start:start + batch])]
+    print(f"  {len(requests)} score requests in {time.perf_counter() - started:.0f}s", flush=True)
+    scores = [likelihood_score(o["logprob"], o["scored_tokens"]) for o in outs]
+    return [reply for good, other in zip(scores[0::2], scores[1::2])
+            for reply in (likelihood_reply(good, other), likelihood_reply(other, good))]
+
+
+def measure(model_dir: str, rows: list, seed: int, referee_scoring: str = "reply") -> dict:
+    """Run all three jobs on ``rows`` and return the numbers (the referee as ``calibration.referee_scoring``)."""
     gen = HFGenerator(model_dir, max_batch_size=16)
     urls = {path: to_data_url(path) for _, path, _, _ in rows}
     results: dict = {}
@@ -118,11 +130,16 @@ def measure(model_dir: str, rows: list, seed: int) -> dict:
         pairs.append((kind, row, world.answer(scene, spec), wrong, False))
         short = wt.short_answer(scene, spec) or world.answer(scene, spec)
         pairs.append(("both_correct", row, world.answer(scene, spec), short, True))
-    msgs = []
-    for _, (scene, p, q, _), good, other, _ in pairs:
-        msgs.append(roles.referee_messages(q, good, other, urls[p]))  # good first
-        msgs.append(roles.referee_messages(q, other, good, urls[p]))  # good second
-    replies = _ask(gen, "referee", msgs, seed + 100_000)
+    if referee_scoring == "likelihood":  # the teacher prompt, each answer scored; replies as the stage writes them
+        msgs = [{"messages": roles.teacher_messages(q, urls[p]), "score_reply": answer}
+                for _, (_, p, q, _), good, other, _ in pairs for answer in (good, other)]
+        replies = _likelihood_replies(gen, msgs)
+    else:
+        msgs = []
+        for _, (scene, p, q, _), good, other, _ in pairs:
+            msgs.append(roles.referee_messages(q, good, other, urls[p]))  # good first
+            msgs.append(roles.referee_messages(q, other, good, urls[p]))  # good second
+        replies = _ask(gen, "referee", msgs, seed + 100_000)
     parsed = []
     for reply in replies:
         try:
@@ -183,7 +200,8 @@ def measure(model_dir: str, rows: list, seed: int) -> dict:
     # Latency: 16 referee requests, one thread, as the engine runs in the embedded default.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    batch = [{"messages": m, **SAMPLING["referee"], "seed": i} for i, m in enumerate(msgs[:16])]
+    batch = (msgs[:16] if referee_scoring == "likelihood"
+             else [{"messages": m, **SAMPLING["referee"], "seed": i} for i, m in enumerate(msgs[:16])])
     gen.generate(batch)  # warm-up
     times = []
     for _ in range(3):
@@ -223,7 +241,8 @@ def report(results: dict, args: argparse.Namespace, model_dir: str, build: dict 
         lines.append(f"| {family} | {_pct(ok, n)} |")
         total[0] += ok
         total[1] += n
-    lines += [f"| **overall** | {_pct(*total)} |", "", "## Referee", ""]
+    lines += [f"| **overall** | {_pct(*total)} |", "", "## Referee", "",
+              f"Scoring (calibration.referee_scoring): `{args.referee_scoring}`.", ""]
     lines.append(f"Replies that parse (roles.parse_referee): {_pct(results['referee_parsed'], results['referee_replies'])}")
     lines += ["", "| pairs | n | correct scored higher, correct first | correct scored higher, correct second "
               "| mean of both orders higher | Eq. 6 hard (tau 0.33) |", "|---|---|---|---|---|---|"]
@@ -266,6 +285,9 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--referee-max-new-tokens", type=int, default=None,
                         help="override configs/tiny.yaml's referee cap (a referee that reasons before scoring)")
+    parser.add_argument("--referee-scoring", choices=("reply", "likelihood"),
+                        default=_TINY.calibration.referee_scoring,
+                        help="how the referee scores (calibration.referee_scoring; default: configs/tiny.yaml's)")
     args = parser.parse_args()
     if args.referee_max_new_tokens is not None:
         SAMPLING["referee"]["max_new_tokens"] = args.referee_max_new_tokens
@@ -276,7 +298,7 @@ def main() -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         rows = load_test_split(Path(tmp) / "world", args.test_images, args.world_seed)
-        results = measure(model_dir, rows, seed=1234)
+        results = measure(model_dir, rows, seed=1234, referee_scoring=args.referee_scoring)
     results["n_questions"] = len(rows)
     text = report(results, args, model_dir, wt.read_fingerprint(model_dir), time.perf_counter() - start)
     print(text)
