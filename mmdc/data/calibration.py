@@ -11,6 +11,11 @@ hard iff S >= tau. Scores must lie in 1..10, so S lies in [0.1, 1] and is
 never a division by zero. A reply that cannot be read is never turned into a
 number: the row is kept, marked unscored, with the reason and the raw replies,
 so a user can see what the referee said.
+
+With ``calibration.referee_scoring: likelihood`` the two scores come from the
+teacher's probability of each answer instead of a referee reply
+(``likelihood_score``); they are written as a reply in the paper's format
+(``likelihood_reply``), so the maths above and the assessment files are the same.
 """
 
 from __future__ import annotations
