@@ -519,8 +519,9 @@ class _Loop:
         self.engine, self.feeder, self.cfg, self.config = engine, feeder, cfg, config
         self.rank, self.device, self.state, self.p = rank, device, state, progress
         self.placeholder: dict[str, Any] | None = None
-        # loss_sum, micro_count, samples, tokens since the last step; [4] = rank 0's 'report now' vote
-        self.window = torch.zeros(5, dtype=torch.float64)
+        # loss_sum, micro_count, samples, tokens since the last step; [4] = rank 0's 'report now' vote.
+        # Every tensor a collective sees lives on the worker's device: NCCL (GPU workers) has no CPU tensors.
+        self.window = torch.zeros(5, dtype=torch.float64, device=device)
         self.start = self.window_start = self.last_report = time.perf_counter()
         self.elapsed_before = progress.elapsed_s
 
@@ -539,12 +540,12 @@ class _Loop:
                     break
             while True:
                 rows = next(batches, None)
-                alive = torch.tensor([0 if rows is None else 1], dtype=torch.int64)
+                alive = torch.tensor([0 if rows is None else 1], dtype=torch.int64, device=self.device)
                 dist.all_reduce(alive, op=dist.ReduceOp.MIN)  # every worker must still have a batch
                 if alive.item() == 0:
                     break
                 self.micro(rows, epoch)
-        dropped = torch.tensor([self.p.dropped, self.p.empty], dtype=torch.int64)
+        dropped = torch.tensor([self.p.dropped, self.p.empty], dtype=torch.int64, device=self.device)
         dist.all_reduce(dropped)
         p = self.p
         return {
@@ -576,7 +577,7 @@ class _Loop:
         self.p.empty += weight == 0.0
         if weight:
             n, toks = batch["input_ids"].shape[0], int(batch["attention_mask"].sum())
-            self.window[:4] += torch.tensor([float(loss.detach()), 1.0, n, toks], dtype=torch.float64)
+            self.window[:4] += torch.tensor([float(loss.detach()), 1.0, n, toks], dtype=torch.float64, device=self.device)
         if stepped:
             self.finish_step(lr, epoch)
 

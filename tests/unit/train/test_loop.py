@@ -107,8 +107,8 @@ class _TinyLM:
         return Model()
 
 
-@pytest.fixture
-def gloo_group():
+def _process_group(backend: str):
+    """A one-process group (world size 1) on a free local port."""
     import socket
 
     import torch.distributed as dist
@@ -116,7 +116,14 @@ def gloo_group():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+@pytest.fixture
+def gloo_group():
+    import torch.distributed as dist
+
+    _process_group("gloo")
     yield
     dist.destroy_process_group()
 
@@ -152,3 +159,81 @@ def test_ddp_state_round_trip_continues_like_an_uninterrupted_run(gloo_group, tm
         assert torch.allclose(a, b, atol=1e-7)
     saved = torch.load(tmp_path / "step_00000002" / "ddp.pt", weights_only=False)
     assert set(saved["model"]) == {"head.weight", "head.bias"}  # frozen weights come from init_checkpoint
+
+
+class _ArrowShard:
+    """What ``ray.train.get_dataset_shard`` gives a worker, reduced to the one call the loop makes."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    def iter_batches(self, batch_size: int, batch_format: str):
+        import pyarrow as pa
+
+        assert batch_format == "pyarrow"
+        for i in range(0, len(self.rows), batch_size):
+            yield pa.Table.from_pylist(self.rows[i:i + batch_size])
+
+
+class _TokenFeeder:
+    """Rows -> a token batch; no processor or images (the loop's collectives are under test, not formatting)."""
+
+    def batch(self, rows: list[dict], epoch: int):
+        import torch
+
+        ids = torch.tensor([[r["token"], r["token"] + 1, 1] for r in rows])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, []
+
+
+def _token_model():
+    import torch
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Embedding(16, 4)
+            self.head = torch.nn.Linear(4, 1)
+
+        def forward(self, input_ids, attention_mask):
+            out = type("Out", (), {})()
+            out.loss = (self.head(self.embed(input_ids)).squeeze(-1) * attention_mask).pow(2).mean()
+            return out
+
+    return Model()
+
+
+@pytest.mark.parametrize("backend", [
+    "gloo",
+    pytest.param("nccl", marks=pytest.mark.gpu),  # NCCL has no CPU tensors: the collectives must follow the device
+])
+def test_loop_runs_its_collectives_on_the_workers_device(backend, monkeypatch, tmp_path):
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    if backend == "nccl" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rows = [{"token": t} for t in range(7)]  # micro batches of 2: 4 per epoch, the last one short
+    reports: list[dict] = []
+    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: _ArrowShard(rows))
+    monkeypatch.setattr(ray.train, "report", reports.append)
+    cfg = TrainConfig(strategy="ddp", lr=0.05, num_workers=1, micro_batch_size=2, global_batch_size=2, epochs=2,
+                      checkpoint_every_steps=0)
+    config = {"stage": "tune", "run_name": "t", "total_steps": 8, "metrics_path": None, "stop_after_steps": 0}
+    _process_group(backend)
+    try:
+        model = _token_model().to(device)
+        optimizer, scheduler = loop._optimizer_and_schedule(model, cfg, total_steps=8)
+        engine = loop._DDPEngine(model, optimizer, scheduler, cfg, accum=1, device=device)
+        state = loop._TrainState(tmp_path / "state", {})
+        metrics = loop._Loop(engine, _TokenFeeder(), cfg, config, 0, device, state, loop._Progress()).run()
+    finally:
+        dist.destroy_process_group()
+    assert (metrics["steps"], metrics["samples"], metrics["tokens"]) == (8, 14, 42)
+    assert metrics["dropped_samples"] == 0 and metrics["empty_micro_batches"] == 0
+    assert metrics["final_loss"] < metrics["first_loss"]
+    assert reports[-1]["step"] == 8  # the last step is always reported
