@@ -23,8 +23,8 @@ Built-in presets (``--preset``; groups ``table4``, ``table5``, ``plain``, ``all`
 The summary (``<out>/summary.md`` and ``summary.json``) has one row per variant:
 mean ± standard deviation over seeds of the final iteration's score per
 benchmark (the paper's one-number Tables 4/5), then every column per benchmark,
-then the headline score per iteration (Figure 4 over seeds); the teacher's
-score is the reference row.
+then the headline score per iteration (Figure 4 over seeds) and every column
+per iteration; the teacher's score is the reference row.
 """
 
 from __future__ import annotations
@@ -215,16 +215,13 @@ def _numeric(payload: dict) -> dict[str, float]:
             if isinstance(metrics.get(c), (int, float)) and not isinstance(metrics.get(c), bool)}
 
 
-def _curve(path: Path) -> dict[str, dict[int, float]]:
-    """{benchmark: {iteration: headline score}} of one run (Figure 4)."""
-    from mmdc.eval.harness import headline
+def _curves(path: Path) -> dict[str, dict[int, dict[str, float]]]:
+    """{benchmark: {iteration: {column: score}}} of one run: Figure 4 (the headline column) and, per
+    column (the world's question families, say), where the student gained or did not."""
     from mmdc.eval.iteration import iterations, load_results
 
-    curves: dict[str, dict[int, float]] = {}
-    for benchmark, runs in load_results(path).items():
-        column = headline(benchmark)
-        curves[benchmark] = {k: v for k, p in iterations(runs) if (v := _numeric(p).get(column)) is not None}
-    return curves
+    return {benchmark: {k: cols for k, p in iterations(runs) if (cols := _numeric(p))}
+            for benchmark, runs in load_results(path).items()}
 
 
 # What each run's loop did, from its metrics.jsonl: (label, phase, key, how one number per run is
@@ -267,13 +264,14 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
 
 def build_summary(out: Path, variants: Sequence[Variant], seeds: Sequence[int]) -> dict:
     """Collect every run's final scores and aggregate them per variant (pure: reads the run directories only)."""
+    from mmdc.eval.harness import headline
     from mmdc.eval.iteration import TEACHER, load_results
 
     summary: dict[str, Any] = {"seeds": list(seeds), "variants": {}, "teacher": {}, "benchmarks": {}}
     for variant in variants:
         per_seed: dict[str, Any] = {}
         values: dict[str, dict[str, list[float]]] = {}
-        curves: dict[str, dict[int, list[float]]] = {}
+        curves: dict[str, dict[int, dict[str, list[float]]]] = {}
         process: dict[str, list[float]] = {}
         missing = []
         for seed in seeds:
@@ -290,9 +288,10 @@ def build_summary(out: Path, variants: Sequence[Variant], seeds: Sequence[int]) 
                     values.setdefault(benchmark, {}).setdefault(column, []).append(value)
             for label, value in process_stats(path).items():
                 process.setdefault(label, []).append(value)
-            for benchmark, curve in _curve(path).items():
-                for k, value in curve.items():
-                    curves.setdefault(benchmark, {}).setdefault(k, []).append(value)
+            for benchmark, curve in _curves(path).items():
+                for k, cols in curve.items():
+                    for column, value in cols.items():
+                        curves.setdefault(benchmark, {}).setdefault(k, {}).setdefault(column, []).append(value)
             for benchmark, runs in load_results(path).items():
                 if TEACHER in runs and benchmark not in summary["teacher"]:
                     summary["teacher"][benchmark] = _numeric(runs[TEACHER])
@@ -301,7 +300,10 @@ def build_summary(out: Path, variants: Sequence[Variant], seeds: Sequence[int]) 
             "runs": per_seed,
             "missing_seeds": missing,
             "final": {b: {c: _stats(v) for c, v in cols.items()} for b, cols in values.items()},
-            "per_iteration": {b: {str(k): _stats(v) for k, v in sorted(c.items())} for b, c in curves.items()},
+            "per_iteration": {b: {str(k): _stats(cols[headline(b)]) for k, cols in sorted(c.items())
+                                  if headline(b) in cols} for b, c in curves.items()},
+            "per_iteration_columns": {b: {str(k): {col: _stats(v) for col, v in cols.items()}
+                                          for k, cols in sorted(c.items())} for b, c in curves.items()},
             "process": {label: _stats(v) for label, v in process.items()},
         }
     return summary
@@ -320,7 +322,8 @@ def _number(value: float | None, decimals: int) -> str:
 
 
 def render_summary(summary: dict) -> str:
-    """The Markdown summary: headline table (Tables 4/5), full columns per benchmark, headline per iteration."""
+    """The Markdown summary: headline table (Tables 4/5), full columns per benchmark, headline per iteration
+    (Figure 4), every column per iteration, then what the loop did."""
     from mmdc.eval.harness import TABLE_DECIMALS, headline
 
     benchmarks = list(summary["benchmarks"])
@@ -361,6 +364,12 @@ def render_summary(summary: dict) -> str:
             for name, v in variants.items():
                 curve = v["per_iteration"].get(b, {})
                 lines.append(_row([name, *[_cell(curve.get(str(k)), decimals) for k in ks]]))
+            lines.append("")
+            lines += [f"### {b}: every column per iteration", "",
+                      _row(["variant", "iteration", *columns]), _rule(len(columns) + 2)]
+            for name, v in variants.items():
+                for k, cols in v.get("per_iteration_columns", {}).get(b, {}).items():
+                    lines.append(_row([name, k, *[_cell(cols.get(c), decimals) for c in columns]]))
             lines.append("")
 
     places = {label: d for label, *_, d in PROCESS}

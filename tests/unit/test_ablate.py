@@ -137,6 +137,11 @@ def test_summary_mean_and_spread_over_seeds(tmp_path):
     assert "| variant | Avg | exist |" in text and "| mmdc | 65.00 ± 7.07 | 66.00 ± 7.07 |" in text
     assert "| variant | iteration 0 | iteration 1 | iteration 2 |" in text
     assert "| plain | 20.50 ± 0.71 | 32.50 ± 3.54 | 50.00 |" in text  # one seed reached iteration 2: no spread
+    per_column = summary["variants"]["mmdc"]["per_iteration_columns"]["world"]
+    assert per_column["2"]["exist"]["mean"] == 66.0 and per_column["2"]["exist"]["n"] == 2
+    assert "| variant | iteration | Avg | exist |" in text
+    assert "| mmdc | 1 | 42.00 ± 2.83 | 43.00 ± 2.83 |" in text
+    assert "| plain | 2 | 50.00 | 51.00 |" in text  # one seed reached iteration 2
     assert "tau_1: seeds 0, 1" in text and "plain seed 1" in text
     process = summary["variants"]["mmdc"]["process"]  # seed runs of 2 iterations: k = 1, 2
     assert process["tuning rows per iteration"]["mean"] == 115.0
