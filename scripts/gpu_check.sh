@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# GPU check of the embedded default, run from the repository root on a CUDA machine.
+#
+# Runs one iteration of the tiny-world job on the GPU: hf engines in fp16, stage 1 DDP with fp16 autocast and
+# GradScaler, stage 2 DeepSpeed ZeRO-2 fp16 with dynamic loss scaling, one Ray Train worker on the GPU. Then it
+# runs the same job CPU only on the same machine, as the baseline that GPU figures are read against. The logs
+# and run folders (checkpoints left out) go to $OUT (default ./gpu_check_out). Results and the recipe for a
+# machine without a package index: benchmarks/results/gpu_check.md.
+#
+#   GPU_BUDGET_S / CPU_BUDGET_S  seconds each run may take (0 skips that run)
+#   PYTHON                       the interpreter with mmdc's dependencies (default python3)
+#   extra arguments              go to both runs, e.g. --set eval.enabled=false
+#
+# Wheels in .whl/ (git-ignored), if any, are installed into a temporary folder put on PYTHONPATH first.
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu_check_out}; PYTHON=${PYTHON:-python3}
+GPU_BUDGET_S=${GPU_BUDGET_S:-400}; CPU_BUDGET_S=${CPU_BUDGET_S:-300}
+WORK=$(mktemp -d)
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=$PWD:$WORK/site
+fi
+export PYTHONUNBUFFERED=1 MMDC_CACHE=${MMDC_CACHE:-$PWD/.mmdc_cache}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  "$PYTHON" -c "import sys, torch, transformers, ray, deepspeed, peft
+print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers',
+      transformers.__version__, 'ray', ray.__version__, 'deepspeed', deepspeed.__version__, 'peft', peft.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+COMMON=(--config configs/tiny.yaml --set run.iterations=1 --set data.caption_filter.enabled=false)
+GPU=(--set engines.teacher.num_gpus=0.5 --set engines.teacher.dtype=float16
+     --set engines.student.num_gpus=0.5 --set engines.student.dtype=float16
+     --set align.num_workers=1 --set align.gpus_per_worker=1 --set align.precision=fp16
+     --set tune.num_workers=1 --set tune.gpus_per_worker=1 --set tune.precision=fp16)
+
+run() {  # name budget_s args...
+  local name=$1 budget=$2; shift 2
+  local t0; t0=$(date +%s)
+  timeout "$budget" "$PYTHON" -m mmdc.run "${COMMON[@]}" "$@" --output "$WORK/$name" > "$OUT/$name.log" 2>&1
+  echo "$name rc=$? wall_s=$(( $(date +%s) - t0 ))" | tee -a "$OUT/summary.txt"
+  tar -C "$WORK" --exclude="$name/checkpoints" -czf "$OUT/$name.tar.gz" "$name" 2>/dev/null
+}
+if [ "$GPU_BUDGET_S" -gt 0 ]; then run gpu "$GPU_BUDGET_S" "${GPU[@]}" "$@"; fi
+if [ "$CPU_BUDGET_S" -gt 0 ]; then run cpu "$CPU_BUDGET_S" "$@"; fi
