@@ -295,15 +295,16 @@ def build_summary(out: Path, variants: Sequence[Variant], seeds: Sequence[int]) 
             for benchmark, runs in load_results(path).items():
                 if TEACHER in runs and benchmark not in summary["teacher"]:
                     summary["teacher"][benchmark] = _numeric(runs[TEACHER])
+        per_column = {b: {str(k): {col: _stats(v) for col, v in cols.items()} for k, cols in sorted(c.items())}
+                      for b, c in curves.items()}
         summary["variants"][variant.name] = {
             "overrides": list(variant.overrides),
             "runs": per_seed,
             "missing_seeds": missing,
             "final": {b: {c: _stats(v) for c, v in cols.items()} for b, cols in values.items()},
-            "per_iteration": {b: {str(k): _stats(cols[headline(b)]) for k, cols in sorted(c.items())
-                                  if headline(b) in cols} for b, c in curves.items()},
-            "per_iteration_columns": {b: {str(k): {col: _stats(v) for col, v in cols.items()}
-                                          for k, cols in sorted(c.items())} for b, c in curves.items()},
+            "per_iteration": {b: {k: cols[headline(b)] for k, cols in c.items() if headline(b) in cols}
+                              for b, c in per_column.items()},  # Figure 4: the headline column alone
+            "per_iteration_columns": per_column,
             "process": {label: _stats(v) for label, v in process.items()},
         }
     return summary

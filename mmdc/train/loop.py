@@ -577,7 +577,8 @@ class _Loop:
         self.p.empty += weight == 0.0
         if weight:
             n, toks = batch["input_ids"].shape[0], int(batch["attention_mask"].sum())
-            self.window[:4] += torch.tensor([float(loss.detach()), 1.0, n, toks], dtype=torch.float64, device=self.device)
+            self.window[:4] += torch.tensor([float(loss.detach()), 1.0, n, toks], dtype=torch.float64,
+                                            device=self.device)
         if stepped:
             self.finish_step(lr, epoch)
 
