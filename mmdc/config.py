@@ -216,6 +216,7 @@ class TrainConfig:
     max_length: int = 2048  # tokens per sample after formatting (image tokens included)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # fp16 on V100
     gradient_checkpointing: bool = False
+    offload_optimizer: bool = False  # DeepSpeed ZeRO-2/3: fp32 master weights and Adam states in CPU memory
     lora: LoraConfig = field(default_factory=LoraConfig)
     max_grad_norm: float = 1.0
     # Save resumable state (weights, optimizer, schedule, step, RNG) every N optimizer steps into
@@ -486,6 +487,9 @@ def validate(cfg: Config) -> None:
             )
         if not 0 <= t.zero_stage <= 3:
             raise ConfigError(f"{stage}.zero_stage must be 0..3")
+        if t.offload_optimizer and (t.strategy != "deepspeed" or t.zero_stage < 2):
+            raise ConfigError(f"{stage}.offload_optimizer needs strategy deepspeed with zero_stage 2 or 3 (got "
+                              f"{t.strategy}, zero_stage {t.zero_stage}); set {stage}.zero_stage=3 or drop the offload")
     for name in ("teacher", "student"):
         if name not in cfg.engines:
             raise ConfigError(f"engines.{name} is required")

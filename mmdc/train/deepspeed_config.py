@@ -15,6 +15,9 @@ Choices:
 - ``train_batch_size`` is left out: DeepSpeed derives it from micro batch x accumulation x world
   size, so the same dict works for any number of workers.
 - ZeRO-3 gathers 16-bit weights on save so rank 0 can write a full HF checkpoint.
+- ``offload_optimizer`` (ZeRO-2/3) keeps the optimizer states in pinned CPU memory. The loop's torch
+  AdamW then steps on the CPU copies, which DeepSpeed only allows with ``zero_force_ds_cpu_optimizer``
+  off (its own ``DeepSpeedCPUAdam`` is faster but compiles an extension at run time).
 - Works on CPU (gloo): no communication overlap, which CPU collectives do not benefit from.
 """
 
@@ -39,6 +42,10 @@ def deepspeed_config(train_cfg: TrainConfig, grad_accum: int) -> dict[str, Any]:
     }
     if train_cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if train_cfg.offload_optimizer:
+        if train_cfg.zero_stage < 2:
+            raise ValueError(f"offload_optimizer needs ZeRO stage 2 or 3, got {train_cfg.zero_stage}")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train_cfg.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -47,6 +54,8 @@ def deepspeed_config(train_cfg: TrainConfig, grad_accum: int) -> dict[str, Any]:
         "steps_per_print": 10**9,  # our loop reports progress; keep DeepSpeed's own log quiet
         "wall_clock_breakdown": False,
     }
+    if train_cfg.offload_optimizer:
+        config["zero_force_ds_cpu_optimizer"] = False  # the loop's torch AdamW steps the offloaded states
     if train_cfg.precision == "fp16":
         config["fp16"] = {
             "enabled": True,

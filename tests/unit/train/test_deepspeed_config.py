@@ -70,3 +70,31 @@ def test_deepspeed_accepts_the_config():
     parsed = DeepSpeedConfig(deepspeed_config(cfg, grad_accumulation(cfg)), mpu=None)
     assert parsed.train_batch_size == 4
     assert parsed.zero_optimization_stage == 2
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_offload_optimizer_puts_the_optimizer_states_on_the_cpu(stage):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    cfg = TrainConfig(micro_batch_size=2, global_batch_size=4, num_workers=1, zero_stage=stage, offload_optimizer=True)
+    ds = deepspeed_config(cfg, grad_accumulation(cfg))
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert ds["zero_force_ds_cpu_optimizer"] is False  # the loop's torch AdamW is the client optimizer
+    parsed = DeepSpeedConfig(ds, mpu=None)
+    assert parsed.zero_config.offload_optimizer.device == "cpu"
+    assert "offload_optimizer" not in deepspeed_config(TrainConfig(zero_stage=stage), 1)["zero_optimization"]
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_offload_optimizer_below_zero_2_is_refused(stage):
+    with pytest.raises(ValueError, match="offload_optimizer"):
+        deepspeed_config(TrainConfig(zero_stage=stage, offload_optimizer=True), 1)
+
+
+@pytest.mark.parametrize("overrides", [["tune.zero_stage=1"], ["tune.zero_stage=0"], ["tune.strategy=ddp"]])
+def test_config_refuses_offload_without_zero_2_or_3(overrides):
+    from mmdc.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="tune.offload_optimizer"):
+        load_config(None, ["tune.offload_optimizer=true", *overrides])
+    load_config(None, ["tune.offload_optimizer=true", "tune.zero_stage=3"])  # the supported combination
