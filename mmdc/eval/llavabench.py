@@ -6,13 +6,16 @@ Follows LLaVA's ``eval_gpt_review_visual.py`` / ``eval_gpt_review_bench.py`` and
 - the judge sees the context (COCO: five captions and the boxes; in-the-wild: a
   caption), the question, Assistant 1 = the reference answer, Assistant 2 = the
   model's answer, and LLaVA's rule prompt asking for the two scores on the first line;
+- a reply is read by LLaVA's ``parse_score`` (``parse_judge``): its first line must be
+  exactly two numbers, any numbers (a 0 for an empty answer counts, as in LLaVA);
+- a reply that rule cannot read is *unparsed* and, as in LLaVA, averaged in as the
+  scores (-1, -1). That distorts a score (an all-unparsed category reads 100.0), so
+  it is kept for parity but counted, per category and in total (``unparsed``), and
+  each such reply is in the samples with its ``error``;
 - per category and over all questions: relative score = mean(model) / mean(reference)
-  x 100, reported with both means x 10 (means rounded to 3 decimals first, ratio to 1,
-  as ``summarize_gpt_review.py`` does);
-- a judge reply is read by LLaVA's first-line rule, then by the referee parser
-  (``mmdc.actors.roles.parse_referee``) as a fallback. A reply neither can read,
-  or a score outside 1..10, is *unparsed*: counted and reported and left out of
-  the means (LLaVA would average in a -1, which silently drags a score down).
+  x 100, with both means x 10 (means rounded to 3 decimals first, ratio to 1), as
+  ``summarize_gpt_review.py`` prints them. Categories are shown under the paper's
+  Table 3 columns Con / CR / DD (``CATEGORY_COLUMNS``), the pooled score as AVG.
 
 The judge is any engine: it is sent text-only chat requests (``judge_messages``),
 which a LLaVA checkpoint, a text LLM or an OpenAI-compatible endpoint all accept.
@@ -24,6 +27,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
 
 from mmdc.actors.roles import RefereeParseError, parse_referee
 
@@ -55,9 +60,14 @@ RULE_CAPTION = (
 )
 RULE_DEFAULT = _RULE_HEAD + "\n" + _RULE_TAIL
 
-# Paper Table 3 names for LLaVA's categories; "all" is LLaVA's pooled score over every question.
-CATEGORY_COLUMNS = {"conv": "Con", "complex": "CR", "detail": "DD"}
-OVERALL = "AVG"
+# Paper Table 3 columns for LLaVA's categories: COCO's question files name them conv/complex/detail,
+# LLaVA's in-the-wild review files llava_bench_<name>. Raw names stay in ``details``.
+TABLE3_COLUMNS = ("Con", "CR", "DD")  # the paper's order
+CATEGORY_COLUMNS = {"conv": "Con", "complex": "CR", "detail": "DD",
+                    "llava_bench_conv": "Con", "llava_bench_complex": "CR", "llava_bench_detail": "DD"}
+OVERALL = "AVG"  # LLaVA's "all": pooled over every question (Table 3's AVG, e.g. LLaVA's 85.1)
+# LLaVA's parse_score returns [-1, -1] for a reply it cannot read; summarize_gpt_review.py averages it in.
+UNPARSED_SCORES = (-1.0, -1.0)
 
 
 @dataclass(frozen=True)
@@ -152,47 +162,62 @@ def judge_messages(item: LlavaBenchItem, answer: str) -> list[dict]:
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": judge_prompt(item, answer)}]
 
 
-def parse_judge(text: str) -> tuple[tuple[float, float], str]:
-    """((reference score, model score), how) from a judge reply; raises RefereeParseError when unreadable.
+def column_name(category: str) -> str:
+    """The paper's Table 3 column for a LLaVA category (Con, CR, DD); another category keeps its own name."""
+    return CATEGORY_COLUMNS.get(category, category)
 
-    ``how`` is "first_line" for LLaVA's rule (the first line, commas read as
-    spaces, is exactly two numbers) or "fallback" when ``parse_referee`` found
-    them elsewhere. Scores must lie in 1..10.
+
+def parse_judge(text: str) -> tuple[float, float]:
+    """(reference score, model score) from a judge reply by LLaVA's ``parse_score``; RefereeParseError otherwise.
+
+    Exactly LLaVA's rule: the first line (``split("\\n")[0]``), commas read as
+    spaces, split on single spaces, must be two fields ``float`` reads. Any
+    numbers pass (0, 11, 7.5); a double or trailing space, a tab or a label
+    makes it fail, as it does in LLaVA, where the reply becomes [-1, -1].
     """
     if not isinstance(text, str):
         raise RefereeParseError(f"reply is {type(text).__name__}, not text", repr(text))
-    fields = text.split("\n")[0].replace(",", " ").split()
-    if len(fields) == 2:
-        try:
-            pair = (float(fields[0]), float(fields[1]))
-        except ValueError:
-            pair = None
-        if pair is not None:
-            if not all(1.0 <= s <= 10.0 for s in pair):
-                raise RefereeParseError(f"score outside 1..10 on the first line: {fields}", text)
-            return pair, "first_line"
-    return parse_referee(text), "fallback"
+    fields = text.split("\n")[0].replace(",", " ").split(" ")
+    if len(fields) != 2:
+        raise RefereeParseError(f"first line is not two scores ({len(fields)} fields)", text)
+    try:
+        return float(fields[0]), float(fields[1])
+    except ValueError:
+        raise RefereeParseError(f"first line is not two numbers: {fields}", text) from None
 
 
-def _summary(pairs: list[tuple[float, float]]) -> dict[str, float | int | None]:
-    """LLaVA's summarize_gpt_review: means rounded to 3 decimals, ratio x 100 to 1, means x 10 to 1."""
-    if not pairs:
-        return {"relative": None, "reference": None, "model": None, "n": 0}
-    ref = round(sum(p[0] for p in pairs) / len(pairs), 3)
-    model = round(sum(p[1] for p in pairs) / len(pairs), 3)
-    return {"relative": round(model / ref * 100, 1), "reference": round(ref * 10, 1), "model": round(model * 10, 1),
-            "n": len(pairs)}
+def _readable_elsewhere(text: str) -> list[float] | None:
+    """Two scores the referee parser finds in a reply LLaVA's rule could not read, else None (diagnostic only)."""
+    try:
+        return list(parse_referee(text))
+    except RefereeParseError:
+        return None
+
+
+def _summary(tuples: list[tuple[float, float]], unparsed: int) -> dict[str, float | int | None]:
+    """One line of LLaVA's summarize_gpt_review.py: means rounded to 3 decimals, ratio x 100 to 1, means x 10 to 1.
+
+    ``relative`` is None where LLaVA would divide by zero (reference mean 0).
+    """
+    if not tuples:
+        return {"relative": None, "reference": None, "model": None, "n": 0, "unparsed": 0}
+    ref, model = (round(x, 3) for x in np.asarray(tuples).mean(0).tolist())
+    return {"relative": round(model / ref * 100, 1) if ref else None, "reference": round(ref * 10, 1),
+            "model": round(model * 10, 1), "n": len(tuples), "unparsed": unparsed}
 
 
 def evaluate(items: Sequence[LlavaBenchItem], outputs: Sequence[str],
              judge_replies: Sequence[str]) -> tuple[dict, list[dict]]:
     """Score (model answer, judge reply) per item, same order: (metrics, per-sample records).
 
-    metrics: the relative score per category under its Table 3 name (Con, CR,
-    DD, or the file's name) and ``AVG`` over all scored questions; ``details``
-    with both means x 10 and counts per category; ``n``, ``unparsed``, and
-    ``fallback`` (replies LLaVA's first-line rule could not read but
-    ``parse_referee`` could: worth a look, since LLaVA would have failed them).
+    metrics: the relative score per category under its Table 3 column (Con, CR,
+    DD, or the file's name) and ``AVG`` over all questions, every reply
+    averaged in as LLaVA does; ``details``, keyed by LLaVA's category names and
+    "all", with both means x 10 and the counts; ``n``; ``unparsed`` (replies
+    averaged in as (-1, -1)) and ``unparsed_by_column`` (its nonzero counts);
+    ``unparsed_readable`` (of those, replies where the referee parser finds
+    two scores: a judge that scored, but not on its first line as LLaVA asks).
+    A sample holds ``tuple``, the pair that was averaged (LLaVA's review field).
     """
     if not len(items) == len(outputs) == len(judge_replies):
         raise ValueError(f"{len(items)} items, {len(outputs)} outputs, {len(judge_replies)} judge replies")
@@ -200,28 +225,40 @@ def evaluate(items: Sequence[LlavaBenchItem], outputs: Sequence[str],
     for item, output, reply in zip(items, outputs, judge_replies):
         sample: dict[str, Any] = {"id": item.sample_id, "prompt": item.prompt, "image": item.image,
                                   "category": item.category, "output": output, "judge_reply": reply,
-                                  "parsed": None, "parse": None, "error": None}
+                                  "parsed": None, "error": None}
         try:
-            scores, how = parse_judge(reply)
-            sample.update(parsed=list(scores), parse=how, reference_score=scores[0], model_score=scores[1])
+            scores = parse_judge(reply)
+            sample.update(parsed=list(scores), reference_score=scores[0], model_score=scores[1])
         except RefereeParseError as err:
-            sample["error"] = err.reason
+            scores = UNPARSED_SCORES
+            sample.update(error=err.reason, readable_elsewhere=_readable_elsewhere(reply))
+        sample["tuple"] = list(scores)
         samples.append(sample)
 
-    scored = [s for s in samples if s["parsed"] is not None]
-    details: dict[str, dict] = {}
-    for category in sorted({s["category"] for s in samples}):
-        details[category] = _summary([tuple(s["parsed"]) for s in scored if s["category"] == category])
-    details["all"] = _summary([tuple(s["parsed"]) for s in scored])
-    result: dict[str, Any] = {}
-    known = [c for c in CATEGORY_COLUMNS if c in details]  # paper order: Con, CR, DD
-    for category in known + [c for c in details if c not in CATEGORY_COLUMNS and c != "all"]:
-        result[CATEGORY_COLUMNS.get(category, category)] = details[category]["relative"]
+    def summary(rows: list[dict]) -> dict:
+        return _summary([tuple(s["tuple"]) for s in rows], sum(s["parsed"] is None for s in rows))
+
+    categories = sorted({s["category"] for s in samples})
+    category_of: dict[str, str] = {}  # table column -> LLaVA category
+    for category in categories:
+        column = column_name(category)
+        if column in category_of:
+            raise ValueError(f"categories {category_of[column]!r} and {category!r} are both Table 3's {column}")
+        category_of[column] = category
+    columns = [c for c in TABLE3_COLUMNS if c in category_of] + [c for c in category_of if c not in TABLE3_COLUMNS]
+
+    details = {category: summary([s for s in samples if s["category"] == category]) for category in categories}
+    details["all"] = summary(samples)
+    result: dict[str, Any] = {column: details[category_of[column]]["relative"] for column in columns}
     result[OVERALL] = details["all"]["relative"]
-    result.update(details=details, n=len(samples), unparsed=len(samples) - len(scored),
-                  fallback=sum(s["parse"] == "fallback" for s in scored))
+    unparsed = [s for s in samples if s["parsed"] is None]
+    by_column = {column: details[category_of[column]]["unparsed"] for column in columns}
+    result.update(details=details, n=len(samples), unparsed=len(unparsed),
+                  unparsed_by_column={column: count for column, count in by_column.items() if count},
+                  unparsed_readable=sum(s["readable_elsewhere"] is not None for s in unparsed))
     return result, samples
 
 
-__all__ = ["JUDGE_SYSTEM", "LlavaBenchItem", "OVERALL", "RULE_CAPTION", "RULE_COCO", "RULE_DEFAULT", "context_text",
-           "evaluate", "judge_messages", "judge_prompt", "load", "parse_judge"]
+__all__ = ["CATEGORY_COLUMNS", "JUDGE_SYSTEM", "LlavaBenchItem", "OVERALL", "RULE_CAPTION", "RULE_COCO", "RULE_DEFAULT",
+           "TABLE3_COLUMNS", "UNPARSED_SCORES", "column_name", "context_text", "evaluate", "judge_messages",
+           "judge_prompt", "load", "parse_judge"]

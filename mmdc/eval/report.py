@@ -19,7 +19,14 @@ SAMPLES_FILE = "samples.jsonl"
 TABLE_FILE = "results.md"
 
 # Bookkeeping keys of a metrics dict that are not table columns.
-_NOT_COLUMNS = frozenset({"n", "correct", "failed", "unparsed", "fallback", "details"})
+_NOT_COLUMNS = frozenset({"n", "correct", "failed", "unparsed", "unparsed_readable", "unparsed_by_column", "details"})
+# Counts shown under a score table, in this order, and what a nonzero one did to the score.
+COUNT_KEYS = ("n", "correct", "failed", "unparsed", "unparsed_readable")
+COUNT_MEANINGS = {
+    "failed": "counted wrong",
+    "unparsed": "averaged in as scores (-1, -1), as LLaVA's summarize_gpt_review.py does",
+    "unparsed_readable": "of those, replies that give two scores but not on their first line",
+}
 
 
 def table_columns(metrics: Mapping[str, Any]) -> list[str]:
@@ -50,14 +57,29 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]], la
     return "\n".join(lines) + "\n"
 
 
+def count_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """The counts that qualify a score, one per line, each nonzero one with what it did to the score."""
+    lines = []
+    for key in COUNT_KEYS:
+        if key not in metrics:
+            continue
+        line = f"{key}: {metrics[key]}"
+        if metrics[key] and key in COUNT_MEANINGS:
+            line += f" ({COUNT_MEANINGS[key]})"
+        if key == "unparsed" and metrics.get("unparsed_by_column"):
+            line += "; by column: " + ", ".join(f"{c} {v}" for c, v in metrics["unparsed_by_column"].items())
+        lines.append(line)
+    return lines
+
+
 def render_markdown(benchmark: str, metrics: Mapping[str, Any], meta: Mapping[str, Any], decimals: int = 2) -> str:
     """``results.md``: a title, the score table for this model, and the counts that qualify it."""
     columns = table_columns(metrics)
     name = str(meta.get("model_name") or meta.get("checkpoint") or "model")
     text = f"# {benchmark}\n\n" + markdown_table(columns, [{"Model": name, **metrics}], decimals=decimals)
-    counts = [f"{key}: {metrics[key]}" for key in ("n", "correct", "failed", "unparsed", "fallback") if key in metrics]
+    counts = count_lines(metrics)
     if counts:
-        text += "\n" + ", ".join(counts) + "\n"
+        text += "\n" + "".join(f"- {line}\n" for line in counts)
     return text
 
 
@@ -129,5 +151,5 @@ def read_results(path: str | Path) -> dict:
     return payload
 
 
-__all__ = ["format_cell", "markdown_table", "read_results", "render_markdown", "results_payload", "table_columns",
-           "write_named_results", "write_results"]
+__all__ = ["COUNT_KEYS", "COUNT_MEANINGS", "count_lines", "format_cell", "markdown_table", "read_results",
+           "render_markdown", "results_payload", "table_columns", "write_named_results", "write_results"]

@@ -6,9 +6,10 @@ inventing friendlier ones:
 
 - the prompt is the first human turn with ``<image>`` removed and stripped, then
   a new line and ``ANSWER_SUFFIX`` (LLaVA's ``model_vqa_science.py --single-pred-prompt``);
-- a reply is parsed by LLaVA's three rules (``parse_answer``); anything else is
-  *failed*: counted wrong and reported, never guessed (LLaVA's ``get_pred_idx``
-  picks a random choice there, which makes a score irreproducible);
+- a reply is parsed by LLaVA's three rules (``parse_answer``); anything else, or a
+  letter beyond the question's choices, is *failed*: counted wrong, as in LLaVA, whose
+  ``get_pred_idx`` returns -1 there (the ``random.choice`` after that return is never
+  reached), and counted in ``failed``;
 - categories come from the official ``problems.json`` exactly as ScienceQA's own
   ``get_scores`` computes them: subject NAT/SOC/LAN, TXT = non-empty hint,
   IMG = has an image, NO = neither, G1-6 / G7-12 by grade.

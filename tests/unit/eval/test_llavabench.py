@@ -50,36 +50,132 @@ def test_judge_prompt_matches_llava_layout():
 @pytest.mark.parametrize(
     "reply, expected",
     [
-        ("8 7\nAssistant 1 is more accurate.", ((8.0, 7.0), "first_line")),
-        ("8,7", ((8.0, 7.0), "first_line")),
-        ("7.5 9", ((7.5, 9.0), "first_line")),
-        ("Assistant 1: 8\nAssistant 2: 6", ((8.0, 6.0), "fallback")),
-        ("Scores: 8 7\nBoth are fine.", ((8.0, 7.0), "fallback")),
-        ("The scores for Assistant 1 and 2 are 9 and 3, respectively.", ((9.0, 3.0), "fallback")),
+        ("8 7\nAssistant 1 is more accurate.", (8.0, 7.0)),
+        ("8,7", (8.0, 7.0)),  # a comma reads as a space
+        ("7.5 9", (7.5, 9.0)),
+        ("9 0\nAssistant 2 gave no answer.", (9.0, 0.0)),  # LLaVA takes a 0 ...
+        ("11 5", (11.0, 5.0)),  # ... and any other number: it does not check the 1..10 scale
+        ("8 7\r\nfine", (8.0, 7.0)),  # float() ignores the "\r"
     ],
 )
-def test_parse_judge_readable(reply, expected):
+def test_parse_judge_reads_the_first_line_like_llava(reply, expected):
     assert llavabench.parse_judge(reply) == expected
 
 
-@pytest.mark.parametrize("reply", ["0 7\nbad", "11 5", "Both answers are good.", "", "8\nonly one"])
-def test_parse_judge_unreadable_raises(reply):
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "Assistant 1: 8\nAssistant 2: 6",
+        "The scores for Assistant 1 and 2 are 9 and 3, respectively.",
+        "Scores: 8 7\nBoth are fine.",
+        "8, 7",  # ", " becomes two spaces: three fields for LLaVA's split(' ')
+        "8 7 ",  # a trailing space: three fields
+        "8\t7",  # one field
+        "eight seven",
+        "8\nonly one",
+        "",
+        None,  # LLaVA's try/except turns any error into [-1, -1] too
+    ],
+)
+def test_parse_judge_fails_where_llava_returns_minus_one(reply):
     with pytest.raises(RefereeParseError):
         llavabench.parse_judge(reply)
 
 
-def test_evaluate_relative_scores_hand_checked():
-    items = llavabench.load(QUESTIONS, ANSWERS, CONTEXT)
-    replies = ["8 6\nok", "The scores for Assistant 1 and 2 are 9 and 3, respectively.", "I cannot judge this."]
-    metrics, samples = llavabench.evaluate(items, ["red", "a square", "art"], replies)
-    # conv 6/8 = 75.0; detail 3/9 = 33.3; complex unparsed -> no score; all (6+3)/2 / (8+9)/2 = 4.5/8.5 = 52.9.
-    assert {k: metrics[k] for k in ("Con", "CR", "DD", "AVG")} == {"Con": 75.0, "CR": None, "DD": 33.3, "AVG": 52.9}
+def _items(categories):
+    return [llavabench.LlavaBenchItem(sample_id=str(i), prompt=f"q{i}", image=f"{i}.jpg", category=c,
+                                      reference=f"ref {i}", context=None, rule=llavabench.RULE_DEFAULT)
+            for i, c in enumerate(categories)]
+
+
+def test_evaluate_averages_a_zero_and_an_unparsed_reply_in_like_llava():
+    items = _items(["conv", "conv", "detail", "complex", "complex"])
+    replies = ["8 6\nok", "9 0\nAssistant 2 gave no answer.", "7 7", "Assistant 1: 8\nAssistant 2: 6", "10 5"]
+    metrics, samples = llavabench.evaluate(items, ["a"] * 5, replies)
+    # What LLaVA's summarize_gpt_review.py prints (category, relative, reference x 10, model x 10), by hand:
+    # conv: (8+9)/2 = 8.5, (6+0)/2 = 3.0 -> 35.3 85.0 30.0 (the 0 counts)
+    # detail: 7, 7 -> 100.0 70.0 70.0
+    # complex: the unparsed reply is [-1, -1]: (-1+10)/2 = 4.5, (-1+5)/2 = 2.0 -> 44.4 45.0 20.0
+    # all: 33/5 = 6.6, 17/5 = 3.4 -> 51.5 66.0 34.0
+    assert {k: metrics[k] for k in ("Con", "CR", "DD", "AVG")} == {"Con": 35.3, "CR": 44.4, "DD": 100.0, "AVG": 51.5}
     assert list(metrics)[:4] == ["Con", "CR", "DD", "AVG"]  # the paper's Table 3 order
-    assert metrics["details"]["all"] == {"relative": 52.9, "reference": 85.0, "model": 45.0, "n": 2}
-    assert metrics["details"]["conv"] == {"relative": 75.0, "reference": 80.0, "model": 60.0, "n": 1}
-    assert metrics["unparsed"] == 1 and metrics["n"] == 3 and metrics["fallback"] == 1
-    assert samples[2]["parsed"] is None and samples[2]["error"] == "no score found"
-    assert samples[1]["parse"] == "fallback" and samples[0]["model_score"] == 6.0
+    assert metrics["details"]["conv"] == {"relative": 35.3, "reference": 85.0, "model": 30.0, "n": 2, "unparsed": 0}
+    assert metrics["details"]["complex"] == {"relative": 44.4, "reference": 45.0, "model": 20.0, "n": 2,
+                                             "unparsed": 1}
+    assert metrics["details"]["all"] == {"relative": 51.5, "reference": 66.0, "model": 34.0, "n": 5, "unparsed": 1}
+    # The unparsed reply is counted and shown, not hidden in the mean.
+    assert metrics["unparsed"] == 1 and metrics["unparsed_by_column"] == {"CR": 1} and metrics["n"] == 5
+    assert metrics["unparsed_readable"] == 1  # it did give scores, just not on its first line
+    assert samples[3]["parsed"] is None and samples[3]["tuple"] == [-1.0, -1.0] and samples[3]["error"]
+    assert samples[3]["readable_elsewhere"] == [8.0, 6.0]
+    assert samples[1]["parsed"] == [9.0, 0.0] and samples[1]["model_score"] == 0.0
+    assert report.table_columns(metrics) == ["Con", "CR", "DD", "AVG"]  # the counts are no columns
+
+
+# LLaVA's llava/eval/eval_gpt_review_bench.py parse_score (lines 36-49) and summarize_gpt_review.py (lines 40-59,
+# the branch for reviews with a category), at haotian-liu/LLaVA c121f04: verbatim but for rows instead of files
+# and lines returned instead of printed.
+def _llava_parse_score(review):
+    try:
+        score_pair = review.split('\n')[0]
+        score_pair = score_pair.replace(',', ' ')
+        sp = score_pair.split(' ')
+        if len(sp) == 2:
+            return [float(sp[0]), float(sp[1])]
+        else:
+            return [-1, -1]
+    except Exception:
+        return [-1, -1]
+
+
+def _llava_summarize(reviews):
+    import numpy as np
+    from collections import defaultdict
+
+    scores = defaultdict(list)
+    for review in reviews:
+        if 'category' in review:
+            scores[review['category']].append(review['tuple'])
+            scores['all'].append(review['tuple'])
+    lines = []
+    for k, v in sorted(scores.items()):
+        stats = np.asarray(v).mean(0).tolist()
+        stats = [round(x, 3) for x in stats]
+        lines.append(f"{k} {round(stats[1]/stats[0]*100, 1)} {round(stats[0] * 10, 1)} {round(stats[1] * 10, 1)}")
+    return lines
+
+
+def test_evaluate_prints_what_llavas_summarize_gpt_review_prints():
+    replies = ["8 7\nGood.", "9 0", "8, 7", "7.5 8.5\nx", "Assistant 1: 9\nAssistant 2: 4", "10 3", "6 6 ",
+               "0 4", "9,8\nclose", "", "8.3 7.1", "7 9\r\nbetter", "10 10", "5 2", "9 1\nshort"]
+    categories = ["llava_bench_conv", "llava_bench_detail", "llava_bench_complex"] * 5  # in-the-wild review names
+    items = _items(categories)
+    metrics, samples = llavabench.evaluate(items, ["a"] * len(items), replies)
+
+    reviews = [{"question_id": i, "category": c, "tuple": _llava_parse_score(r)}
+               for i, (c, r) in enumerate(zip(categories, replies))]
+    assert [s["tuple"] for s in samples] == [[float(x) for x in r["tuple"]] for r in reviews]
+    ours = [f"{k} {d['relative']} {d['reference']} {d['model']}" for k, d in sorted(metrics["details"].items())]
+    assert ours == _llava_summarize(reviews)
+    assert [k for k in metrics if k in ("Con", "CR", "DD", "AVG")] == ["Con", "CR", "DD", "AVG"]
+    assert metrics["Con"] == metrics["details"]["llava_bench_conv"]["relative"]
+    assert metrics["unparsed"] == sum(r["tuple"] == [-1, -1] for r in reviews) == 4
+
+
+def test_categories_shown_as_table3_columns():
+    assert [llavabench.column_name(c) for c in ("conv", "complex", "detail")] == ["Con", "CR", "DD"]
+    assert [llavabench.column_name(c) for c in ("llava_bench_conv", "llava_bench_complex", "llava_bench_detail")] \
+        == ["Con", "CR", "DD"]
+    assert llavabench.column_name("ocr") == "ocr"  # a category the paper has not: its own name
+    metrics, _ = llavabench.evaluate(_items(["ocr", "detail", "conv"]), ["a"] * 3, ["8 4"] * 3)
+    assert report.table_columns(metrics) == ["Con", "DD", "ocr", "AVG"]
+    with pytest.raises(ValueError, match="'conv' and 'llava_bench_conv' are both Table 3's Con"):
+        llavabench.evaluate(_items(["conv", "llava_bench_conv"]), ["a"] * 2, ["8 4"] * 2)
+
+
+def test_relative_score_is_none_where_llava_would_divide_by_zero():
+    metrics, _ = llavabench.evaluate(_items(["conv"]), ["a"], ["0 5"])
+    assert metrics["Con"] is None and metrics["details"]["conv"]["model"] == 50.0
 
 
 def test_evaluate_rounds_means_before_the_ratio_like_llava():
@@ -87,7 +183,7 @@ def test_evaluate_rounds_means_before_the_ratio_like_llava():
     replies = ["7 5", "7 5", "8 6"]
     metrics, _ = llavabench.evaluate([item] * 3, ["x"] * 3, replies)
     # means 7.333 / 5.333 (3 decimals) -> 72.7; x10 -> 73.3 and 53.3
-    assert metrics["details"]["conv"] == {"relative": 72.7, "reference": 73.3, "model": 53.3, "n": 3}
+    assert metrics["details"]["conv"] == {"relative": 72.7, "reference": 73.3, "model": 53.3, "n": 3, "unparsed": 0}
 
 
 def test_load_errors_name_the_question(tmp_path):
@@ -125,11 +221,13 @@ def test_cli_run_student_then_judge(tmp_path):
     assert judge_req["temperature"] == cli.JUDGE_TEMPERATURE
     assert "[Assistant 2]\nA red square.\n\n[End of Assistant 2]" in judge_req["messages"][1]["content"]
     metrics = payload["metrics"]
-    assert metrics["Con"] == 100.0 and metrics["DD"] == 50.0 and metrics["CR"] is None and metrics["unparsed"] == 1
-    assert metrics["AVG"] == round(6.5 / 8.5 * 100, 1)
+    # "nonsense" is LLaVA's [-1, -1]: CR reads 100.0 (-1 / -1), AVG (9+4-1)/3 / (9+8-1)/3 = 4.0 / 5.333 -> 75.0.
+    assert metrics["Con"] == 100.0 and metrics["DD"] == 50.0 and metrics["CR"] == 100.0 and metrics["AVG"] == 75.0
     table = (tmp_path / report.TABLE_FILE).read_text()
-    assert "| Model | Con | CR | DD | AVG |" in table and "| iter_2 | 100.0 | - | 50.0 | 76.5 |" in table
-    assert "unparsed: 1, fallback: 0" in table
+    assert "| Model | Con | CR | DD | AVG |" in table and "| iter_2 | 100.0 | 100.0 | 50.0 | 75.0 |" in table
+    # ... which is why the table says so right under it.
+    assert ("- unparsed: 1 (averaged in as scores (-1, -1), as LLaVA's summarize_gpt_review.py does); "
+            "by column: CR 1\n- unparsed_readable: 0\n") in table
     lines = (tmp_path / report.SAMPLES_FILE).read_text().splitlines()
     assert json.loads(lines[2])["judge_reply"] == "nonsense"
 

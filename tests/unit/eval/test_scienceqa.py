@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,39 @@ SPLITS = ASSETS / "pid_splits.json"
 )
 def test_parse_answer_follows_llava_rules(reply, n_choices, expected):
     assert parse_answer(reply, n_choices) == expected
+
+
+# LLaVA's llava/eval/eval_science_qa.py (get_pred_idx, lines 28-36; the answer rules, lines 65-77) at
+# haotian-liu/LLaVA c121f04, verbatim but for a function; its input is model_vqa_science.py's stripped output.
+def _llava_pred_idx(pred_text, choices, options=("A", "B", "C", "D", "E")):
+    options = list(options)
+    if pred_text in options:
+        answer = pred_text
+    elif len(pred_text) >= 3 and pred_text[0] in options and pred_text[1:3] == ". ":
+        answer = pred_text[0]
+    else:
+        pattern = re.compile(r'The answer is ([A-Z]).')
+        res = pattern.findall(pred_text)
+        if len(res) == 1:
+            answer = res[0]  # 'A', 'B', ...
+        else:
+            answer = "FAILED"
+    if answer in options[:len(choices)]:
+        return options.index(answer)
+    else:
+        return -1
+
+
+@pytest.mark.parametrize("n_choices", [2, 3, 4, 5])
+def test_parse_answer_picks_what_llava_picks(n_choices):
+    replies = ["A", "B", "C", "D", "E", "F", " B \n", "A. x", "E. x", "F. x", "B.", "B.x", "The answer is C.",
+               "The answer is D!", "The answer is E", "The answer is Z.", "so The answer is B. or The answer is A.",
+               "The answer is A. The answer is A.", "a", "", "FAILED", "Answer: B", "(B)", "B) x",
+               "B. The answer is C."]
+    for reply in replies:
+        parsed = parse_answer(reply, n_choices)
+        ours = scienceqa.OPTIONS.index(parsed) if parsed is not None else -1
+        assert ours == _llava_pred_idx(reply.strip(), [None] * n_choices), reply
 
 
 def test_parse_answer_rejects_bad_arguments():
