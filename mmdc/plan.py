@@ -1,0 +1,77 @@
+"""``python -m mmdc.plan``: what a run needs and costs, per phase, before anything starts.
+
+    python -m mmdc.plan --config configs/paper.yaml --gpu v100-32gb --gpus 6
+    python -m mmdc.plan --config configs/paper.yaml --gpu v100-32gb --gpus 6 --set tune.zero_stage=2
+    python -m mmdc.plan --config configs/tiny.yaml            # a CPU config: host RAM per phase
+    python -m mmdc.plan --config my.yaml --gpu a100-80gb --model-config my-org/my-llava=/models/my-llava
+
+Reads the config as ``mmdc.run`` does (``--set`` included), sizes the models from their published or
+local configs on the meta device (no download, no GPU, no Ray) and prints, per phase, the models,
+the deployments and trainer workers with their GPUs, the memory per GPU and whether it fits, and a
+wall-time estimate from the throughput assumptions it states. Exit status 2, with one line per
+problem naming the phase, the config key to change and the alternatives, when something cannot fit
+or run. The arithmetic is ``mmdc.sizing``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from mmdc.sizing.gpus import GPUS
+
+    p = argparse.ArgumentParser(prog="python -m mmdc.plan", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name} when present)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set tune.zero_stage=2 (repeatable)")
+    p.add_argument("--gpu", default=None, metavar="KIND",
+                   help=f"GPU kind: {', '.join(GPUS)} (default: none, for a config that asks for no GPUs)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs in the cluster (default: the largest phase's need)")
+    p.add_argument("--model-config", dest="model_configs", action="append", default=[], metavar="ID=PATH",
+                   help="config.json (or a folder with one) for a model id the plan cannot size offline (repeatable)")
+    p.add_argument("--rows", type=int, default=None,
+                   help="instructions in D_sin for the time estimate (default: data.max_instructions, else the "
+                        "paper's 220K or the synthetic world's size)")
+    p.add_argument("--captions", type=int, default=None, help="stage 1 caption pairs (default: LLaVA-Pretrain's 558K)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    from mmdc.config import ConfigError, load_config
+    from mmdc.sizing import check
+
+    config = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None)
+    try:
+        cfg = load_config(config, args.overrides)
+    except ConfigError as err:
+        print(f"mmdc plan: config error: {err}", file=sys.stderr)
+        return 2
+    model_configs = {}
+    for item in args.model_configs:
+        model_id, sep, path = item.partition("=")
+        if not sep or not model_id or not path:
+            print(f"mmdc plan: --model-config {item!r} must look like ID=PATH", file=sys.stderr)
+            return 2
+        model_configs[model_id] = path
+    try:
+        plan = check(cfg, args.gpu, args.gpus, model_configs=model_configs, rows=args.rows, captions=args.captions,
+                     config_name=config or "the built-in defaults")
+    except ValueError as err:  # an unknown --gpu kind
+        print(f"mmdc plan: {err}", file=sys.stderr)
+        return 2
+    print(plan.render(problems=False), flush=True)
+    for problem in plan.problems:
+        print(f"mmdc plan: {problem}", file=sys.stderr)
+    return 2 if plan.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
