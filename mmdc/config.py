@@ -80,6 +80,7 @@ class DataConfig:
     instructions: str | None = None  # LLaVA-Instruct JSON/JSONL (source = llava), e.g. llava_instruct_80k.json
     image_folder: str | None = None  # folder that the records' "image" fields are relative to (source = llava)
     captions: str | None = None  # stage 1 caption pairs (source = llava): JSON list of {id, image, caption} or LLaVA-pretrain format
+    caption_image_folder: str | None = None  # stage 1 images: where the caption pairs' "image" fields point (null: image_folder)
     max_instructions: int | None = None  # cap on D_sin after unfolding (None = all); deterministic head by id order
     max_image_pixels: int = 40_000_000  # images larger than this are rejected (recorded as skipped), never decoded
     world: WorldConfig = field(default_factory=WorldConfig)  # synthetic world settings (source = world)
