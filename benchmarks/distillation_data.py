@@ -6,7 +6,7 @@ the assessment's "hard" marked what the student actually got wrong.
 
 Reads every ``<variant>-seed<k>`` run under the ablation folder (``python -m mmdc.ablate``): the
 conversations each tuning phase trained on (``train/iter_<k>/conversations.parquet``) graded against
-the run's own world scenes (``data/world/scenes.jsonl``) with ``mmdc.data.world``. Only meaningful for
+the run's own world scenes (``data/world/scenes.jsonl``) with ``mmdc.world.scenes``. Only meaningful for
 runs on the embedded world (``data.source: world``). Why it exists: when calibration and plain
 distillation differ in student accuracy, this says whether they differed in what they taught. The second
 table grades each assessment (``assessments/iter_<k>.parquet``) the same way: the student's and the
@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-from mmdc.data.world import FAMILIES, QuestionSpec, Scene, check_answer, load_scenes, parse_question
+from mmdc.world.scenes import FAMILIES, QuestionSpec, Scene, check_answer, load_scenes, parse_question
 
 RUN = re.compile(r"^(?P<variant>.+)-seed(?P<seed>\d+)$")
 

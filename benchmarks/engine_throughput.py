@@ -1,6 +1,6 @@
 """Teach-phase throughput: Ray Data + Serve engines against one process, replicas, and pool size.
 
-    MMDC_CACHE=.mmdc_cache OMP_NUM_THREADS=1 python benchmarks/engine_throughput.py \\
+    MMDC_BUILD_DIR=.mmdc_build OMP_NUM_THREADS=1 python benchmarks/engine_throughput.py \\
         --out benchmarks/results/engine_throughput.md
 
 One run, one machine, one model (the tiny student: the cheapest forward pass, so pipeline overhead
@@ -52,7 +52,7 @@ class ServeCase:
 def make_pool(rows: int, work: Path) -> tuple[pa.Table, str]:
     """``rows`` teach rows from the synthetic world (3 questions per image)."""
     from mmdc.data.llava import load_llava_records, unfold_single_turn
-    from mmdc.data.world import generate_world
+    from mmdc.world.scenes import generate_world
 
     files = generate_world(work / "world", num_images=-(-rows // 3), questions_per_image=3, seed=0, image_size=64)
     pool, _ = unfold_single_turn(load_llava_records(str(files.instructions), strict=False).records, None)
@@ -61,8 +61,9 @@ def make_pool(rows: int, work: Path) -> tuple[pa.Table, str]:
 
 
 def requests_for(table: pa.Table, image_root: str) -> list[dict]:
-    from mmdc.actors import roles
-    from mmdc.data.pipelines import image_url, row_seed
+    from mmdc import roles
+    from mmdc.engines.processors import image_url
+    from mmdc.roles import row_seed
 
     return [{"messages": roles.teacher_messages(q, image_url(img, image_root)), "seed": row_seed(0, "teacher", i),
              "temperature": SAMPLING["temperature"], "max_new_tokens": SAMPLING["max_new_tokens"]}
@@ -71,7 +72,7 @@ def requests_for(table: pa.Table, image_root: str) -> list[dict]:
 
 def single_process(model: str, reqs: list[dict], batch: int, repeats: int = 1) -> tuple[float, int]:
     """Median wall seconds over ``repeats`` passes and generated tokens for HFGenerator in this process."""
-    from mmdc.actors.engines import HFGenerator
+    from mmdc.engines.hf import HFGenerator
 
     gen = HFGenerator(model, max_batch_size=batch)
     gen.generate(reqs[:batch])  # warm-up: first-call allocations are not per-row cost
@@ -89,16 +90,17 @@ def serve_phase(case: ServeCase, model: str, table: pa.Table, image_root: str, w
     import ray
     from ray import serve
 
-    from mmdc.actors.engines import build_engine_app, deployment_name, wait_for
+    from mmdc.actors.resources import wait_for
+    from mmdc.engines.backends import build_engine_app, deployment_name
     from mmdc.config import EngineConfig, PipelineConfig, to_dict
-    from mmdc.data.pipelines import StageSpec, TeacherStage, run_stages
+    from mmdc.engines.processors import ProcessorSpec, TeacherProcessor, run_processors
 
     engine = EngineConfig(replicas=case.replicas, num_cpus=1, max_batch_size=BATCH, request_mode=case.request_mode)
     start = time.perf_counter()
     serve.start(proxy_location="Disabled")
     serve.run(build_engine_app(engine, model), name="bench", route_prefix=None)
     out = {"deploy_s": time.perf_counter() - start, "walls": {}, "tokens": {}}
-    spec = StageSpec(TeacherStage, {"app_name": "bench", "deployment": deployment_name(model), "sampling": SAMPLING,
+    spec = ProcessorSpec(TeacherProcessor, {"app_name": "bench", "deployment": deployment_name(model), "sampling": SAMPLING,
                                     "run_seed": 0, "image_root": image_root, "timeout_s": 600,
                                     "engine": to_dict(engine)}, scope="bench")  # as the driver: a scope per run
     for n in case.sizes:
@@ -109,7 +111,7 @@ def serve_phase(case: ServeCase, model: str, table: pa.Table, image_root: str, w
         walls = []
         for r in range(repeats):
             start = time.perf_counter()
-            result = run_stages(table.slice(0, n), [spec], work / f"{case.label}-{n}-{r}".replace(" ", "_"), cfg)
+            result = run_processors(table.slice(0, n), [spec], work / f"{case.label}-{n}-{r}".replace(" ", "_"), cfg)
             walls.append(time.perf_counter() - start)
             ids = result.column("instruction_id").to_pylist()
             assert sorted(ids) == sorted(table.slice(0, n).column("instruction_id").to_pylist()), "rows lost or repeated"
@@ -158,11 +160,12 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from mmdc.data.world import world_corpus
-    from mmdc.train.tiny import ensure_tiny_models
+    from mmdc.world.scenes import world_corpus
+    from mmdc.world.tiny import ensure_tiny_models
 
-    cache = Path(os.environ.get("MMDC_CACHE") or os.path.expanduser("~/.cache/mmdc")) / "models"
-    model = ensure_tiny_models(cache, world_corpus(), seed=0)["student"]
+    from mmdc.world.models import models_dir
+
+    model = ensure_tiny_models(models_dir(), world_corpus(), seed=0)["student"]
     load_at_start = machine()
     table, image_root = make_pool(rows, work)
     reqs = requests_for(table, image_root)
@@ -206,13 +209,13 @@ def write_report(out: Path, load: str, sizes, single, tokens, ray_init_s, cases,
     lines = [
         "# Engine throughput: the teach phase through Ray Data + Serve",
         "",
-        f"Command: `MMDC_CACHE=.mmdc_cache OMP_NUM_THREADS=1 .venv/bin/python benchmarks/engine_throughput.py"
+        f"Command: `MMDC_BUILD_DIR=.mmdc_build OMP_NUM_THREADS=1 .venv/bin/python benchmarks/engine_throughput.py"
         f" --sizes {args.sizes} --batch1-rows {args.batch1_rows} --repeats {args.repeats}`",
         "",
         f"Machine: {load}. Ray {__import__('ray').__version__}, torch {__import__('torch').__version__}, "
         f"local cluster `ray.init(num_cpus=2)`, Serve HTTP proxy off, 1 CPU per replica, torch 1 thread.",
         "",
-        f"Model: the tiny student (mmdc.train.tiny), teacher prompt, temperature {SAMPLING['temperature']}, "
+        f"Model: the tiny student (mmdc.world.tiny), teacher prompt, temperature {SAMPLING['temperature']}, "
         f"{SAMPLING['max_new_tokens']} new tokens ({tokens / rows:.1f} generated per row on average), "
         f"synthetic-world rows (64 px images as data URLs), batches of {BATCH}.",
         "",

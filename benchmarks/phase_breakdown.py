@@ -1,11 +1,11 @@
 """Where a teach phase's time goes: driver-side wall time against timestamps taken inside the stage tasks.
 
-    MMDC_CACHE=.mmdc_cache OMP_NUM_THREADS=1 .venv/bin/python benchmarks/phase_breakdown.py [--sizes 2000,32,32,2000,2000]
+    MMDC_BUILD_DIR=.mmdc_build OMP_NUM_THREADS=1 .venv/bin/python benchmarks/phase_breakdown.py [--sizes 2000,32,32,2000,2000]
 
 For each phase (2 replicas, per-batch requests, 2 clients x 64 rows, as in engine_throughput.py):
 when the stage constructors start and how long they take (imports, the Serve handle; "none" when every
 task found its stage from an earlier phase in its worker process), when the first batch starts, when the last batch ends, and the wall time of the whole
-``run_stages`` call; what lies after the last batch is output writing and the folder rename. The
+``run_processors`` call; what lies after the last batch is output writing and the folder rename. The
 first phase of a Ray session also pays one-time warm-up. This is the probe behind the "where the
 fixed cost went" section of results/engine_throughput.md.
 """
@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_throughput import BATCH, SAMPLING, make_pool  # noqa: E402
 
-from mmdc.data.pipelines import TeacherStage  # noqa: E402
+from mmdc.engines.processors import TeacherProcessor  # noqa: E402
 
 
-class TimedTeacher(TeacherStage):
+class TimedTeacher(TeacherProcessor):
     """The teach stage, appending its constructor and per-batch timestamps to a JSONL file."""
 
     def __init__(self, events: str, **kwargs):
@@ -56,14 +56,15 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from mmdc.actors.engines import build_engine_app, deployment_name
+    from mmdc.engines.backends import build_engine_app, deployment_name
     from mmdc.config import EngineConfig, PipelineConfig, to_dict
-    from mmdc.data.pipelines import StageSpec, run_stages
-    from mmdc.data.world import world_corpus
-    from mmdc.train.tiny import ensure_tiny_models
+    from mmdc.engines.processors import ProcessorSpec, run_processors
+    from mmdc.world.scenes import world_corpus
+    from mmdc.world.tiny import ensure_tiny_models
 
-    cache = Path(os.environ.get("MMDC_CACHE") or Path.home() / ".cache" / "mmdc") / "models"
-    model = ensure_tiny_models(cache, world_corpus(), seed=0)["student"]
+    from mmdc.world.models import models_dir
+
+    model = ensure_tiny_models(models_dir(), world_corpus(), seed=0)["student"]
     ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     work = Path(tempfile.mkdtemp(prefix="mmdc-phase-breakdown-"))
     table, image_root = make_pool(max(sizes), work)
@@ -71,7 +72,7 @@ def main() -> int:
     serve.start(proxy_location="Disabled")
     serve.run(build_engine_app(engine, model), name="bench", route_prefix=None)
     events = work / "events.jsonl"
-    spec = StageSpec(TimedTeacher, {"events": str(events), "app_name": "bench", "deployment": deployment_name(model),
+    spec = ProcessorSpec(TimedTeacher, {"events": str(events), "app_name": "bench", "deployment": deployment_name(model),
                                     "sampling": SAMPLING, "run_seed": 0, "image_root": image_root, "timeout_s": 600,
                                     "engine": to_dict(engine)}, scope="bench")  # as the driver: a scope per run
     print("| phase | rows | wall s | constructors start | constructor s | first batch | last batch ends | after it |")
@@ -80,7 +81,7 @@ def main() -> int:
         events.write_text("")
         cfg = PipelineConfig(batch_size=64, concurrency=2, blocks_per_client=max(1, round(n / 640)))
         start = time.time()
-        run_stages(table.slice(0, n), [spec], work / f"out{k}", cfg)
+        run_processors(table.slice(0, n), [spec], work / f"out{k}", cfg)
         wall = time.time() - start
         ev = [json.loads(line) for line in events.read_text().splitlines()]
         ctor = [e for e in ev if e["ev"] == "ctor"]

@@ -1,6 +1,6 @@
 """How Serve's router places whole-batch requests on hf replicas: ``max_ongoing_requests`` 4 against 1.
 
-    MMDC_CACHE=.mmdc_cache OMP_NUM_THREADS=1 .venv/bin/python benchmarks/request_routing.py \\
+    MMDC_BUILD_DIR=.mmdc_build OMP_NUM_THREADS=1 .venv/bin/python benchmarks/request_routing.py \\
         --out benchmarks/results/request_routing.md
 
 Two copies of the same engine (the tiny student, 2 replicas each) are deployed side by side, one
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_throughput import BATCH, SAMPLING, machine, make_pool  # noqa: E402
 
-from mmdc.actors.backends.hf import HFEngine  # noqa: E402
+from mmdc.engines.hf import HFEngine  # noqa: E402
 
 
 class LoggedEngine(HFEngine.func_or_class):
@@ -70,16 +70,17 @@ def main() -> int:
     from ray import cloudpickle, serve
     from ray.data import DataContext
 
-    from mmdc.actors.engines import deployment_name
+    from mmdc.engines.backends import deployment_name
     from mmdc.config import EngineConfig, PipelineConfig, to_dict
-    from mmdc.data.pipelines import StageSpec, TeacherStage, run_stages
-    from mmdc.data.world import world_corpus
-    from mmdc.train.tiny import ensure_tiny_models
+    from mmdc.engines.processors import ProcessorSpec, TeacherProcessor, run_processors
+    from mmdc.world.scenes import world_corpus
+    from mmdc.world.tiny import ensure_tiny_models
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # replicas cannot import this script
     load = machine()
-    cache = Path(os.environ.get("MMDC_CACHE") or Path.home() / ".cache" / "mmdc") / "models"
-    model = ensure_tiny_models(cache, world_corpus(), seed=0)["student"]
+    from mmdc.world.models import models_dir
+
+    model = ensure_tiny_models(models_dir(), world_corpus(), seed=0)["student"]
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
     DataContext.get_current().enable_progress_bars = False
@@ -96,7 +97,7 @@ def main() -> int:
             ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1"}}})
         serve.run(app.bind(str(log_path), model, "float32", BATCH, 1, engine.batch_wait_timeout_s, "auto"),
                   name=f"ongoing{ongoing}", route_prefix=None)
-        specs[ongoing] = StageSpec(TeacherStage, {"app_name": f"ongoing{ongoing}", "deployment": name,
+        specs[ongoing] = ProcessorSpec(TeacherProcessor, {"app_name": f"ongoing{ongoing}", "deployment": name,
                                                   "sampling": SAMPLING, "run_seed": 0, "image_root": image_root,
                                                   "timeout_s": 600, "engine": to_dict(engine)}, scope="bench")
     configs = [(ongoing, batch) for batch in (int(b) for b in args.batches.split(",")) for ongoing in (4, 1)]
@@ -107,7 +108,7 @@ def main() -> int:
             cfg = PipelineConfig(batch_size=batch, concurrency=2,
                                  blocks_per_client=max(1, round(args.rows / (2 * 5 * batch))))
             start = time.time()
-            run_stages(table, [specs[ongoing]], work / f"out-{r}-{ongoing}-{batch}", cfg)
+            run_processors(table, [specs[ongoing]], work / f"out-{r}-{ongoing}-{batch}", cfg)
             wall = time.time() - start
             reqs = [json.loads(line) for line in log_path.read_text().splitlines()]
             per = {}
@@ -125,7 +126,7 @@ def main() -> int:
     lines = [
         "# Request routing: whole-batch requests on 2 hf replicas, `max_ongoing_requests` 4 vs. 1",
         "",
-        f"Command: `MMDC_CACHE=.mmdc_cache OMP_NUM_THREADS=1 .venv/bin/python benchmarks/request_routing.py"
+        f"Command: `MMDC_BUILD_DIR=.mmdc_build OMP_NUM_THREADS=1 .venv/bin/python benchmarks/request_routing.py"
         f" --rows {args.rows} --rounds {args.rounds} --batches {args.batches}`",
         "",
         f"Machine: {load}. Ray {ray.__version__}; the tiny student, teacher prompt, {SAMPLING['max_new_tokens']} "

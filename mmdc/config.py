@@ -90,7 +90,7 @@ class DataConfig:
 
 @dataclass
 class ModelsConfig:
-    cache_dir: str = "~/.cache/mmdc"  # where locally built tiny models are cached (env MMDC_CACHE overrides)
+    build_dir: str = "~/.cache/mmdc"  # where locally built models (tiny:*) are kept, under models/ (env MMDC_BUILD_DIR overrides)
     teacher: str = "tiny:teacher"  # teacher / referee / augmentor model: HF id, local path, or tiny:teacher
     student_init: str = "tiny:student"  # initial student: a saved LLaVA checkpoint, tiny:student, or "assemble"
     vision_tower: str = "openai/clip-vit-large-patch14"  # used when student_init = assemble (paper: CLIP ViT-L/14)
@@ -100,7 +100,7 @@ class ModelsConfig:
 
 @dataclass
 class EngineConfig:
-    """One engine (mmdc/actors/engines.py): hf and vllm are Serve apps; openai is an external endpoint."""
+    """One engine (mmdc/engines/): hf and vllm are Serve apps; openai is an external endpoint."""
 
     # hf: transformers generate in a Serve deployment (CPU or GPU); vllm: ray.serve.llm on GPUs;
     # openai: an OpenAI-compatible URL, nothing deployed (set replicas/num_cpus/num_gpus to 0 there)

@@ -32,7 +32,7 @@ def serve_endpoint(model_path: str, engine: EngineConfig, name: str = "mmdc", ho
     """
     from ray import serve
 
-    from mmdc.actors.engines import build_engine_app
+    from mmdc.engines.backends import build_engine_app
 
     if engine.backend != "hf":
         raise ValueError(f"only the hf backend is served over HTTP here, not {engine.backend!r}")

@@ -195,15 +195,15 @@ def render(metrics: list[dict], title: str, evals: dict[str, dict[str, dict]] | 
     return "\n".join(lines) + "\n"
 
 
-def write_report(rd: RunDir) -> Path:
+def write_report(run_dir: RunDir) -> Path:
     """Rebuild report.md (and the evaluation plot) from the run directory; returns the report's path."""
     from mmdc.eval.iteration import load_results
 
-    evals = load_results(rd.root)
-    plot = plot_eval(evals, rd.root / PLOT_FILE) if evals else None
-    atomic_write_text(rd.report, render(rd.read_metrics(), rd.root.name, evals,
-                                        plot.relative_to(rd.root) if plot else None))
-    return rd.report
+    evals = load_results(run_dir.root)
+    plot = plot_eval(evals, run_dir.root / PLOT_FILE) if evals else None
+    atomic_write_text(run_dir.report, render(run_dir.read_metrics(), run_dir.root.name, evals,
+                                             plot.relative_to(run_dir.root) if plot else None))
+    return run_dir.report
 
 
 __all__ = ["PLOT_FILE", "eval_section", "plot_eval", "render", "write_report"]

@@ -90,11 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from mmdc.train.loop import STOP_AFTER_ENV
-
     env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if os.environ.get(STOP_AFTER_ENV):  # fault injection for the resume tests reaches the training workers
-        env[STOP_AFTER_ENV] = os.environ[STOP_AFTER_ENV]
     # A new local cluster unless told otherwise: silently joining whatever `ray start` left
     # behind on this machine (perhaps long dead) is how a laptop run hangs.
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"

@@ -4,7 +4,7 @@
       config.yaml  state.json  metrics.jsonl  report.md  skipped.jsonl
       data/                         generated data set (embedded default) and its images
       pools/iter_<k>/tuning.parquet pools/iter_<k>/cache.parquet
-      answers/teacher/*.parquet     the frozen teacher's answer cache (key -> answer)
+      answers/teacher/*.parquet     the frozen teacher's answer store (key -> answer)
       answers/iter_<k>/<phase>/     raw phase outputs
       train/iter_<k>/conversations.parquet
       assessments/iter_<k>.parquet  generated/iter_<k>.parquet
@@ -71,7 +71,8 @@ class RunDir:
         return self.root / "data"
 
     @property
-    def answer_cache(self) -> Path:
+    def answer_store(self) -> Path:
+        """The frozen teacher's answers (``mmdc.data.answers.AnswerStore``)."""
         return self.root / "answers" / "teacher"
 
     def pool(self, iteration: int, name: str) -> Path:
@@ -88,6 +89,10 @@ class RunDir:
 
     def generated(self, iteration: int) -> Path:
         return self.root / "generated" / f"iter_{iteration}.parquet"
+
+    def checkpoint_init(self) -> Path:
+        """The student assembled from its parts (``models.student_init: assemble``), before any training."""
+        return self.root / "checkpoints" / "student" / "init"
 
     def checkpoint(self, iteration: int | None) -> Path:
         """``None`` is the stage 1 (alignment) checkpoint."""

@@ -22,7 +22,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     || exit 1
   export PYTHONPATH=$PWD:$WORK/site
 fi
-export PYTHONUNBUFFERED=1 MMDC_CACHE=${MMDC_CACHE:-$PWD/.mmdc_cache}
+export PYTHONUNBUFFERED=1 MMDC_BUILD_DIR=${MMDC_BUILD_DIR:-$PWD/.mmdc_build}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   "$PYTHON" -c "import sys, torch, transformers, ray, deepspeed, peft
 print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers',

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false MMDC_CACHE="${MMDC_CACHE:-$PWD/.mmdc_cache}"
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false MMDC_BUILD_DIR="${MMDC_BUILD_DIR:-$PWD/.mmdc_build}"
 status=0
 .venv/bin/python -m pytest tests "$@" || status=$?
 if [ "${MMDC_SKIP_CLIP:-0}" != 1 ]; then

@@ -38,12 +38,13 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, str]:
-    """The untrained tiny teacher and student checkpoints, built once into the model cache (no Ray needed)."""
-    from mmdc.data.world import world_corpus
-    from mmdc.train.tiny import ensure_tiny_models
+    """The untrained tiny teacher and student checkpoints, built once into the models folder (no Ray needed)."""
+    from mmdc.world.scenes import world_corpus
+    from mmdc.world.tiny import ensure_tiny_models
 
-    cache = Path(os.environ.get("MMDC_CACHE") or os.path.expanduser("~/.cache/mmdc")) / "models"
-    return ensure_tiny_models(cache, world_corpus(), seed=0)
+    from mmdc.world.models import models_dir
+
+    return ensure_tiny_models(models_dir(), world_corpus(), seed=0)
 
 
 @pytest.fixture(scope="session")

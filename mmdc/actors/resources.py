@@ -212,3 +212,12 @@ def clear_resource_request() -> None:
     from ray.autoscaler.sdk import request_resources
 
     request_resources(bundles=[])
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5) -> None:
+    """Poll until ``predicate()`` is true or fail with a message naming what was awaited."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(poll_s)

@@ -1,4 +1,4 @@
-"""Validity of the augmentor's new questions (paper section 3.3.3).
+"""The augmentor's new questions (paper section 3.3.3): pool rows with lineage, and their validity.
 
 A generated question is kept only if it is one sentence, carries no answer,
 and its ROUGE-L F-measure against every other question of the same image (in
@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from rouge_score import scoring
 from rouge_score.tokenizers import DefaultTokenizer
+
+from mmdc.data.schema import POOL_COLUMNS, generated_instruction_id
 
 ROUGE_L_THRESHOLD = 0.7
 
@@ -232,3 +234,14 @@ def validate_candidates(
     out["accepted"] = np.array([r is None for r in reasons], dtype=bool)
     out["reject_reason"] = pd.Series(reasons, index=out.index, dtype=object)
     return out
+
+
+def candidate_rows(replies: pd.DataFrame, iteration: int) -> pd.DataFrame:
+    """Augmentor replies (one per hard parent: its pool row + ``candidate``, ``attempt``, ``augmentor_reply``)
+    -> pool rows of origin ``generated`` with lineage to their parent, in parent id order."""
+    rows = [{"instruction_id": generated_instruction_id(r.instruction_id, iteration, r.attempt), "image_id": r.image_id,
+             "image": r.image, "question": r.candidate, "origin": "generated", "parent_id": r.instruction_id,
+             "iteration": iteration, "turn": -1, "image_position": "none", "source_id": r.source_id,
+             "augmentor_reply": r.augmentor_reply}
+            for r in replies.sort_values("instruction_id").itertuples()]
+    return pd.DataFrame(rows, columns=[*POOL_COLUMNS, "augmentor_reply"])

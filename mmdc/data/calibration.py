@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmdc.actors.roles import SCORE_MAX, SCORE_MIN, RefereeParseError, parse_referee
+from mmdc.roles import SCORE_MAX, SCORE_MIN, RefereeParseError, parse_referee
 
 # Input columns of assess_table (the caller has already retried bad replies).
 ASSESS_INPUT_COLUMNS = (

@@ -142,7 +142,7 @@ def filter_by_clip_score(pairs: list[dict], cfg: ClipFilterConfig,
     import pyarrow as pa
     import ray
 
-    from mmdc.data.pipelines import dataset_from_table
+    from mmdc.data.blocks import dataset_from_table
 
     if not pairs:
         return ClipFilterResult([], [], {"pairs": 0, "kept": 0, "below_threshold": 0, "unreadable": 0})

@@ -99,6 +99,11 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         return _decode(stream, source, max_pixels)
 
 
+def resolve_image(image: str, image_root: str | None) -> str:
+    """The path of a pool row's ``image``: absolute as given, else under ``image_root`` (when there is one)."""
+    return image if os.path.isabs(image) or not image_root else os.path.join(image_root, image)
+
+
 def image_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of the file's bytes (identifies an image for answer caching independent of its path)."""
     file = Path(path)

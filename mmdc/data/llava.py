@@ -216,17 +216,6 @@ def unfold_single_turn(records: list[dict], image_root: str | Path | None = None
     return pool_table(rows), skipped
 
 
-def seed_pool_from_llava(
-    path: str | Path, image_root: str | Path | None = None, strict: bool = False
-) -> tuple[pa.Table, list[dict]]:
-    """Load a LLaVA-Instruct file and unfold it into D_sin: (pool table, every skip from both steps)."""
-    loaded = load_llava_records(path, strict=strict)
-    table, unfold_skips = unfold_single_turn(loaded.records, image_root)
-    skips = [{"stage": "load", **skip} for skip in loaded.skipped]
-    skips += [{"stage": "unfold", "path": str(path), **skip} for skip in unfold_skips]
-    return table, skips
-
-
 def load_caption_pairs(path: str | Path) -> list[dict]:
     """Stage 1 caption pairs as ``{id, image, caption}``.
 

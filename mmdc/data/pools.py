@@ -6,10 +6,6 @@ cache pool is what gets assessed. Every iteration writes new versions of both
 They are pure and deterministic under a seed: a resumed run must rebuild the
 same pools as an uninterrupted one, and a user must be able to account for
 every row (the ``counts`` dict says what moved where).
-
-Also here: the key of the frozen teacher's answer cache. The teacher never
-changes, so an answer is a function of (model, prompt, image, sampling, seed)
-and is asked for once across all iterations.
 """
 
 from __future__ import annotations
@@ -270,47 +266,3 @@ def _replace_parents(tuning: pa.Table, accepted: pa.Table) -> tuple[pa.Table, in
     picks.extend(offset + j for j in orphans)
     both = pa.concat_tables([tuning, accepted])
     return both.take(pa.array(picks, pa.int64())), len(children), len(orphans)
-
-
-def _canonical_numbers(value: Any) -> Any:
-    """Sampling params with every number as a float, so temperature 1 and 1.0 give the same key."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        number = float(value)
-        if not math.isfinite(number):
-            raise ValueError(f"answer_cache_key: sampling value {value!r} is not finite")
-        return number
-    if isinstance(value, dict):
-        return {str(k): _canonical_numbers(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_canonical_numbers(v) for v in value]
-    raise TypeError(f"answer_cache_key: sampling value of type {type(value).__name__} is not JSON data")
-
-
-def answer_cache_key(
-    model_fingerprint: str,
-    messages_without_image: list[dict[str, Any]],
-    image_sha256: str,
-    sampling: dict[str, Any],
-    seed: int,
-) -> str:
-    """sha256 hex of the canonical JSON of everything a frozen teacher's answer depends on.
-
-    The image enters through ``image_sha256`` only: image parts of the
-    messages are replaced by a placeholder first (messages_without_images),
-    so the same picture under another URL or path gives the same key. Key
-    order in dicts does not matter, nor does writing a sampling number as int
-    or float.
-    """
-    from mmdc.actors.roles import messages_without_images
-
-    payload = {
-        "model": model_fingerprint,
-        "messages": messages_without_images(messages_without_image),
-        "image_sha256": image_sha256.lower(),
-        "sampling": _canonical_numbers(sampling),
-        "seed": int(seed),
-    }
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()

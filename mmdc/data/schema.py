@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Iterable
 
+import pandas as pd
 import pyarrow as pa
 
 ORIGINS = ("seed", "generated")
@@ -35,6 +36,8 @@ POOL_SCHEMA = pa.schema(
         pa.field("source_id", pa.string(), nullable=False),
     ]
 )
+
+POOL_COLUMNS: tuple[str, ...] = tuple(POOL_SCHEMA.names)
 
 # Answered single-turn items folded back into one multi-turn conversation per image (paper Eq. 1).
 CONVERSATION_SCHEMA = pa.schema(
@@ -192,3 +195,8 @@ def conversation_table(rows: Iterable[dict]) -> pa.Table:
             raise ValueError(f"conversation row {index}: a conversation needs at least one turn")
     columns = {name: [row[name] for row in rows] for name in CONVERSATION_SCHEMA.names}
     return pa.Table.from_pydict(columns, schema=CONVERSATION_SCHEMA)
+
+
+def pool_from_frame(frame: pd.DataFrame, where: str) -> pa.Table:
+    """Pool rows of a pandas frame (extra columns ignored) back to a validated Arrow pool; ``where`` names it."""
+    return check_pool(pa.Table.from_pandas(frame[list(POOL_COLUMNS)], preserve_index=False), where)

@@ -10,7 +10,7 @@
     python -m mmdc.eval --checkpoint DIR --benchmark world --data runs/x/data/world   # free-form, per family
     python -m mmdc.eval --checkpoint DIR --benchmark world_mc --data runs/x/data/world --role teacher
 
-The model is loaded with ``mmdc.actors.engines.HFGenerator``: the very code the
+The model is loaded with ``mmdc.engines.hf.HFGenerator``: the very code the
 Serve engine runs, so an evaluation asks exactly what the pipeline would. The
 judge (LLaVA-Bench) is another local checkpoint or any OpenAI-compatible
 endpoint (the paper used GPT-4). Sampling follows the paper (4.1.3): ScienceQA
@@ -96,7 +96,7 @@ def load_task(args: argparse.Namespace) -> harness.Task:
 
 
 def _open_generator(path: str, args: argparse.Namespace) -> Generator:
-    from mmdc.actors.engines import HFGenerator
+    from mmdc.engines.hf import HFGenerator
 
     return HFGenerator(path, dtype=args.dtype, device=args.device, max_batch_size=args.batch_size,
                        attention=args.attention)

@@ -95,7 +95,7 @@ def chat_request(prompt: str, image: Path | None, temperature: float, seed_value
     The image goes first, as a data URL (what every engine backend accepts, on any node);
     a text-only item sends the same messages without the image part.
     """
-    from mmdc.actors.roles import student_messages, teacher_messages
+    from mmdc.roles import student_messages, teacher_messages
     from mmdc.data.images import to_data_url
 
     build = teacher_messages if role == "teacher" else student_messages
@@ -180,8 +180,8 @@ def llavabench_task(data: str | Path, answers: str | Path, context: str | Path |
 
 
 def world_task(world_dir: str | Path, limit: int | None = None) -> Task:
-    """The world's test split, free-form, graded by the world's checker (``mmdc.data.world_eval``)."""
-    from mmdc.data import world_eval
+    """The world's test split, free-form, graded by the world's checker (``mmdc.world.grading``)."""
+    from mmdc.world import grading as world_eval
 
     items, scenes = world_eval.load_items(world_dir)
     items = _limited(items, limit)
@@ -195,7 +195,7 @@ def world_mc_task(world_dir: str | Path, questions_file: str | Path, seed_value:
     ``questions_file`` keeps the rendered questions, so ``python -m mmdc.eval
     --benchmark scienceqa --data <it> --images <world>/images`` reproduces the score by hand.
     """
-    from mmdc.data import world_eval
+    from mmdc.world import grading as world_eval
 
     path = world_eval.write_multiple_choice(world_dir, questions_file, seed_value)
     family = {item.sample_id: item.family for item in world_eval.load_items(world_dir)[0]}

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mmdc.actors.roles import RefereeParseError, parse_referee
+from mmdc.roles import RefereeParseError, parse_referee
 
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
 JUDGE_ROLE = "Assistant"

@@ -4,7 +4,7 @@ Why: the Driver evaluates the student after every iteration while the student
 engine is deployed anyway (assessment needs it). Loading the checkpoint a
 second time in the driver actor would cost memory (a GPU, on a cluster) and
 could disagree with what the engine serves. So the harness talks to the engine
-the way the Ray Data stages do: ``mmdc.actors.engines.make_client`` (a Serve
+the way the Ray Data processors do: ``mmdc.engines.backends.make_client`` (a Serve
 handle for hf / vllm, HTTP for an openai endpoint) and ``call_with_retries``,
 so a replica that dies mid-evaluation is retried like in any other phase.
 
@@ -15,14 +15,14 @@ so a replica that dies mid-evaluation is retried like in any other phase.
 from __future__ import annotations
 
 from mmdc.config import EngineConfig
+from mmdc.engines.backends import make_client, retry_policy
+from mmdc.engines.protocol import call_with_retries
 
 
 class ServeGenerator:
     """``generate(requests) -> [{"text": ...}]`` through one engine of a run (no model in this process)."""
 
     def __init__(self, app_name: str, deployment: str, engine: EngineConfig | None = None, role: str = "student"):
-        from mmdc.actors.engines import make_client, retry_policy
-
         engine = engine or EngineConfig()
         self.role = role
         self.client = make_client(engine, app_name, deployment, engine.request_timeout_s)
@@ -30,8 +30,6 @@ class ServeGenerator:
 
     def generate(self, requests: list[dict]) -> list[dict]:
         """One response per request, in order; rows are named by their seed in errors (unique per sample)."""
-        from mmdc.actors.engines import call_with_retries
-
         ids = [f"eval-seed-{r.get('seed')}" for r in requests]
         return call_with_retries(self.client, requests, ids, f"{self.role} (eval)", self.policy)
 

@@ -6,7 +6,7 @@ progress/throughput numbers disagree about what a step is.
 
 Choices:
 
-- **No ``optimizer`` / ``scheduler`` blocks.** ``mmdc.train.loop`` builds AdamW and the warmup +
+- **No ``optimizer`` / ``scheduler`` blocks.** ``mmdc.train.worker`` builds AdamW and the warmup +
   cosine/linear/constant schedule in torch and passes both to ``deepspeed.initialize``. One code path
   for the DeepSpeed and DDP strategies, and DeepSpeed's fused CPU/GPU Adam builds (which need a
   compiler at run time) are never involved.

@@ -1,6 +1,6 @@
 """A replica killed mid-phase: the stage retries its in-flight rows and the phase output is still whole.
 
-Deploys the tiny student as an hf engine (one replica), runs a teach-style ``run_stages`` over a
+Deploys the tiny student as an hf engine (one replica), runs a teach-style ``run_processors`` over a
 few hundred rows, kills the replica actor with ``ray.kill`` while a request is in flight, and
 checks that every input row appears exactly once with the answer a fault-free engine gives it
 (sampling is seeded per row, so a retried row must come back identical).
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from mmdc.actors.backends.hf import HFEngine
+from mmdc.engines.hf import HFEngine
 from mmdc.config import EngineConfig, PipelineConfig, to_dict
 
 pytestmark = pytest.mark.integration
@@ -54,9 +54,11 @@ def test_a_replica_killed_mid_phase_loses_and_repeats_no_row(ray_cluster, tmp_pa
     import ray
     from ray import cloudpickle, serve
 
-    from mmdc.actors.engines import HFGenerator, deployment_name
-    from mmdc.data.pipelines import StageSpec, TeacherStage, image_url, row_seed, run_stages
-    from mmdc.actors import roles
+    from mmdc.engines.backends import deployment_name
+    from mmdc.engines.hf import HFGenerator
+    from mmdc.engines.processors import ProcessorSpec, TeacherProcessor, image_url, run_processors
+    from mmdc.roles import row_seed
+    from mmdc import roles
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # replicas cannot import the test module
     student = tiny_student
@@ -69,7 +71,7 @@ def test_a_replica_killed_mid_phase_loses_and_repeats_no_row(ray_cluster, tmp_pa
     app = serve.deployment(HeldEngine).options(name=dep, num_replicas=1, max_ongoing_requests=1,
                                                ray_actor_options={"num_cpus": 1})
     serve.run(app.bind(str(marker), 48, student, "float32", 16, 1), name=APP, route_prefix=None)
-    spec = StageSpec(TeacherStage, {"app_name": APP, "deployment": dep, "sampling": SAMPLING,
+    spec = ProcessorSpec(TeacherProcessor, {"app_name": APP, "deployment": dep, "sampling": SAMPLING,
                                     "run_seed": 0, "image_root": str(tmp_path), "timeout_s": 60,
                                     "engine": to_dict(engine)})
     out_dir = tmp_path / "teach"
@@ -77,7 +79,7 @@ def test_a_replica_killed_mid_phase_loses_and_repeats_no_row(ray_cluster, tmp_pa
 
     def phase():
         try:
-            result["table"] = run_stages(table, [spec], out_dir, PipelineConfig(batch_size=64, concurrency=2,
+            result["table"] = run_processors(table, [spec], out_dir, PipelineConfig(batch_size=64, concurrency=2,
                                                                                  blocks_per_client=2))
         except BaseException as err:  # noqa: BLE001 - reported by the test thread
             result["error"] = err

@@ -31,9 +31,10 @@ def test_a_teach_stage_through_the_openai_backend_matches_the_checkpoint(ray_clu
                                                                           colour_pool):
     from ray import serve
 
-    from mmdc.actors import roles
-    from mmdc.actors.engines import HFGenerator
-    from mmdc.data.pipelines import StageSpec, TeacherStage, image_url, row_seed, run_stages
+    from mmdc import roles
+    from mmdc.engines.hf import HFGenerator
+    from mmdc.engines.processors import ProcessorSpec, TeacherProcessor, image_url, run_processors
+    from mmdc.roles import row_seed
     from mmdc.endpoint import serve_endpoint
 
     student = tiny_student
@@ -51,10 +52,10 @@ def test_a_teach_stage_through_the_openai_backend_matches_the_checkpoint(ray_clu
 
         engine = EngineConfig(backend="openai", replicas=0, num_cpus=0, base_url=url, model_name="student",
                               api_key_env=None, max_concurrency=4, request_timeout_s=120)
-        spec = StageSpec(TeacherStage, {"app_name": "openai-test", "deployment": "", "sampling": SAMPLING,
+        spec = ProcessorSpec(TeacherProcessor, {"app_name": "openai-test", "deployment": "", "sampling": SAMPLING,
                                         "run_seed": 0, "image_root": str(tmp_path), "timeout_s": 120,
                                         "engine": to_dict(engine)})
-        got = run_stages(table, [spec], tmp_path / "teach", PipelineConfig(batch_size=8, concurrency=1,
+        got = run_processors(table, [spec], tmp_path / "teach", PipelineConfig(batch_size=8, concurrency=1,
                                                                             blocks_per_client=3))
     finally:
         serve.shutdown()

@@ -4,7 +4,7 @@
 text; ``likelihood`` sends score requests under the Table 6 teacher prompt and writes the replies
 itself. Both go through Ray Data and a real hf Serve engine holding the short world teacher (the CI
 build), on count questions, the family that teacher knows best (92% of pairs, teacher-forced:
-benchmarks/teacher_knowledge.py), with half the "student" answers right and half plausibly wrong.
+benchmarks/research/teacher_knowledge.py), with half the "student" answers right and half plausibly wrong.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ SAMPLING = {"temperature": 0.5, "max_new_tokens": 24, "retries": 1}
 
 def count_pool(image_dir: Path) -> tuple[pa.Table, list[bool]]:
     """Count questions about rendered scenes; the teacher's answer is the truth, the student's right on even rows."""
-    from mmdc.data import world
-    from mmdc.train import world_teacher as wt
+    from mmdc.world import scenes as world
+    from mmdc.world import teacher as wt
 
     rng = random.Random("referee-scoring-test")
     rows, right = [], []
@@ -45,14 +45,15 @@ def count_pool(image_dir: Path) -> tuple[pa.Table, list[bool]]:
 def test_reply_and_likelihood_referees_through_a_served_world_teacher(ray_cluster, tmp_path):
     from ray import serve
 
-    from mmdc.actors import roles
-    from mmdc.actors.engines import build_engine_app, deployment_name
+    from mmdc import roles
+    from mmdc.engines.backends import build_engine_app, deployment_name
     from mmdc.data.calibration import LIKELIHOOD_EXPLANATION, assess_table
-    from mmdc.data.pipelines import RefereeStage, StageSpec, run_stages
-    from mmdc.train.world_teacher import ensure_world_teacher
+    from mmdc.engines.processors import RefereeProcessor, ProcessorSpec, run_processors
+    from mmdc.world.teacher import ensure_world_teacher
 
-    cache = Path(os.environ.get("MMDC_CACHE") or os.path.expanduser("~/.cache/mmdc")) / "models"
-    teacher = ensure_world_teacher(cache, schedule="short", seed=0)
+    from mmdc.world.models import models_dir
+
+    teacher = ensure_world_teacher(models_dir(), schedule="short", seed=0)
     table, right = count_pool(tmp_path)
     engine = EngineConfig(replicas=1, num_cpus=1, max_batch_size=16, request_timeout_s=120)
     serve.start(proxy_location="Disabled")
@@ -60,10 +61,10 @@ def test_reply_and_likelihood_referees_through_a_served_world_teacher(ray_cluste
     try:
         assessed = {}
         for scoring in ("reply", "likelihood"):
-            spec = StageSpec(RefereeStage, {"app_name": "referee-test", "deployment": deployment_name(teacher),
+            spec = ProcessorSpec(RefereeProcessor, {"app_name": "referee-test", "deployment": deployment_name(teacher),
                                             "sampling": SAMPLING, "run_seed": 0, "image_root": str(tmp_path),
                                             "engine": to_dict(engine), "scoring": scoring})
-            out = run_stages(table, [spec], tmp_path / scoring, PipelineConfig(batch_size=8, concurrency=1))
+            out = run_processors(table, [spec], tmp_path / scoring, PipelineConfig(batch_size=8, concurrency=1))
             assessed[scoring] = assess_table(out.to_pandas().sort_values("instruction_id"), tau=0.33)
     finally:
         serve.delete("referee-test")

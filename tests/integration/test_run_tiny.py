@@ -70,9 +70,9 @@ def test_metrics_per_phase(tiny_run):
 
 
 def test_student_checkpoint_loads_and_generates(tiny_run):
-    from mmdc.actors import roles
-    from mmdc.actors.engines import HFGenerator
-    from mmdc.data.pipelines import image_url
+    from mmdc import roles
+    from mmdc.engines.hf import HFGenerator
+    from mmdc.engines.processors import image_url
 
     pool = pd.read_parquet(tiny_run / "pools/iter_0/cache.parquet")
     row = pool.iloc[0]

@@ -1,4 +1,4 @@
-"""Integration tests for mmdc/train/loop.py: real Ray Train runs (2 CPU workers) on a tiny LLaVA.
+"""Integration tests for mmdc/train/launcher.py and worker.py: real Ray Train runs (2 CPU workers) on a tiny LLaVA.
 
 Each test trains a few optimizer steps on a tiny repeated batch and checks what a user relies on:
 the loss falls, the checkpoint reloads with ``from_pretrained`` (model and processor) and
@@ -9,6 +9,7 @@ interrupted run resumes from its saved state to the same weights as an uninterru
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from mmdc.config import LoraConfig, TrainConfig
-from mmdc.train.loop import train_student
-from mmdc.train.tiny import TinySpec, build_tiny_llava, train_tokenizer
+from mmdc.train.launcher import train_student
+from mmdc.world.tiny import TinySpec, build_tiny_llava, train_tokenizer
 
 pytestmark = pytest.mark.integration
 
@@ -90,6 +91,12 @@ def _train_zero2(world: dict, out: Path, run_name: str, **kw):
     )
 
 
+def _stop_after_step_7(step: int) -> None:
+    """``on_step`` fault injection: every worker raises right after optimizer step 7 (and its state save)."""
+    if step == 7:
+        raise RuntimeError("stopping after step 7 (fault injection)")
+
+
 def _steps(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -118,15 +125,16 @@ def test_tune_deepspeed_zero2_loss_falls_and_checkpoint_reloads(tiny_world, zero
     assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])  # LM trains
 
 
-def test_interrupted_training_resumes_from_its_last_state(tiny_world, zero2_run, tmp_path, monkeypatch):
+def test_interrupted_training_resumes_from_its_last_state(tiny_world, zero2_run, tmp_path):
     """Stop after step 7 (state saved at step 5), call again: steps 6-12 retrained, result as if never stopped."""
-    from mmdc.train.loop import STOP_AFTER_ENV, read_train_state, train_state_dir
+    import cloudpickle
 
+    from mmdc.train.checkpoints import read_train_state, train_state_dir
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     ref_out, reference = zero2_run
-    monkeypatch.setenv(STOP_AFTER_ENV, "7")  # read by train_student in this process, raised in the workers
     with pytest.raises(Exception):  # noqa: B017 - Ray Train wraps the workers' error in its own type
-        _train_zero2(tiny_world, tmp_path, "tune-z2-stopped", max_failures=0)
-    monkeypatch.delenv(STOP_AFTER_ENV)
+        _train_zero2(tiny_world, tmp_path, "tune-z2-stopped", max_failures=0, on_step=_stop_after_step_7)
     marker = read_train_state(tmp_path / "ckpt")
     assert (marker["step"], marker["epoch"], marker["micro_in_epoch"]) == (5, 2, 2)  # mid-epoch: 2 batches to skip
     assert not (tmp_path / "ckpt").exists()  # no final checkpoint yet

@@ -179,7 +179,7 @@ def test_likelihood_score_is_the_geometric_mean_probability_on_the_referee_scale
 
 
 def test_likelihood_reply_reads_back_as_a_referee_reply():
-    from mmdc.actors.roles import parse_referee
+    from mmdc.roles import parse_referee
     from mmdc.data.calibration import likelihood_reply
 
     assert parse_referee(likelihood_reply(8.4312, 1.0)) == (8.43, 1.0)

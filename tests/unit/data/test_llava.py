@@ -11,7 +11,6 @@ from mmdc.data.llava import (
     LlavaFormatError,
     image_position,
     load_llava_records,
-    seed_pool_from_llava,
     unfold_single_turn,
 )
 from mmdc.data.schema import POOL_SCHEMA
@@ -190,14 +189,6 @@ def test_unfold_is_deterministic_and_reports_invalid_records():
     assert a.equals(b)
     table, skips = unfold_single_turn([{"id": "z"}], None)
     assert table.num_rows == 0 and "missing key(s)" in skips[0]["reason"] and skips[0]["id"] == "z"
-
-
-def test_seed_pool_from_llava_collects_skips_from_both_stages(tmp_path):
-    data = [record("a", questions=("<image>\nQ?", "  ")), {"id": "bad"}]
-    table, skips = seed_pool_from_llava(write(tmp_path, data), image_root=tmp_path)
-    assert table.column("question").to_pylist() == ["Q?"]
-    assert table.column("image").to_pylist() == [str(tmp_path / "r1.jpg")]
-    assert [(s["stage"], s.get("index"), s.get("turn")) for s in skips] == [("load", 1, None), ("unfold", None, 1)]
 
 
 def test_caption_pairs_plain_and_pretrain_formats(tmp_path):

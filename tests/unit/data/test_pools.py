@@ -1,4 +1,4 @@
-"""Pool algebra: folding answers into conversations (Eq. 1), easy sampling, the two update policies, cache keys."""
+"""Pool algebra: folding answers into conversations (Eq. 1), easy sampling, the two update policies."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from mmdc.actors.roles import messages_without_images, teacher_messages
-from mmdc.data.pools import answer_cache_key, fold_conversations, sample_easy, update_pools
+from mmdc.data.pools import fold_conversations, sample_easy, update_pools
 from mmdc.data.schema import POOL_SCHEMA, generated_instruction_id, pool_table, seed_instruction_id
 
 
@@ -220,38 +219,3 @@ def test_update_pools_accepts_a_dataframe_of_new_rows(world):
     from_df = update_pools("refresh", pool, pool, assessment, accepted.to_pandas(), 5, 1)
     from_table = update_pools("refresh", pool, pool, assessment, accepted, 5, 1)
     assert from_df[0].equals(from_table[0])
-
-
-# --- answer_cache_key -----------------------------------------------------------------------------------------
-
-
-def test_answer_cache_key():
-    messages = messages_without_images(teacher_messages("What is it?", "data:image/png;base64,AAAA"))
-    key = answer_cache_key("llava-13b@abc", messages, "AB" * 32, {"temperature": 0.5, "max_tokens": 256}, 0)
-    assert len(key) == 64 and int(key, 16) >= 0
-    # Dict order and int-vs-float spelling do not change the key.
-    same = answer_cache_key("llava-13b@abc", messages, "ab" * 32, {"max_tokens": 256.0, "temperature": 0.5}, 0)
-    assert same == key
-    for changed in (
-        answer_cache_key("llava-13b@def", messages, "ab" * 32, {"temperature": 0.5, "max_tokens": 256}, 0),
-        answer_cache_key("llava-13b@abc", messages, "cd" * 32, {"temperature": 0.5, "max_tokens": 256}, 0),
-        answer_cache_key("llava-13b@abc", messages, "ab" * 32, {"temperature": 0.7, "max_tokens": 256}, 0),
-        answer_cache_key("llava-13b@abc", messages, "ab" * 32, {"temperature": 0.5, "max_tokens": 256}, 1),
-        answer_cache_key(
-            "llava-13b@abc",
-            messages_without_images(teacher_messages("What is that?", "x")),
-            "ab" * 32,
-            {"temperature": 0.5, "max_tokens": 256},
-            0,
-        ),
-    ):
-        assert changed != key
-
-
-def test_answer_cache_key_ignores_image_urls_and_refuses_nan():
-    sampling = {"temperature": 0.5}
-    plain = answer_cache_key("m", messages_without_images(teacher_messages("q", "x")), "ab", sampling, 0)
-    assert answer_cache_key("m", teacher_messages("q", "data:image/png;base64,AAAA"), "ab", sampling, 0) == plain
-    assert answer_cache_key("m", teacher_messages("q", "/some/other/path.jpg"), "ab", sampling, 0) == plain
-    with pytest.raises(ValueError, match="not finite"):
-        answer_cache_key("m", [], "ab", {"temperature": float("nan")}, 0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mmdc.config import ConfigError, config_from_dict, load_config
-from mmdc.data import world
+from mmdc.world import scenes as world
 from mmdc.eval import iteration
 from mmdc.eval.harness import row_seed
 
@@ -126,7 +126,7 @@ def test_config_checks_benchmarks_before_a_run():
 
 
 def test_serve_generator_goes_through_the_engine_client_with_retries(monkeypatch):
-    from mmdc.actors import engines
+    from mmdc.eval import serve
     from mmdc.eval.serve import ServeGenerator
 
     calls = []
@@ -138,7 +138,7 @@ def test_serve_generator_goes_through_the_engine_client_with_retries(monkeypatch
                 return [TimeoutError("slow replica")] + [{"text": "ok"}] * (len(requests) - 1)
             return [{"text": "again"} for _ in requests]
 
-    monkeypatch.setattr(engines, "make_client", lambda engine, app, deployment, timeout_s: FlakyClient())
+    monkeypatch.setattr(serve, "make_client", lambda engine, app, deployment, timeout_s: FlakyClient())
     cfg = load_config(None, ["engines.student.retry_backoff_s=0"])
     gen = ServeGenerator("student", "hf-student", cfg.engines["student"])
     out = gen.generate([{"messages": [], "seed": 1}, {"messages": [], "seed": 2}])
@@ -149,12 +149,13 @@ def test_end_to_end_tiny_student_on_a_tiny_world(world_dir, tmp_path):
     """The real engine code (HFGenerator) on the tiny student: both world benchmarks, deterministic."""
     import torch
 
-    from mmdc.actors.engines import HFGenerator
-    from mmdc.train.tiny import ensure_tiny_models
+    from mmdc.engines.hf import HFGenerator
+    from mmdc.world.tiny import ensure_tiny_models
 
     torch.set_num_threads(1)
-    cache = Path(os.environ.get("MMDC_CACHE", "/work/main/.mmdc_cache")) / "models"
-    student = ensure_tiny_models(cache, world.world_corpus(), seed=0)["student"]
+    from mmdc.world.models import models_dir
+
+    student = ensure_tiny_models(models_dir(), world.world_corpus(), seed=0)["student"]
     gen = HFGenerator(student, max_batch_size=16)
     cfg = load_config(None, ["eval.limit=6", "eval.benchmarks=[world, world_mc]"])
     results = iteration.evaluate_iteration(cfg, tmp_path / "a", 0, "student", gen, world_dir, model=student)

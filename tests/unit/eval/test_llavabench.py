@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mmdc.actors.roles import RefereeParseError
+from mmdc.roles import RefereeParseError
 from mmdc.eval import cli, llavabench, report
 
 ASSETS = Path(__file__).parents[2] / "assets" / "eval" / "llavabench"

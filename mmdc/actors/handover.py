@@ -1,0 +1,76 @@
+"""Handing the accelerators between inference and training: deploy an engine, release every engine, wait for room.
+
+The driver keeps the engines deployed through the inference phases (assess -> augment -> next teach),
+deletes every Serve app before training and waits until the cluster has its resources back, so the
+trainer's workers can take the GPUs; after training it deploys the new student checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import ray
+from ray import serve
+
+from mmdc.actors.resources import wait_for
+from mmdc.config import EngineConfig, TrainConfig
+from mmdc.engines.backends import build_engine_app
+
+Announce = Callable[[str], None]
+
+
+def deploy_engine(name: str, engine: EngineConfig, model_path: str) -> float:
+    """Serve ``model_path`` as the app ``name`` (nothing for an ``openai`` endpoint); returns the seconds it took."""
+    start = time.perf_counter()
+    app = build_engine_app(engine, model_path)
+    if app is not None:
+        serve.start(proxy_location="Disabled")
+        serve.run(app, name=name, route_prefix=None)
+    return time.perf_counter() - start
+
+
+def remove_stale_apps(engines: list[str], announce: Announce) -> None:
+    """Delete the apps of ``engines`` that a crashed earlier attempt left deployed (they hold resources)."""
+    try:
+        apps = set(serve.status().applications)
+    except Exception:  # noqa: BLE001 - Serve not started on this cluster: nothing is stale
+        return
+    for name in sorted(apps & set(engines)):
+        serve.delete(name)
+        announce(f"removed the {name} engine left by an earlier attempt")
+
+
+def release_engines(deployed: dict[str, EngineConfig], timeout_s: float = 120) -> float:
+    """Delete the Serve apps of ``deployed`` and wait until the cluster has its CPUs and GPUs back; seconds taken."""
+    start = time.perf_counter()
+    for name, engine in deployed.items():
+        if engine.backend != "openai":
+            serve.delete(name)
+    total = ray.cluster_resources()
+
+    def back() -> bool:
+        available = ray.available_resources()
+        return all(available.get(r, 0) >= total.get(r, 0) - 1e-6 for r in ("CPU", "GPU") if r in total)
+
+    wait_for(back, timeout_s=timeout_s, what="engine resources to be released")
+    return time.perf_counter() - start
+
+
+def await_trainer_resources(train: TrainConfig, announce: Announce, timeout_s: float = 180) -> None:
+    """Wait until the trainer's workers fit in what is free now, or say in the log what holds it.
+
+    After a crash, Ray reclaims the dead attempt's workers and placement groups asynchronously; starting
+    the trainer before that only queues it behind them. Never fails: on a shared cluster something else
+    may hold resources, and Ray Train then waits for them itself.
+    """
+    need = {"CPU": train.num_workers * train.cpus_per_worker, "GPU": train.num_workers * train.gpus_per_worker}
+
+    def free() -> bool:
+        available = ray.available_resources()
+        return all(available.get(r, 0.0) >= n - 1e-6 for r, n in need.items() if n > 0)
+
+    try:
+        wait_for(free, timeout_s=timeout_s, what="the trainer's resources")
+    except TimeoutError:
+        announce(f"the trainer needs {need} but only {ray.available_resources()} is free; starting anyway")
