@@ -175,8 +175,9 @@ class TrainerMemory:
     steady: Memory
     load: int  # bytes on the device while loading (before the strategy shards anything)
     save: int  # bytes on the device while saving the final checkpoint
-    host_per_node: int  # host RAM per node: DeepSpeed's CPU estimate (offloaded states) or the fp32 load copies
+    host_per_node: int  # host RAM per node: DeepSpeed's CPU estimate or the fp32 load copies, the larger
     estimator: str  # which estimator gave the model states, with its arguments
+    host_reason: str = ""  # what the host figure is
 
     @property
     def peak(self) -> int:
@@ -283,4 +284,10 @@ def trainer(arch: Architecture, stage: str, *, strategy: str, zero_stage: int, p
         save = steady.total - steady.get("activations") - steady.get("logits + loss") + gathered
     nodes = max(1, math.ceil(workers / max(gpus_per_node, 1)))
     load_host = math.ceil(workers / nodes) * 4 * arch.total  # from_pretrained in fp32 on every worker of a node
-    return TrainerMemory(steady=steady, load=load, save=save, host_per_node=max(host, load_host), estimator=how)
+    if host > load_host:
+        reason = ("DeepSpeed's CPU estimate: the offloaded optimizer states" if offload_optimizer
+                  else "DeepSpeed's CPU estimate: fp32 copies at initialisation") + ", with its 1.5x buffer factor"
+    else:
+        reason = f"{math.ceil(workers / nodes)} workers' fp32 copies while loading"
+    return TrainerMemory(steady=steady, load=load, save=save, host_per_node=max(host, load_host), estimator=how,
+                         host_reason=reason)

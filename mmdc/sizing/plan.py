@@ -532,8 +532,7 @@ def _trainer(cfg: Config, plan: Plan, phase: PhasePlan, t: TrainConfig, gpus_per
                         if tm.save else ""))
     if on_gpu:
         phase.host_extra = tm.host_per_node
-        dep.lines.append(f"host RAM per node: {gib(tm.host_per_node)} GiB (DeepSpeed's CPU estimate with "
-                         "offload, or the workers' fp32 load copies)")
+        dep.lines.append(f"host RAM per node: {gib(tm.host_per_node)} GiB ({tm.host_reason})")
     else:
         phase.host_extra = max(0, tm.host_per_node - t.num_workers * tm.load)  # offloaded states only
     if arch.text.max_positions and t.max_length > arch.text.max_positions:
@@ -547,7 +546,7 @@ def _trainer(cfg: Config, plan: Plan, phase: PhasePlan, t: TrainConfig, gpus_per
                                      "fp16 instead of bf16 (dynamic loss scaling)"))
     usable = gpu.usable_bytes
     if tm.steady.total * sharing > usable:
-        plan.problems.append(Problem(stage, _first_key(stage, t, lora), f"{stage} needs {gib(tm.steady.total)} GiB "
+        plan.problems.append(Problem(stage, _first_key(stage, t, lora), f"each worker needs {gib(tm.steady.total)} GiB "
                                      f"per GPU ({tm.steady.describe()}) but {gpu.name} has {gib(usable)} usable; "
                                      + _alternatives(arch, stage, t, gpus_per_node, usable, "steady")))
     elif tm.save * sharing > usable:
