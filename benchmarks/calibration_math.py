@@ -13,7 +13,7 @@ then times, on one core of this machine:
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/calibration_math.py            # 100K rows, writes benchmarks/results/calibration_math.md
+    .venv/bin/python benchmarks/calibration_math.py   # 100K rows, writes benchmarks/results/calibration_math.md
     .venv/bin/python benchmarks/calibration_math.py --rows 20000 --baseline 1000 --no-write
 
 It takes about a minute on 2 cores (each step runs 3 times; the fastest run is reported).
@@ -66,7 +66,9 @@ _REPLY_FORMS = [
 def _question(rng: np.random.Generator) -> str:
     template = _TEMPLATES[rng.integers(len(_TEMPLATES))]
     return template.format(
-        a=_ATTRS[rng.integers(len(_ATTRS))], s=_SUBJECTS[rng.integers(len(_SUBJECTS))], p=_PLACES[rng.integers(len(_PLACES))]
+        a=_ATTRS[rng.integers(len(_ATTRS))],
+        s=_SUBJECTS[rng.integers(len(_SUBJECTS))],
+        p=_PLACES[rng.integers(len(_PLACES))],
     )
 
 
@@ -260,11 +262,18 @@ def main() -> None:
     ]
     print("\n".join(lines + [""] + summary))
     if not args.no_write:
-        cpu = next(
-            (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")),
-            platform.processor() or "unknown",
-        ) if Path("/proc/cpuinfo").exists() else platform.processor()
+        cpu = (
+            next(
+                (
+                    line.split(":", 1)[1].strip()
+                    for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")
+                ),
+                platform.processor() or "unknown",
+            )
+            if Path("/proc/cpuinfo").exists()
+            else platform.processor()
+        )
         command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(

@@ -21,8 +21,9 @@ import re
 import statistics
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 
@@ -34,8 +35,9 @@ RUN = re.compile(r"^(?P<variant>.+)-seed(?P<seed>\d+)$")
 def grade_iteration(conversations: pd.DataFrame, scenes: dict) -> dict[str, float]:
     """Counts for one tuning phase: rows, readable questions, teacher right, and rows per family."""
     counts: Counter = Counter()
-    for image_id, questions, answers in zip(conversations["image_id"], conversations["questions"],
-                                            conversations["answers"]):
+    for image_id, questions, answers in zip(
+        conversations["image_id"], conversations["questions"], conversations["answers"]
+    ):
         scene = scenes[image_id]
         for question, reply in zip(questions, answers):
             counts["rows"] += 1
@@ -101,16 +103,28 @@ def _mean_sd(values: list[float]) -> str:
 
 def table(data: dict[str, dict[int, list[dict]]]) -> str:
     """Markdown: one row per (variant, iteration), mean ± sd over seeds."""
-    head = ["variant", "iteration", "seeds", "QA pairs", "readable %", "teacher right % (of readable)",
-            *(f"{f} %" for f in FAMILIES)]
+    head = [
+        "variant",
+        "iteration",
+        "seeds",
+        "QA pairs",
+        "readable %",
+        "teacher right % (of readable)",
+        *(f"{f} %" for f in FAMILIES),
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, per_iter in data.items():
         for k in sorted(per_iter):
             runs = per_iter[k]
             readable = [r.get("readable", 0) for r in runs]
-            cells = [variant, str(k), str(len(runs)), _mean_sd([r.get("rows", 0) for r in runs]),
-                     _mean_sd([100 * r.get("readable", 0) / r["rows"] for r in runs if r.get("rows")]),
-                     _mean_sd([100 * r.get("right", 0) / n for r, n in zip(runs, readable) if n])]
+            cells = [
+                variant,
+                str(k),
+                str(len(runs)),
+                _mean_sd([r.get("rows", 0) for r in runs]),
+                _mean_sd([100 * r.get("readable", 0) / r["rows"] for r in runs if r.get("rows")]),
+                _mean_sd([100 * r.get("right", 0) / n for r, n in zip(runs, readable) if n]),
+            ]
             cells += [_mean_sd([100 * r.get(f, 0) / n for r, n in zip(runs, readable) if n]) for f in FAMILIES]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -118,28 +132,49 @@ def table(data: dict[str, dict[int, list[dict]]]) -> str:
 
 def assessment_table(data: dict[str, dict[int, list[dict]]]) -> str:
     """Markdown: one row per (variant, assessment), mean ± sd over seeds; '–' where a split was empty."""
-    head = ["variant", "assessment", "seeds", "scored rows", "hard %", "student right % (all)",
-            "student right % among hard", "... among easy", "teacher right % among hard", "... among easy",
-            "referee's student score, student right", "... student wrong"]
+    head = [
+        "variant",
+        "assessment",
+        "seeds",
+        "scored rows",
+        "hard %",
+        "student right % (all)",
+        "student right % among hard",
+        "... among easy",
+        "teacher right % among hard",
+        "... among easy",
+        "referee's student score, student right",
+        "... student wrong",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def share(runs: list[dict], num: str, den: str) -> str:
         return _mean_sd([100 * r.get(num, 0) / r[den] for r in runs if r.get(den)])
 
     def mean_score(runs: list[dict], verdict: str) -> str:
-        return _mean_sd([r[f"score_student_when_{verdict}"] / r[f"student_{verdict}"]
-                         for r in runs if r.get(f"student_{verdict}")])
+        return _mean_sd(
+            [r[f"score_student_when_{verdict}"] / r[f"student_{verdict}"] for r in runs if r.get(f"student_{verdict}")]
+        )
 
     for variant, per_iter in data.items():
         if not any(r.get("scored") for runs in per_iter.values() for r in runs):
             continue  # no assessment (plain distillation)
         for k in sorted(per_iter):
             runs = per_iter[k]
-            cells = [variant, str(k), str(len(runs)), _mean_sd([r.get("scored", 0) for r in runs]),
-                     share(runs, "hard", "scored"), share(runs, "student_right", "scored"),
-                     share(runs, "hard_student_right", "hard"), share(runs, "easy_student_right", "easy"),
-                     share(runs, "hard_teacher_right", "hard"), share(runs, "easy_teacher_right", "easy"),
-                     mean_score(runs, "right"), mean_score(runs, "wrong")]
+            cells = [
+                variant,
+                str(k),
+                str(len(runs)),
+                _mean_sd([r.get("scored", 0) for r in runs]),
+                share(runs, "hard", "scored"),
+                share(runs, "student_right", "scored"),
+                share(runs, "hard_student_right", "hard"),
+                share(runs, "easy_student_right", "easy"),
+                share(runs, "hard_teacher_right", "hard"),
+                share(runs, "easy_teacher_right", "easy"),
+                mean_score(runs, "right"),
+                mean_score(runs, "wrong"),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

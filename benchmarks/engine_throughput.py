@@ -65,9 +65,15 @@ def requests_for(table: pa.Table, image_root: str) -> list[dict]:
     from mmdc.engines.processors import image_url
     from mmdc.roles import row_seed
 
-    return [{"messages": roles.teacher_messages(q, image_url(img, image_root)), "seed": row_seed(0, "teacher", i),
-             "temperature": SAMPLING["temperature"], "max_new_tokens": SAMPLING["max_new_tokens"]}
-            for q, img, i in zip(*(table.column(c).to_pylist() for c in ("question", "image", "instruction_id")))]
+    return [
+        {
+            "messages": roles.teacher_messages(q, image_url(img, image_root)),
+            "seed": row_seed(0, "teacher", i),
+            "temperature": SAMPLING["temperature"],
+            "max_new_tokens": SAMPLING["max_new_tokens"],
+        }
+        for q, img, i in zip(*(table.column(c).to_pylist() for c in ("question", "image", "instruction_id")))
+    ]
 
 
 def single_process(model: str, reqs: list[dict], batch: int, repeats: int = 1) -> tuple[float, int]:
@@ -91,8 +97,8 @@ def serve_phase(case: ServeCase, model: str, table: pa.Table, image_root: str, w
     from ray import serve
 
     from mmdc.actors.resources import wait_for
-    from mmdc.engines.backends import build_engine_app, deployment_name
     from mmdc.config import EngineConfig, PipelineConfig, to_dict
+    from mmdc.engines.backends import build_engine_app, deployment_name
     from mmdc.engines.processors import ProcessorSpec, TeacherProcessor, run_processors
 
     engine = EngineConfig(replicas=case.replicas, num_cpus=1, max_batch_size=BATCH, request_mode=case.request_mode)
@@ -100,9 +106,19 @@ def serve_phase(case: ServeCase, model: str, table: pa.Table, image_root: str, w
     serve.start(proxy_location="Disabled")
     serve.run(build_engine_app(engine, model), name="bench", route_prefix=None)
     out = {"deploy_s": time.perf_counter() - start, "walls": {}, "tokens": {}}
-    spec = ProcessorSpec(TeacherProcessor, {"app_name": "bench", "deployment": deployment_name(model), "sampling": SAMPLING,
-                                    "run_seed": 0, "image_root": image_root, "timeout_s": 600,
-                                    "engine": to_dict(engine)}, scope="bench")  # as the driver: a scope per run
+    spec = ProcessorSpec(
+        TeacherProcessor,
+        {
+            "app_name": "bench",
+            "deployment": deployment_name(model),
+            "sampling": SAMPLING,
+            "run_seed": 0,
+            "image_root": image_root,
+            "timeout_s": 600,
+            "engine": to_dict(engine),
+        },
+        scope="bench",
+    )  # as the driver: a scope per run
     for n in case.sizes:
         # Blocks of about 5 batches: batches follow block boundaries, so many small blocks would
         # leave a short batch behind at every block end.
@@ -114,7 +130,9 @@ def serve_phase(case: ServeCase, model: str, table: pa.Table, image_root: str, w
             result = run_processors(table.slice(0, n), [spec], work / f"{case.label}-{n}-{r}".replace(" ", "_"), cfg)
             walls.append(time.perf_counter() - start)
             ids = result.column("instruction_id").to_pylist()
-            assert sorted(ids) == sorted(table.slice(0, n).column("instruction_id").to_pylist()), "rows lost or repeated"
+            assert sorted(ids) == sorted(table.slice(0, n).column("instruction_id").to_pylist()), (
+                "rows lost or repeated"
+            )
             out["tokens"][n] = sum(result.column("teacher_tokens").to_pylist())
         out.setdefault("first_phase_s", walls[0])  # new stage objects (the first case: new stage workers too)
         out["walls"][n] = statistics.median(walls)
@@ -136,16 +154,26 @@ def fit(walls: dict[int, float]) -> tuple[float, float]:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     load = os.getloadavg()
-    return (f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}; "
-            f"load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
+    return (
+        f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}; "
+        f"load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="250,500,1000,2000", help="pool sizes for (c); the largest is used for (a), (b)")
+    parser.add_argument(
+        "--sizes", default="250,500,1000,2000", help="pool sizes for (c); the largest is used for (a), (b)"
+    )
     parser.add_argument("--batch1-rows", type=int, default=200, help="rows for the one-prompt-at-a-time baseline")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/engine_throughput.md"))
     parser.add_argument("--work", default="/tmp/mmdc-bench-engines")
@@ -160,10 +188,9 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
+    from mmdc.world.models import models_dir
     from mmdc.world.scenes import world_corpus
     from mmdc.world.tiny import ensure_tiny_models
-
-    from mmdc.world.models import models_dir
 
     model = ensure_tiny_models(models_dir(), world_corpus(), seed=0)["student"]
     load_at_start = machine()
@@ -179,16 +206,23 @@ def main() -> int:
     from ray.data import DataContext
 
     start = time.perf_counter()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,  # our own cluster
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,  # our own cluster
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    )
     ray_init_s = time.perf_counter() - start
     DataContext.get_current().enable_progress_bars = False
-    cases = [ServeCase("2 replicas, per batch, 2 clients x 64 rows", 2, "batch", 2, 64, sizes),
-             ServeCase("2 replicas, per batch, 2 clients x 128 rows", 2, "batch", 2, 128, [rows]),
-             ServeCase("2 replicas, per batch, 2 clients x 16 rows", 2, "batch", 2, 16, [rows]),
-             ServeCase("2 replicas, per batch, 4 clients x 16 rows", 2, "batch", 4, 16, [rows]),
-             ServeCase("2 replicas, per row, 2 clients x 64 rows", 2, "row", 2, 64, [rows]),
-             ServeCase("1 replica, per batch, 1 client x 64 rows", 1, "batch", 1, 64, [rows])]
+    cases = [
+        ServeCase("2 replicas, per batch, 2 clients x 64 rows", 2, "batch", 2, 64, sizes),
+        ServeCase("2 replicas, per batch, 2 clients x 128 rows", 2, "batch", 2, 128, [rows]),
+        ServeCase("2 replicas, per batch, 2 clients x 16 rows", 2, "batch", 2, 16, [rows]),
+        ServeCase("2 replicas, per batch, 4 clients x 16 rows", 2, "batch", 4, 16, [rows]),
+        ServeCase("2 replicas, per row, 2 clients x 64 rows", 2, "row", 2, 64, [rows]),
+        ServeCase("1 replica, per batch, 1 client x 64 rows", 1, "batch", 1, 64, [rows]),
+    ]
     results = {}
     for case in cases:
         print(f"serve: {case.label} ...", flush=True)
@@ -229,7 +263,8 @@ def write_report(out: Path, load: str, sizes, single, tokens, ray_init_s, cases,
         "",
         f"| path ({rows} rows unless noted) | rows/s | vs. one process, batch {BATCH} |",
         "|---|---:|---:|",
-        f"| one process, one prompt at a time ({args.batch1_rows} rows) | {single['b1']:.1f} | {single['b1'] / base:.2f}x |",
+        f"| one process, one prompt at a time ({args.batch1_rows} rows) | {single['b1']:.1f} "
+        f"| {single['b1'] / base:.2f}x |",
         f"| one process, batches of {BATCH} (mean of {single['b16_before']:.1f} before and "
         f"{single['b16_after']:.1f} after the Serve runs) | {base:.1f} | 1.00x |",
     ]
@@ -240,7 +275,8 @@ def write_report(out: Path, load: str, sizes, single, tokens, ray_init_s, cases,
     walls = results[growth.label]["walls"]
     fixed, per_row = fit(walls)
     lines += [
-        f"| Ray Data + Serve: {growth.label}, marginal (slope of (c)) | {1 / per_row:.1f} | {1 / per_row / base:.2f}x |",
+        f"| Ray Data + Serve: {growth.label}, marginal (slope of (c)) | {1 / per_row:.1f} "
+        f"| {1 / per_row / base:.2f}x |",
         "",
         f"## (c) Phase wall time as the pool grows ({growth.label})",
         "",
@@ -265,8 +301,10 @@ def write_report(out: Path, load: str, sizes, single, tokens, ray_init_s, cases,
     for case in cases:
         r = results[case.label]
         lines.append(f"| Serve start + deploy ({case.label}: model load, replicas ready) | {r['deploy_s']:.1f} |")
-        lines.append(f"| first phase after the deploy ({case.label}, {case.sizes[0]} rows: new stage objects) "
-                     f"| {r['first_phase_s']:.1f} (median {r['walls'][case.sizes[0]]:.1f}) |")
+        lines.append(
+            f"| first phase after the deploy ({case.label}, {case.sizes[0]} rows: new stage objects) "
+            f"| {r['first_phase_s']:.1f} (median {r['walls'][case.sizes[0]]:.1f}) |"
+        )
         lines.append(f"| release ({case.label}: delete app, CPUs back) | {r['release_s']:.1f} |")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

@@ -3,8 +3,8 @@
 Reads the 80 COCO val2014 images x 5 captions in
 /work/shared/data/caps_boxes_coco2014_val_80.jsonl (400 real captions, read at
 run time, never copied into the repo), replicates them to ``--captions``
-(default 6,000 = 15 copies, to stay under 2 minutes on a shared 2-core machine; spaCy keeps no per-document cache beyond its
-tokenizer's per-word cache, so repeats cost nearly what new captions of the
+(default 6,000 = 15 copies, to stay under 2 minutes on a shared 2-core machine; spaCy keeps no
+per-document cache beyond its tokenizer's per-word cache, so repeats cost nearly what new captions of the
 same length cost), and times on this machine:
 
 1. extraction (spaCy ``nlp.pipe`` + noun-chunk normalisation) with n_process=1 and 2,
@@ -108,16 +108,22 @@ def main() -> None:
         )
         rates[n_process] = len(captions) / seconds
         cpu_ms[n_process] = (cpu_seconds() - cpu0) / len(captions) * 1000
-        print(f"extract n_process={n_process}: {seconds:.1f} s, {rates[n_process]:.0f} captions/s, "
-              f"{cpu_ms[n_process]:.2f} CPU ms/caption", flush=True)
+        print(
+            f"extract n_process={n_process}: {seconds:.1f} s, {rates[n_process]:.0f} captions/s, "
+            f"{cpu_ms[n_process]:.2f} CPU ms/caption",
+            flush=True,
+        )
     # spaCy's own multiprocessing (ships Docs back to the parent), on a slice, for comparison
     subset = captions[: min(len(captions), 2000)]
     cpu0 = cpu_seconds()
     _, spacy_mp_s = timed(lambda: list(nlp.pipe(subset, n_process=2, batch_size=args.batch_size)))
     spacy_mp_rate = len(subset) / spacy_mp_s
     spacy_mp_cpu_ms = (cpu_seconds() - cpu0) / len(subset) * 1000
-    print(f"spaCy nlp.pipe(n_process=2) on {len(subset)}: {spacy_mp_rate:.0f} captions/s, "
-          f"{spacy_mp_cpu_ms:.2f} CPU ms/caption", flush=True)
+    print(
+        f"spaCy nlp.pipe(n_process=2) on {len(subset)}: {spacy_mp_rate:.0f} captions/s, "
+        f"{spacy_mp_cpu_ms:.2f} CPU ms/caption",
+        flush=True,
+    )
     if results[1] != results[2]:
         raise SystemExit("n_process=1 and n_process=2 gave different phrases")
     phrases = results[1]
@@ -127,15 +133,19 @@ def main() -> None:
     synthetic, gen_s = timed(synthetic_phrases, args.filter_pairs, 0)
     kept_syn, filter_syn_s = timed(filter_pairs, synthetic, seed=0)
     occurrences = sum(len(p) for p in synthetic)
-    print(f"filter on {len(synthetic)} synthetic ({occurrences} phrase occurrences): "
-          f"{filter_syn_s:.1f} s, kept {len(kept_syn)}", flush=True)
+    print(
+        f"filter on {len(synthetic)} synthetic ({occurrences} phrase occurrences): "
+        f"{filter_syn_s:.1f} s, kept {len(kept_syn)}",
+        flush=True,
+    )
 
     best = max(rates, key=rates.get)
     proj_h = {n: PAPER_CAPTIONS / r / 3600 for n, r in rates.items()}
     per_million_h = {n: 1e6 / r / 3600 for n, r in rates.items()}
     load1, load5, _ = os.getloadavg()
     command = " ".join([".venv/bin/python benchmarks/nounphrase_filter.py", *sys.argv[1:]]).strip()
-    report = f"""# Noun-phrase caption filter benchmark (stage 1, paper 3.2)
+    report = (
+        f"""# Noun-phrase caption filter benchmark (stage 1, paper 3.2)
 
 Command: `{command}`
 Machine: {platform.machine()}, nproc = {os.cpu_count()}, Python {platform.python_version()},
@@ -149,10 +159,12 @@ replicated {copies}x to {len(captions):,} captions. CC3M / LAION captions are of
 
 | n_process | captions/s (wall) | time for {len(captions):,} | projected for 885K captions | per 1M captions | CPU ms per caption |
 |---|---|---|---|---|---|
-""" + "".join(
-        f"| {n} | {rates[n]:,.0f} | {len(captions) / rates[n]:.1f} s | {proj_h[n] * 60:.1f} min | {per_million_h[n] * 60:.1f} min | {cpu_ms[n]:.2f} |\n"
-        for n in (1, 2)
-    ) + f"""
+"""
+        + "".join(
+            f"| {n} | {rates[n]:,.0f} | {len(captions) / rates[n]:.1f} s | {proj_h[n] * 60:.1f} min | {per_million_h[n] * 60:.1f} min | {cpu_ms[n]:.2f} |\n"
+            for n in (1, 2)
+        )
+        + f"""
 Speed-up of 2 processes over 1 (wall): {rates[2] / rates[1]:.2f}x (both gave identical phrases).
 CPU cost is the contention-free measure: at {cpu_ms[1]:.2f} CPU ms per caption, 885K captions need
 {PAPER_CAPTIONS * cpu_ms[1] / 1000 / 3600:.2f} CPU hours, i.e. {PAPER_CAPTIONS * cpu_ms[1] / 1000 / 60 / 2:.0f} min on 2 idle cores
@@ -175,6 +187,7 @@ The walk needs the whole corpus's phrases in one process (a global count and a g
 runs once on the driver after the parallel extraction; at paper scale it is seconds to minutes,
 negligible next to extraction.
 """
+    )
     print(report)
     if not args.no_write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

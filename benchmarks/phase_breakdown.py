@@ -1,20 +1,20 @@
 """Where a teach phase's time goes: driver-side wall time against timestamps taken inside the stage tasks.
 
-    MMDC_BUILD_DIR=.mmdc_build OMP_NUM_THREADS=1 .venv/bin/python benchmarks/phase_breakdown.py [--sizes 2000,32,32,2000,2000]
+    MMDC_BUILD_DIR=.mmdc_build OMP_NUM_THREADS=1 .venv/bin/python benchmarks/phase_breakdown.py \
+        [--sizes 2000,32,32,2000,2000]
 
 For each phase (2 replicas, per-batch requests, 2 clients x 64 rows, as in engine_throughput.py):
-when the stage constructors start and how long they take (imports, the Serve handle; "none" when every
-task found its stage from an earlier phase in its worker process), when the first batch starts, when the last batch ends, and the wall time of the whole
-``run_processors`` call; what lies after the last batch is output writing and the folder rename. The
-first phase of a Ray session also pays one-time warm-up. This is the probe behind the "where the
-fixed cost went" section of results/engine_throughput.md.
+when the processor constructors start and how long they take (imports, the Serve handle; "none" when
+every task found its processor from an earlier phase in its worker process), when the first batch starts,
+when the last batch ends, and the wall time of the whole ``run_processors`` call; what lies after the
+last batch is output writing and the folder rename. The first phase of a Ray session also pays one-time
+warm-up. This is the probe behind the "where the fixed cost went" section of results/engine_throughput.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -56,13 +56,12 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from mmdc.engines.backends import build_engine_app, deployment_name
     from mmdc.config import EngineConfig, PipelineConfig, to_dict
+    from mmdc.engines.backends import build_engine_app, deployment_name
     from mmdc.engines.processors import ProcessorSpec, run_processors
+    from mmdc.world.models import models_dir
     from mmdc.world.scenes import world_corpus
     from mmdc.world.tiny import ensure_tiny_models
-
-    from mmdc.world.models import models_dir
 
     model = ensure_tiny_models(models_dir(), world_corpus(), seed=0)["student"]
     ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
@@ -72,9 +71,20 @@ def main() -> int:
     serve.start(proxy_location="Disabled")
     serve.run(build_engine_app(engine, model), name="bench", route_prefix=None)
     events = work / "events.jsonl"
-    spec = ProcessorSpec(TimedTeacher, {"events": str(events), "app_name": "bench", "deployment": deployment_name(model),
-                                    "sampling": SAMPLING, "run_seed": 0, "image_root": image_root, "timeout_s": 600,
-                                    "engine": to_dict(engine)}, scope="bench")  # as the driver: a scope per run
+    spec = ProcessorSpec(
+        TimedTeacher,
+        {
+            "events": str(events),
+            "app_name": "bench",
+            "deployment": deployment_name(model),
+            "sampling": SAMPLING,
+            "run_seed": 0,
+            "image_root": image_root,
+            "timeout_s": 600,
+            "engine": to_dict(engine),
+        },
+        scope="bench",
+    )  # as the driver: a scope per run
     print("| phase | rows | wall s | constructors start | constructor s | first batch | last batch ends | after it |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for k, n in enumerate(sizes):
@@ -89,9 +99,12 @@ def main() -> int:
         last = max(e["end"] for e in batches) - start
         ctor_start = f"+{min(e['start'] for e in ctor) - start:.2f}" if ctor else "none"  # stages kept from before
         ctor_s = f"{max(e['end'] - e['start'] for e in ctor):.2f}" if ctor else "-"
-        print(f"| {k + 1} | {n} | {wall:.2f} | {ctor_start} "
-              f"| {ctor_s} | +{min(e['start'] for e in batches) - start:.2f} "
-              f"| +{last:.2f} | {wall - last:.2f} |", flush=True)
+        print(
+            f"| {k + 1} | {n} | {wall:.2f} | {ctor_start} "
+            f"| {ctor_s} | +{min(e['start'] for e in batches) - start:.2f} "
+            f"| +{last:.2f} | {wall - last:.2f} |",
+            flush=True,
+        )
     serve.shutdown()
     ray.shutdown()
     return 0

@@ -70,8 +70,8 @@ def main() -> int:
     from ray import cloudpickle, serve
     from ray.data import DataContext
 
-    from mmdc.engines.backends import deployment_name
     from mmdc.config import EngineConfig, PipelineConfig, to_dict
+    from mmdc.engines.backends import deployment_name
     from mmdc.engines.processors import ProcessorSpec, TeacherProcessor, run_processors
     from mmdc.world.scenes import world_corpus
     from mmdc.world.tiny import ensure_tiny_models
@@ -81,8 +81,13 @@ def main() -> int:
     from mmdc.world.models import models_dir
 
     model = ensure_tiny_models(models_dir(), world_corpus(), seed=0)["student"]
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    )
     DataContext.get_current().enable_progress_bars = False
     work = Path(tempfile.mkdtemp(prefix="mmdc-request-routing-"))
     table, image_root = make_pool(args.rows, work)
@@ -93,20 +98,37 @@ def main() -> int:
     specs = {}
     for ongoing in (4, 1):
         app = serve.deployment(LoggedEngine).options(
-            name=name, num_replicas=2, max_ongoing_requests=ongoing,
-            ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1"}}})
-        serve.run(app.bind(str(log_path), model, "float32", BATCH, 1, engine.batch_wait_timeout_s, "auto"),
-                  name=f"ongoing{ongoing}", route_prefix=None)
-        specs[ongoing] = ProcessorSpec(TeacherProcessor, {"app_name": f"ongoing{ongoing}", "deployment": name,
-                                                  "sampling": SAMPLING, "run_seed": 0, "image_root": image_root,
-                                                  "timeout_s": 600, "engine": to_dict(engine)}, scope="bench")
+            name=name,
+            num_replicas=2,
+            max_ongoing_requests=ongoing,
+            ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1"}}},
+        )
+        serve.run(
+            app.bind(str(log_path), model, "float32", BATCH, 1, engine.batch_wait_timeout_s, "auto"),
+            name=f"ongoing{ongoing}",
+            route_prefix=None,
+        )
+        specs[ongoing] = ProcessorSpec(
+            TeacherProcessor,
+            {
+                "app_name": f"ongoing{ongoing}",
+                "deployment": name,
+                "sampling": SAMPLING,
+                "run_seed": 0,
+                "image_root": image_root,
+                "timeout_s": 600,
+                "engine": to_dict(engine),
+            },
+            scope="bench",
+        )
     configs = [(ongoing, batch) for batch in (int(b) for b in args.batches.split(",")) for ongoing in (4, 1)]
     runs: dict[tuple[int, int], list[dict]] = {c: [] for c in configs}
     for r in range(args.rounds + 1):  # round 0 warms the stage workers of both apps and is not reported
         for ongoing, batch in configs:
             log_path.write_text("")
-            cfg = PipelineConfig(batch_size=batch, concurrency=2,
-                                 blocks_per_client=max(1, round(args.rows / (2 * 5 * batch))))
+            cfg = PipelineConfig(
+                batch_size=batch, concurrency=2, blocks_per_client=max(1, round(args.rows / (2 * 5 * batch)))
+            )
             start = time.time()
             run_processors(table, [specs[ongoing]], work / f"out-{r}-{ongoing}-{batch}", cfg)
             wall = time.time() - start
@@ -114,12 +136,16 @@ def main() -> int:
             per = {}
             for q in reqs:
                 per.setdefault(q["pid"], []).append(q)
-            replicas = sorted(([len(qs), sum(q["rows"] for q in qs), shared_seconds(qs)]
-                               for qs in per.values()), key=lambda x: -x[1])
+            replicas = sorted(
+                ([len(qs), sum(q["rows"] for q in qs), shared_seconds(qs)] for qs in per.values()), key=lambda x: -x[1]
+            )
             if r:
                 runs[(ongoing, batch)].append({"wall": wall, "replicas": replicas})
-            print(f"round {r} ongoing {ongoing} batch {batch}: {wall:.2f} s, per replica (requests, rows, shared s) "
-                  f"{[[q, n, round(b, 2)] for q, n, b in replicas]}", flush=True)
+            print(
+                f"round {r} ongoing {ongoing} batch {batch}: {wall:.2f} s, per replica (requests, rows, shared s) "
+                f"{[[q, n, round(b, 2)] for q, n, b in replicas]}",
+                flush=True,
+            )
     serve.shutdown()
     ray.shutdown()
 
@@ -143,10 +169,15 @@ def main() -> int:
         walls = [x["wall"] for x in rs]
         busier = statistics.median(x["replicas"][0][1] for x in rs)
         overlapped = sum(any(shared > 0 for _, _, shared in x["replicas"]) for x in rs)
-        lines.append(f"| {batch} | {ongoing} | {statistics.median(walls):.2f} | {min(walls):.2f}-{max(walls):.2f} "
-                     f"| {busier:.0f} of {args.rows} | {overlapped} of {len(rs)} |")
-    lines += ["", "(Two batches at once on one replica take turns on its core while the other replica may idle; "
-              "the per-phase request and row counts per replica are in the script's output.)"]
+        lines.append(
+            f"| {batch} | {ongoing} | {statistics.median(walls):.2f} | {min(walls):.2f}-{max(walls):.2f} "
+            f"| {busier:.0f} of {args.rows} | {overlapped} of {len(rs)} |"
+        )
+    lines += [
+        "",
+        "(Two batches at once on one replica take turns on its core while the other replica may idle; "
+        "the per-phase request and row counts per replica are in the script's output.)",
+    ]
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:

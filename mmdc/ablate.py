@@ -35,9 +35,10 @@ import math
 import re
 import statistics
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "mmdc": ("calibration.tau=0.33",),
@@ -136,7 +137,7 @@ def run_overrides(variant: Variant, seed: int, base: Sequence[str] = ()) -> list
 
 
 def _status(path: Path) -> str:
-    """"new", "finished" or "unfinished" for a run directory."""
+    """ "new", "finished" or "unfinished" for a run directory."""
     state = path / "state.json"
     if not path.exists() or not any(path.iterdir()):
         return "new"
@@ -146,8 +147,14 @@ def _status(path: Path) -> str:
         return "unfinished"
 
 
-def plan(out: Path, config: str | None, variants: Sequence[Variant], seeds: Sequence[int],
-         base: Sequence[str] = (), ray_args: Sequence[str] = ()) -> list[tuple[Path, str, list[str]]]:
+def plan(
+    out: Path,
+    config: str | None,
+    variants: Sequence[Variant],
+    seeds: Sequence[int],
+    base: Sequence[str] = (),
+    ray_args: Sequence[str] = (),
+) -> list[tuple[Path, str, list[str]]]:
     """(run directory, status, argv for ``mmdc.run.main``) for every variant x seed."""
     steps = []
     for variant in variants:
@@ -211,8 +218,11 @@ def final_scores(path: Path) -> tuple[int | None, dict[str, dict[str, float]]]:
 
 def _numeric(payload: dict) -> dict[str, float]:
     metrics = payload["metrics"]
-    return {c: float(metrics[c]) for c in payload.get("columns", [])
-            if isinstance(metrics.get(c), (int, float)) and not isinstance(metrics.get(c), bool)}
+    return {
+        c: float(metrics[c])
+        for c in payload.get("columns", [])
+        if isinstance(metrics.get(c), (int, float)) and not isinstance(metrics.get(c), bool)
+    }
 
 
 def _curves(path: Path) -> dict[str, dict[int, dict[str, float]]]:
@@ -220,8 +230,10 @@ def _curves(path: Path) -> dict[str, dict[int, dict[str, float]]]:
     column (the world's question families, say), where the student gained or did not."""
     from mmdc.eval.iteration import iterations, load_results
 
-    return {benchmark: {k: cols for k, p in iterations(runs) if (cols := _numeric(p))}
-            for benchmark, runs in load_results(path).items()}
+    return {
+        benchmark: {k: cols for k, p in iterations(runs) if (cols := _numeric(p))}
+        for benchmark, runs in load_results(path).items()
+    }
 
 
 # What each run's loop did, from its metrics.jsonl: (label, phase, key, how one number per run is
@@ -249,8 +261,14 @@ def process_stats(path: Path) -> dict[str, float]:
             continue
     out: dict[str, float] = {}
     for label, phase, key, how, _ in PROCESS:
-        values = [float(r[key]) for r in records if r.get("phase") and (phase is None or r["phase"] == phase)
-                  and isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+        values = [
+            float(r[key])
+            for r in records
+            if r.get("phase")
+            and (phase is None or r["phase"] == phase)
+            and isinstance(r.get(key), (int, float))
+            and not isinstance(r.get(key), bool)
+        ]
         if values:
             out[label] = sum(values) if how == "sum" else statistics.fmean(values)
     return out
@@ -258,8 +276,13 @@ def process_stats(path: Path) -> dict[str, float]:
 
 def _stats(values: Sequence[float]) -> dict[str, Any]:
     """mean, sample standard deviation (None for one value), min, max, n."""
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "min": min(values), "max": max(values), "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def build_summary(out: Path, variants: Sequence[Variant], seeds: Sequence[int]) -> dict:
@@ -295,15 +318,18 @@ def build_summary(out: Path, variants: Sequence[Variant], seeds: Sequence[int]) 
             for benchmark, runs in load_results(path).items():
                 if TEACHER in runs and benchmark not in summary["teacher"]:
                     summary["teacher"][benchmark] = _numeric(runs[TEACHER])
-        per_column = {b: {str(k): {col: _stats(v) for col, v in cols.items()} for k, cols in sorted(c.items())}
-                      for b, c in curves.items()}
+        per_column = {
+            b: {str(k): {col: _stats(v) for col, v in cols.items()} for k, cols in sorted(c.items())}
+            for b, c in curves.items()
+        }
         summary["variants"][variant.name] = {
             "overrides": list(variant.overrides),
             "runs": per_seed,
             "missing_seeds": missing,
             "final": {b: {c: _stats(v) for c, v in cols.items()} for b, cols in values.items()},
-            "per_iteration": {b: {k: cols[headline(b)] for k, cols in c.items() if headline(b) in cols}
-                              for b, c in per_column.items()},  # Figure 4: the headline column alone
+            "per_iteration": {
+                b: {k: cols[headline(b)] for k, cols in c.items() if headline(b) in cols} for b, c in per_column.items()
+            },  # Figure 4: the headline column alone
             "per_iteration_columns": per_column,
             "process": {label: _stats(v) for label, v in process.items()},
         }
@@ -330,9 +356,13 @@ def render_summary(summary: dict) -> str:
     benchmarks = list(summary["benchmarks"])
     variants = summary["variants"]
     seeds = ", ".join(str(s) for s in summary["seeds"])
-    lines = ["# Ablation summary", "",
-             f"Mean ± sample standard deviation over seeds ({seeds}) of the student's score after the last "
-             "iteration; `n` is the number of seeds with results. The teacher row is the reference.", ""]
+    lines = [
+        "# Ablation summary",
+        "",
+        f"Mean ± sample standard deviation over seeds ({seeds}) of the student's score after the last "
+        "iteration; `n` is the number of seeds with results. The teacher row is the reference.",
+        "",
+    ]
     if not benchmarks:
         return "\n".join(lines + ["No run has evaluation results yet.", ""])
 
@@ -360,14 +390,22 @@ def render_summary(summary: dict) -> str:
 
         ks = sorted({int(k) for v in variants.values() for k in v["per_iteration"].get(b, {})})
         if ks:
-            lines += [f"### {b} {headline(b)} per iteration (Figure 4)", "",
-                      _row(["variant", *[f"iteration {k}" for k in ks]]), _rule(len(ks) + 1)]
+            lines += [
+                f"### {b} {headline(b)} per iteration (Figure 4)",
+                "",
+                _row(["variant", *[f"iteration {k}" for k in ks]]),
+                _rule(len(ks) + 1),
+            ]
             for name, v in variants.items():
                 curve = v["per_iteration"].get(b, {})
                 lines.append(_row([name, *[_cell(curve.get(str(k)), decimals) for k in ks]]))
             lines.append("")
-            lines += [f"### {b}: every column per iteration", "",
-                      _row(["variant", "iteration", *columns]), _rule(len(columns) + 2)]
+            lines += [
+                f"### {b}: every column per iteration",
+                "",
+                _row(["variant", "iteration", *columns]),
+                _rule(len(columns) + 2),
+            ]
             for name, v in variants.items():
                 for k, cols in v.get("per_iteration_columns", {}).get(b, {}).items():
                     lines.append(_row([name, k, *[_cell(cols.get(c), decimals) for c in columns]]))
@@ -376,18 +414,23 @@ def render_summary(summary: dict) -> str:
     places = {label: d for label, *_, d in PROCESS}
     labels = [label for label in places if any(label in v.get("process", {}) for v in variants.values())]
     if labels:
-        lines += ["## What the loop did (per run, then mean ± std over seeds)", "",
-                  "Tuning rows: teacher-answered rows per tuning phase; teacher answers: generations over the "
-                  "whole run (cache misses); ratios and questions: mean over iterations.", "",
-                  _row(["variant", *labels]), _rule(len(labels) + 1)]
+        lines += [
+            "## What the loop did (per run, then mean ± std over seeds)",
+            "",
+            "Tuning rows: teacher-answered rows per tuning phase; teacher answers: generations over the "
+            "whole run (cache misses); ratios and questions: mean over iterations.",
+            "",
+            _row(["variant", *labels]),
+            _rule(len(labels) + 1),
+        ]
         for name, v in variants.items():
             lines.append(_row([name, *[_cell(v.get("process", {}).get(label), places[label]) for label in labels]]))
         lines.append("")
 
-    gaps = [f"{name}: seeds {', '.join(map(str, v['missing_seeds']))}" for name, v in variants.items()
-            if v["missing_seeds"]]
-    unfinished = [f"{name} seed {s}" for name, v in variants.items() for s, r in v["runs"].items()
-                  if not r["finished"]]
+    gaps = [
+        f"{name}: seeds {', '.join(map(str, v['missing_seeds']))}" for name, v in variants.items() if v["missing_seeds"]
+    ]
+    unfinished = [f"{name} seed {s}" for name, v in variants.items() for s, r in v["runs"].items() if not r["finished"]]
     if gaps:
         lines += ["Runs without results (failed or not run yet): " + "; ".join(gaps) + ".", ""]
     if unfinished:
@@ -416,17 +459,37 @@ def write_summary(out: Path, variants: Sequence[Variant], seeds: Sequence[int]) 
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m mmdc.ablate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="python -m mmdc.ablate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--config", default=None, help="base YAML config (default: mmdc.run's, configs/tiny.yaml)")
     p.add_argument("--out", required=True, help="folder for the runs and the summary")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (default: 0,1,2)")
-    p.add_argument("--preset", action="append", default=[], metavar="NAME",
-                   help=f"a preset ({', '.join(PRESETS)}) or group ({', '.join(GROUPS)}); repeatable")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
-                   help="a variant of your own; repeatable (with no --preset/--variant: every preset)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override for every run, e.g. --set run.iterations=3 (repeatable)")
+    p.add_argument(
+        "--preset",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"a preset ({', '.join(PRESETS)}) or group ({', '.join(GROUPS)}); repeatable",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+        help="a variant of your own; repeatable (with no --preset/--variant: every preset)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for every run, e.g. --set run.iterations=3 (repeatable)",
+    )
     p.add_argument("--address", default=None, help="Ray cluster to join (as for python -m mmdc.run)")
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs for a new local Ray cluster")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
@@ -454,8 +517,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as err:
             print(f"mmdc.ablate: config error: {err}", file=sys.stderr)
             return 2
-        ray_args = (["--address", args.address] if args.address else []) + \
-                   (["--num-cpus", str(args.num_cpus)] if args.num_cpus is not None else [])
+        ray_args = (["--address", args.address] if args.address else []) + (
+            ["--num-cpus", str(args.num_cpus)] if args.num_cpus is not None else []
+        )
         steps = plan(out, config, variants, seeds, args.overrides, ray_args)
         if args.dry_run:
             for path, status, argv in steps:

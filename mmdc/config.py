@@ -36,7 +36,9 @@ class RunConfig:
     seed: int = 0  # one seed for everything: data sampling, generation, training, pool updates
     iterations: int = 3  # K, number of distillation-calibration iterations (paper: 3)
     overwrite: bool = False  # allow reusing a non-empty run directory (otherwise refused)
-    resource_wait_s: float = 900.0  # on an autoscaling cluster, wait this long for nodes to fit every phase (0: fail at once)
+    resource_wait_s: float = (
+        900.0  # on an autoscaling cluster, wait this long for nodes to fit every phase (0: fail at once)
+    )
 
 
 @dataclass
@@ -63,10 +65,16 @@ class CaptionFilterConfig:
 class ClipFilterConfig:
     """Stage 1 image-text similarity filter with open_clip (mmdc/data/clipscore.py; pip install "mmdc[clip]")."""
 
-    enabled: bool = False  # score every caption pair with CLIP and drop those below threshold (before the noun-phrase filter)
+    enabled: bool = (
+        False  # score every caption pair with CLIP and drop those below threshold (before the noun-phrase filter)
+    )
     model: str = "ViT-B-32"  # open_clip model name (LAION filtered with OpenAI's ViT-B/32)
-    pretrained: str | None = "openai"  # open_clip pretrained tag or a local checkpoint file (null: random weights, tests only)
-    model_config: str | None = None  # JSON model config file or folder to register first (a model open_clip does not ship)
+    pretrained: str | None = (
+        "openai"  # open_clip pretrained tag or a local checkpoint file (null: random weights, tests only)
+    )
+    model_config: str | None = (
+        None  # JSON model config file or folder to register first (a model open_clip does not ship)
+    )
     threshold: float = 0.28  # cosine similarity to keep a pair (LAION-5B English: 0.28; LAION-400M: 0.3)
     batch_size: int = 64  # pairs per Ray Data batch
     concurrency: int = 1  # scoring actors (one model each)
@@ -76,21 +84,31 @@ class ClipFilterConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["world", "llava"] = "world"  # world: generate the synthetic world; llava: read a LLaVA-Instruct file
+    source: Literal["world", "llava"] = (
+        "world"  # world: generate the synthetic world; llava: read a LLaVA-Instruct file
+    )
     instructions: str | None = None  # LLaVA-Instruct JSON/JSONL (source = llava), e.g. llava_instruct_80k.json
     image_folder: str | None = None  # folder that the records' "image" fields are relative to (source = llava)
-    captions: str | None = None  # stage 1 caption pairs (source = llava): JSON list of {id, image, caption} or LLaVA-pretrain format
-    caption_image_folder: str | None = None  # stage 1 images: where the caption pairs' "image" fields point (null: image_folder)
+    captions: str | None = (
+        None  # stage 1 caption pairs (source = llava): JSON list of {id, image, caption} or LLaVA-pretrain format
+    )
+    caption_image_folder: str | None = (
+        None  # stage 1 images: where the caption pairs' "image" fields point (null: image_folder)
+    )
     max_instructions: int | None = None  # cap on D_sin after unfolding (None = all); deterministic head by id order
     max_image_pixels: int = 40_000_000  # images larger than this are rejected (recorded as skipped), never decoded
     world: WorldConfig = field(default_factory=WorldConfig)  # synthetic world settings (source = world)
     caption_filter: CaptionFilterConfig = field(default_factory=CaptionFilterConfig)  # stage 1 pair filter
-    clip_filter: ClipFilterConfig = field(default_factory=ClipFilterConfig)  # stage 1 CLIP-score filter (optional extra)
+    clip_filter: ClipFilterConfig = field(
+        default_factory=ClipFilterConfig
+    )  # stage 1 CLIP-score filter (optional extra)
 
 
 @dataclass
 class ModelsConfig:
-    build_dir: str = "~/.cache/mmdc"  # where locally built models (tiny:*) are kept, under models/ (env MMDC_BUILD_DIR overrides)
+    build_dir: str = (
+        "~/.cache/mmdc"  # where locally built models (tiny:*) are kept, under models/ (env MMDC_BUILD_DIR overrides)
+    )
     teacher: str = "tiny:teacher"  # teacher / referee / augmentor model: HF id, local path, or tiny:teacher
     student_init: str = "tiny:student"  # initial student: a saved LLaVA checkpoint, tiny:student, or "assemble"
     vision_tower: str = "openai/clip-vit-large-patch14"  # used when student_init = assemble (paper: CLIP ViT-L/14)
@@ -124,7 +142,9 @@ class EngineConfig:
     max_model_len: int = 4096  # vllm only: context length (prompt incl. image tokens + reply)
     gpu_memory_utilization: float = 0.9  # vllm only: share of each GPU's memory vLLM may take
     accelerator_type: str | None = None  # vllm only: e.g. V100, place replicas on those nodes only
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # vllm only: extra vLLM engine args (win over the above)
+    engine_kwargs: dict[str, Any] = field(
+        default_factory=dict
+    )  # vllm only: extra vLLM engine args (win over the above)
     base_url: str | None = None  # openai only: the endpoint, e.g. http://127.0.0.1:8000/v1
     api_key_env: str | None = "OPENAI_API_KEY"  # openai only: environment variable holding the key (null: none)
     max_concurrency: int = 8  # openai only: requests in flight per Ray Data client (one per task in flight)
@@ -134,23 +154,29 @@ class EngineConfig:
 def validate_engine(where: str, e: EngineConfig) -> None:
     """Checks that make a misconfigured engine fail at load time, not minutes into a GPU phase."""
     if e.max_batch_size < 1 or e.max_retries < 0 or e.retry_backoff_s < 0 or e.request_timeout_s <= 0:
-        raise ConfigError(f"{where}: max_batch_size >= 1, max_retries >= 0, retry_backoff_s >= 0 and "
-                          "request_timeout_s > 0 are required")
+        raise ConfigError(
+            f"{where}: max_batch_size >= 1, max_retries >= 0, retry_backoff_s >= 0 and "
+            "request_timeout_s > 0 are required"
+        )
     if e.backend == "openai":
         if not (e.base_url or "").startswith(("http://", "https://")):
             raise ConfigError(f"{where}.base_url must be an http(s) URL for backend openai, got {e.base_url!r}")
         if not e.model_name:
             raise ConfigError(f"{where}.model_name is required for backend openai: the model name the endpoint serves")
         if e.num_gpus or e.max_concurrency < 1 or (e.requests_per_s is not None and e.requests_per_s <= 0):
-            raise ConfigError(f"{where}: backend openai deploys nothing (num_gpus: 0) and needs "
-                              "max_concurrency >= 1 and requests_per_s > 0 or null")
+            raise ConfigError(
+                f"{where}: backend openai deploys nothing (num_gpus: 0) and needs "
+                "max_concurrency >= 1 and requests_per_s > 0 or null"
+            )
         return
     if e.replicas < 1:
         raise ConfigError(f"{where}.replicas must be >= 1 for backend {e.backend}")
     if e.backend == "vllm":
         if e.num_gpus != e.tensor_parallel_size:
-            raise ConfigError(f"{where}: a vllm replica takes tensor_parallel_size GPUs; set num_gpus "
-                              f"({e.num_gpus:g}) to tensor_parallel_size ({e.tensor_parallel_size})")
+            raise ConfigError(
+                f"{where}: a vllm replica takes tensor_parallel_size GPUs; set num_gpus "
+                f"({e.num_gpus:g}) to tensor_parallel_size ({e.tensor_parallel_size})"
+            )
         if not 0 < e.gpu_memory_utilization <= 1:
             raise ConfigError(f"{where}.gpu_memory_utilization must be in (0, 1]")
 
@@ -174,7 +200,9 @@ class RolesConfig:
 class CalibrationConfig:
     tau: float = 0.33  # hard iff S_i >= tau (Eq. 6)
     pool_update: Literal["refresh", "replace"] = "refresh"  # see SPEC.md, phase D
-    rouge_l_threshold: float = 0.7  # a new question is valid only if ROUGE-L F < this against every question of its image
+    rouge_l_threshold: float = (
+        0.7  # a new question is valid only if ROUGE-L F < this against every question of its image
+    )
     # hard: MmDC (augment the instructions the referee finds hard, Eq. 6). random: plain distillation
     # for the ablation: no assessment, the augmentor's parents are drawn at random from the cache pool.
     selection: Literal["hard", "random"] = "hard"
@@ -461,8 +489,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("run.iterations must be >= 0")
     c = cfg.data.clip_filter
     if not -1 <= c.threshold <= 1 or c.batch_size < 1 or c.concurrency < 1 or c.num_cpus < 0 or c.num_gpus < 0:
-        raise ConfigError("data.clip_filter: threshold in [-1, 1] (a cosine similarity), batch_size >= 1, "
-                          "concurrency >= 1 and num_cpus, num_gpus >= 0 are required")
+        raise ConfigError(
+            "data.clip_filter: threshold in [-1, 1] (a cosine similarity), batch_size >= 1, "
+            "concurrency >= 1 and num_cpus, num_gpus >= 0 are required"
+        )
     if cfg.run.resource_wait_s < 0:
         raise ConfigError("run.resource_wait_s must be >= 0 (0: fail at once when the cluster is too small)")
     if cfg.calibration.tau < 0:  # tau above 1 is allowed (everything easy), negative is not
@@ -473,9 +503,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("calibration.random_fraction must be in (0, 1]")
     teacher_engine = cfg.engines.get("teacher")
     if cfg.calibration.referee_scoring == "likelihood" and teacher_engine and teacher_engine.backend != "hf":
-        raise ConfigError("calibration.referee_scoring: likelihood reads answer probabilities from the teacher "
-                          f"engine, which only backend hf serves (engines.teacher.backend is "
-                          f"{teacher_engine.backend!r}); use referee_scoring: reply")
+        raise ConfigError(
+            "calibration.referee_scoring: likelihood reads answer probabilities from the teacher "
+            f"engine, which only backend hf serves (engines.teacher.backend is "
+            f"{teacher_engine.backend!r}); use referee_scoring: reply"
+        )
     for stage in ("align", "tune"):
         if getattr(cfg, stage).checkpoint_every_steps < 0:
             raise ConfigError(f"{stage}.checkpoint_every_steps must be >= 0 (0: save only the final checkpoint)")
@@ -489,8 +521,10 @@ def validate(cfg: Config) -> None:
         if not 0 <= t.zero_stage <= 3:
             raise ConfigError(f"{stage}.zero_stage must be 0..3")
         if t.offload_optimizer and (t.strategy != "deepspeed" or t.zero_stage < 2):
-            raise ConfigError(f"{stage}.offload_optimizer needs strategy deepspeed with zero_stage 2 or 3 (got "
-                              f"{t.strategy}, zero_stage {t.zero_stage}); set {stage}.zero_stage=3 or drop the offload")
+            raise ConfigError(
+                f"{stage}.offload_optimizer needs strategy deepspeed with zero_stage 2 or 3 (got "
+                f"{t.strategy}, zero_stage {t.zero_stage}); set {stage}.zero_stage=3 or drop the offload"
+            )
     for name in ("teacher", "student"):
         if name not in cfg.engines:
             raise ConfigError(f"engines.{name} is required")
@@ -500,8 +534,13 @@ def validate(cfg: Config) -> None:
             # Not an error: the run works, but each replica takes one client's batch at a time.
             logging.getLogger("mmdc.config").warning(
                 "engines.%s.replicas (%d) > pipeline.concurrency (%d): an hf replica works on one client's batch "
-                "at a time, so %d replica(s) of %s will idle; raise pipeline.concurrency", name, engine.replicas,
-                cfg.pipeline.concurrency, engine.replicas - cfg.pipeline.concurrency, name)
+                "at a time, so %d replica(s) of %s will idle; raise pipeline.concurrency",
+                name,
+                engine.replicas,
+                cfg.pipeline.concurrency,
+                engine.replicas - cfg.pipeline.concurrency,
+                name,
+            )
     if cfg.data.source == "llava" and not cfg.data.instructions:
         raise ConfigError("data.instructions is required when data.source = llava")
     validate_eval(cfg)

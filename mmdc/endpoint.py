@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from mmdc.config import EngineConfig, validate_engine
 
 
-def serve_endpoint(model_path: str, engine: EngineConfig, name: str = "mmdc", host: str = "127.0.0.1",
-                   port: int = 8000) -> str:
+def serve_endpoint(
+    model_path: str, engine: EngineConfig, name: str = "mmdc", host: str = "127.0.0.1", port: int = 8000
+) -> str:
     """Deploy ``model_path`` behind ``http://host:port/<name>/v1`` on the connected Ray cluster; return that URL.
 
     Serve's HTTP options are cluster-wide and fixed when Serve first starts: on a cluster where Serve
@@ -59,8 +60,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
 
     ray.init(address=args.address or "local")
-    engine = EngineConfig(backend="hf", replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                          dtype=args.dtype, max_batch_size=args.max_batch_size, request_mode="row")
+    engine = EngineConfig(
+        backend="hf",
+        replicas=args.replicas,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        dtype=args.dtype,
+        max_batch_size=args.max_batch_size,
+        request_mode="row",
+    )
     url = serve_endpoint(args.model, engine, args.name, args.host, args.port)
     print(f"mmdc: serving {args.model} at {url}/chat/completions (Ctrl-C stops)", flush=True)
     try:

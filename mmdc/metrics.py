@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 # Which roles' rows a phase processes: "rows" of a phase count once for each of its roles.
 # Teacher, referee and augmentor share one engine but are separate roles (verl habit: one name per
@@ -65,11 +66,14 @@ METRICS: dict[str, MetricSpec] = {
     "mmdc_phases_completed": MetricSpec("counter", "Completed phases", ("run", "phase")),
     "mmdc_rows_per_second": MetricSpec("gauge", "Rows per second of the phase's latest run", ("run", "phase")),
     "mmdc_generated_tokens_per_second": MetricSpec(
-        "gauge", "Generated tokens per second of the phase's latest run", ("run", "phase")),
+        "gauge", "Generated tokens per second of the phase's latest run", ("run", "phase")
+    ),
     "mmdc_teacher_cache": MetricSpec(
-        "counter", "Teacher answer-cache lookups, result = hit | miss", ("run", "phase", "result")),
+        "counter", "Teacher answer-cache lookups, result = hit | miss", ("run", "phase", "result")
+    ),
     "mmdc_assessed_instructions": MetricSpec(
-        "gauge", "Latest assessment: instructions per difficulty (hard | easy | unscored)", ("run", "difficulty")),
+        "gauge", "Latest assessment: instructions per difficulty (hard | easy | unscored)", ("run", "difficulty")
+    ),
     "mmdc_unscored": MetricSpec("counter", "Instructions the referee could not score", ("run",)),
     "mmdc_hard_ratio": MetricSpec("gauge", "Latest assessment: hard / scored", ("run",)),
     "mmdc_generated_questions": MetricSpec("counter", "Candidate questions the augmentor wrote", ("run",)),
@@ -78,14 +82,17 @@ METRICS: dict[str, MetricSpec] = {
     "mmdc_pool_rows": MetricSpec("gauge", "Rows in the next iteration's pool (tuning | cache)", ("run", "pool")),
     "mmdc_train_loss": MetricSpec("gauge", "Final training loss of the stage's latest run", ("run", "phase")),
     "mmdc_train_samples_per_second": MetricSpec(
-        "gauge", "Training samples per second of the stage's latest run", ("run", "phase")),
+        "gauge", "Training samples per second of the stage's latest run", ("run", "phase")
+    ),
     "mmdc_train_tokens_per_second": MetricSpec(
-        "gauge", "Training tokens per second of the stage's latest run", ("run", "phase")),
+        "gauge", "Training tokens per second of the stage's latest run", ("run", "phase")
+    ),
     "mmdc_eval_score": MetricSpec(
-        "gauge", "Latest evaluation: headline score per benchmark (e.g. world_Avg), model = student | teacher",
-        ("run", "model", "score")),
-    "mmdc_iteration": MetricSpec("gauge", "Current distillation-calibration iteration (0 = before stage 2)",
-                                 ("run",)),
+        "gauge",
+        "Latest evaluation: headline score per benchmark (e.g. world_Avg), model = student | teacher",
+        ("run", "model", "score"),
+    ),
+    "mmdc_iteration": MetricSpec("gauge", "Current distillation-calibration iteration (0 = before stage 2)", ("run",)),
     "mmdc_phase_active": MetricSpec("gauge", "1 for the phase running now, 0 for the others", ("run", "phase")),
 }
 
@@ -126,14 +133,16 @@ class MmdcMetrics:
             backend = self._backend
             if backend is None:
                 import ray.util.metrics as backend  # noqa: PLC0415 - only inside a Ray process
+
                 self._backend = backend
             if spec.kind == "counter":
                 metric = backend.Counter(name, description=spec.description, tag_keys=spec.tag_keys)
             elif spec.kind == "gauge":
                 metric = backend.Gauge(name, description=spec.description, tag_keys=spec.tag_keys)
             else:
-                metric = backend.Histogram(name, description=spec.description, boundaries=DURATION_BOUNDARIES_S,
-                                           tag_keys=spec.tag_keys)
+                metric = backend.Histogram(
+                    name, description=spec.description, boundaries=DURATION_BOUNDARIES_S, tag_keys=spec.tag_keys
+                )
             self._metrics[name] = metric
         return self._metrics[name]
 
@@ -195,8 +204,7 @@ class MmdcMetrics:
             wall = _number(record.get("train_wall_time_s"))
             if wall:
                 samples, tokens = _number(record.get("train_samples")), _number(record.get("train_tokens"))
-                self._set("mmdc_train_samples_per_second", samples / wall if samples is not None else None,
-                          phase=phase)
+                self._set("mmdc_train_samples_per_second", samples / wall if samples is not None else None, phase=phase)
                 self._set("mmdc_train_tokens_per_second", tokens / wall if tokens is not None else None, phase=phase)
 
     def publish_state(self, iteration: int, phase: str) -> None:
@@ -280,5 +288,8 @@ def metrics_endpoints() -> list[str]:
         return []
     import ray
 
-    return [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
-            for n in ray.nodes() if n.get("Alive") and n.get("MetricsExportPort")]
+    return [
+        f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+        for n in ray.nodes()
+        if n.get("Alive") and n.get("MetricsExportPort")
+    ]

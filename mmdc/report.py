@@ -27,14 +27,24 @@ PHASE_COLUMNS = {
     "teach": ["rows", "conversations", "cache_hits", "cache_misses", "wall_s", "rows_per_s"],
     "tune": ["train_first_loss", "train_final_loss", "train_steps", "train_samples", "wall_s"],
     "assess": ["rows", "hard", "easy", "unscored", "hard_ratio", "cache_hits", "wall_s", "rows_per_s"],
-    "augment": ["rows", "generated", "accepted", "acceptance_ratio", "easy_sampled", "tuning_after", "cache_after",
-                "wall_s"],
+    "augment": [
+        "rows",
+        "generated",
+        "accepted",
+        "acceptance_ratio",
+        "easy_sampled",
+        "tuning_after",
+        "cache_after",
+        "wall_s",
+    ],
 }
-BENCHMARK_TITLES = {"world": "World test split, free-form (accuracy %, by question family)",
-                    "world_mc": "World test split, multiple choice in ScienceQA format (accuracy %)",
-                    "scienceqa": "ScienceQA (accuracy %, paper Table 1 columns)",
-                    "seed": "SEED-Bench, image (accuracy %, paper Table 2 columns)",
-                    "llavabench": "LLaVA-Bench (relative score, paper Table 3 columns)"}
+BENCHMARK_TITLES = {
+    "world": "World test split, free-form (accuracy %, by question family)",
+    "world_mc": "World test split, multiple choice in ScienceQA format (accuracy %)",
+    "scienceqa": "ScienceQA (accuracy %, paper Table 1 columns)",
+    "seed": "SEED-Bench, image (accuracy %, paper Table 2 columns)",
+    "llavabench": "LLaVA-Bench (relative score, paper Table 3 columns)",
+}
 _COUNT_KEYS = ("failed", "unparsed")  # replies no rule could read: worth seeing beside the score
 
 
@@ -72,9 +82,13 @@ def eval_section(results: dict[str, dict[str, dict]], plot: Path | None = None) 
 
     if not results:
         return []
-    lines = ["## Evaluation per iteration", "",
-             "Iteration 0 is the student after stage 1 (alignment), before any distillation; "
-             "the teacher row is the reference (eval/<benchmark>/*.json, *.samples.jsonl per sample).", ""]
+    lines = [
+        "## Evaluation per iteration",
+        "",
+        "Iteration 0 is the student after stage 1 (alignment), before any distillation; "
+        "the teacher row is the reference (eval/<benchmark>/*.json, *.samples.jsonl per sample).",
+        "",
+    ]
     if plot is not None:
         lines += [f"![accuracy per iteration]({plot.as_posix()})", ""]
     for benchmark, runs in results.items():
@@ -83,8 +97,11 @@ def eval_section(results: dict[str, dict[str, dict]], plot: Path | None = None) 
             continue
         columns = _columns(runs)
         table_rows = [{"model": label, **payload["metrics"]} for label, payload in rows]
-        lines += [f"### {BENCHMARK_TITLES.get(benchmark, benchmark)}", "",
-                  markdown_table(columns, table_rows, label="model", decimals=TABLE_DECIMALS.get(benchmark, 2))]
+        lines += [
+            f"### {BENCHMARK_TITLES.get(benchmark, benchmark)}",
+            "",
+            markdown_table(columns, table_rows, label="model", decimals=TABLE_DECIMALS.get(benchmark, 2)),
+        ]
         n = {payload["metrics"].get("n") for _, payload in rows} - {None}
         notes = [f"n = {', '.join(str(v) for v in sorted(n))} per model"] if n else []
         for key in _COUNT_KEYS:
@@ -135,11 +152,23 @@ def plot_eval(results: dict[str, dict[str, dict]], path: Path) -> Path | None:
         colors = _palette(len(columns))
         for column, color in zip(columns, colors):
             main = column == headline(benchmark)
-            ax.plot(xs, [_value(p, column) for _, p in points], marker="o", color=color, label=column,
-                    linewidth=2.6 if main else 1.3, zorder=3 if main else 2)
+            ax.plot(
+                xs,
+                [_value(p, column) for _, p in points],
+                marker="o",
+                color=color,
+                label=column,
+                linewidth=2.6 if main else 1.3,
+                zorder=3 if main else 2,
+            )
             if TEACHER in runs and not math.isnan(_value(runs[TEACHER], column)):
-                ax.axhline(_value(runs[TEACHER], column), color=color, linestyle="--",
-                           linewidth=1.6 if main else 0.9, alpha=0.8)
+                ax.axhline(
+                    _value(runs[TEACHER], column),
+                    color=color,
+                    linestyle="--",
+                    linewidth=1.6 if main else 0.9,
+                    alpha=0.8,
+                )
         ax.set_title(benchmark)
         ax.set_xlabel("iteration (0 = after stage 1)")
         ax.set_ylabel("relative score" if benchmark == "llavabench" else "accuracy (%)")
@@ -164,8 +193,9 @@ def _palette(n: int) -> list:
 # ----------------------------------------------------------------------------- the report
 
 
-def render(metrics: list[dict], title: str, evals: dict[str, dict[str, dict]] | None = None,
-           plot: Path | None = None) -> str:
+def render(
+    metrics: list[dict], title: str, evals: dict[str, dict[str, dict]] | None = None, plot: Path | None = None
+) -> str:
     """The whole report.md: prepare/align facts, the evaluation (if any), the per-phase tables."""
     lines = [f"# MmDC run `{title}`", ""]
     phases = [m for m in metrics if "phase" in m]
@@ -179,8 +209,7 @@ def render(metrics: list[dict], title: str, evals: dict[str, dict[str, dict]] | 
         rows = [m for m in phases if m["phase"] == phase]
         if not rows:
             continue
-        lines += [f"## {phase}", "", "| iteration | " + " | ".join(cols) + " |",
-                  "|---|" + "---|" * len(cols)]
+        lines += [f"## {phase}", "", "| iteration | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         for m in rows:
             lines.append(f"| {m['iteration']} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
         lines.append("")
@@ -201,8 +230,10 @@ def write_report(run_dir: RunDir) -> Path:
 
     evals = load_results(run_dir.root)
     plot = plot_eval(evals, run_dir.root / PLOT_FILE) if evals else None
-    atomic_write_text(run_dir.report, render(run_dir.read_metrics(), run_dir.root.name, evals,
-                                             plot.relative_to(run_dir.root) if plot else None))
+    atomic_write_text(
+        run_dir.report,
+        render(run_dir.read_metrics(), run_dir.root.name, evals, plot.relative_to(run_dir.root) if plot else None),
+    )
     return run_dir.report
 
 

@@ -33,6 +33,7 @@ def row_seed(run_seed: int, role: str, instruction_id: str, attempt: int = 0) ->
     digest = hashlib.sha256(f"{run_seed}:{role}:{instruction_id}:{attempt}".encode()).hexdigest()
     return int(digest[:15], 16)
 
+
 # --- Table 6, verbatim. The paper's " \n " is a line break; every word and its casing is kept as printed,
 # --- including the placeholders' names (filled with str.format, so braces inside a question are safe).
 
@@ -201,7 +202,7 @@ def _in_range(value: str, text: str) -> float:
 
 
 def _agreed(pairs: list[tuple[str, str]], what: str, text: str) -> tuple[float, float] | None:
-    """The one pair all matches agree on (checked for range), None without matches; disagreeing matches are ambiguous."""
+    """The one pair all matches agree on (range-checked), None without matches; disagreeing matches are ambiguous."""
     if not pairs:
         return None
     values = {(float(a), float(b)) for a, b in pairs}
@@ -284,17 +285,17 @@ def parse_augmentor(text: str) -> str:
     reply = _MARKUP_RE.sub("", text).replace("\r\n", "\n").strip()
     created = list(_CREATED_LABEL_RE.finditer(reply))
     if created:
-        reply = reply[created[-1].end():]
+        reply = reply[created[-1].end() :]
     else:
         lines = reply.split("\n")
         while lines and (not lines[0].strip() or _PREAMBLE_RE.match(lines[0])):
             lines.pop(0)
         reply = "\n".join(lines)
         if reply.lstrip().startswith("[Question]"):
-            reply = reply.lstrip()[len("[Question]"):]
+            reply = reply.lstrip()[len("[Question]") :]
         labels = list(_QUESTION_LABEL_RE.finditer(reply))
         if labels:
-            reply = reply[labels[-1].end():]
+            reply = reply[labels[-1].end() :]
     reply = reply.strip()
     while len(reply) >= 2 and reply[0] in _QUOTES and reply[-1] in _QUOTES:
         reply = reply[1:-1].strip()

@@ -22,20 +22,39 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m mmdc.run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m mmdc.run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name} when present)")
     p.add_argument("--output", default=None, help="run directory (default: <run.output_dir>/<run.name>-<time>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set calibration.tau=0.5 (repeatable)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to join: an address, or 'auto' for the one `ray start` made on this machine "
-                        "(default: RAY_ADDRESS, as under `ray job submit`, else a new local cluster)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set calibration.tau=0.5 (repeatable)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join: an address, or 'auto' for the one `ray start` made on this machine "
+        "(default: RAY_ADDRESS, as under `ray job submit`, else a new local cluster)",
+    )
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs for a new local Ray cluster")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR after its last completed phase, with its saved config")
-    p.add_argument("--force", action="store_true",
-                   help="with --resume: accept a config that differs from the saved one (--config / --set)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR after its last completed phase, with its saved config",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: accept a config that differs from the saved one (--config / --set)",
+    )
     return p.parse_args(argv)
 
 
@@ -56,8 +75,10 @@ def resume_config(args: argparse.Namespace):
     cfg = load_config(args.config or saved_file, args.overrides)
     changed = diff_configs(saved, cfg)
     if changed and not args.force:
-        raise ConfigError(f"--resume {args.resume}: the config differs from the run's saved config in "
-                          f"{', '.join(changed)}; pass --force to resume with it anyway")
+        raise ConfigError(
+            f"--resume {args.resume}: the config differs from the run's saved config in "
+            f"{', '.join(changed)}; pass --force to resume with it anyway"
+        )
     return cfg, changed
 
 
@@ -79,13 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and args.output and Path(args.output).resolve() != Path(args.resume).resolve():
         print("mmdc: --resume continues in its own run directory; drop --output", file=sys.stderr)
         return 2
-    run_dir = Path(args.resume or args.output
-                   or Path(cfg.run.output_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(
+        args.resume or args.output or Path(cfg.run.output_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     if forced:
         print(f"mmdc: resuming with changed config keys (--force): {', '.join(forced)}", flush=True)
     if not args.resume and run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.overwrite:
-        print(f"mmdc: run directory {run_dir} is not empty (continue it with --resume {run_dir}, "
-              "or set run.overwrite=true to start over in it)", file=sys.stderr)
+        print(
+            f"mmdc: run directory {run_dir} is not empty (continue it with --resume {run_dir}, "
+            "or set run.overwrite=true to start over in it)",
+            file=sys.stderr,
+        )
         return 2
 
     import ray
@@ -95,15 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     # behind on this machine (perhaps long dead) is how a laptop run hangs.
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     local = address == "local" and not ray.is_initialized()
-    info = ray.init(address=address if not ray.is_initialized() else None, num_cpus=args.num_cpus if local else None,
-                    runtime_env={"env_vars": env}, ignore_reinit_error=True)
+    info = ray.init(
+        address=address if not ray.is_initialized() else None,
+        num_cpus=args.num_cpus if local else None,
+        runtime_env={"env_vars": env},
+        ignore_reinit_error=True,
+    )
     dashboard = getattr(info, "dashboard_url", None)
     print(f"[mmdc] Ray dashboard: {'http://' + dashboard if dashboard else 'not running'}", flush=True)
 
     from mmdc.actors.driver import Driver
 
     driver = Driver.options(name=f"mmdc-driver-{run_dir.name}").remote(
-        to_dict(cfg), str(run_dir.resolve()), resume=bool(args.resume), forced=forced)
+        to_dict(cfg), str(run_dir.resolve()), resume=bool(args.resume), forced=forced
+    )
     try:
         result = ray.get(driver.run.remote())
     except Exception as err:  # noqa: BLE001 - one readable line, the traceback is in the log above

@@ -130,8 +130,13 @@ class RunDir:
 
 
 # Outputs whose content must not depend on crashes and resumes (README, "Reliability").
-DETERMINISTIC_OUTPUTS = ("pools/iter_*/*.parquet", "train/iter_*/conversations.parquet", "assessments/*.parquet",
-                         "generated/*.parquet", "answers/teacher/*.parquet")
+DETERMINISTIC_OUTPUTS = (
+    "pools/iter_*/*.parquet",
+    "train/iter_*/conversations.parquet",
+    "assessments/*.parquet",
+    "generated/*.parquet",
+    "answers/teacher/*.parquet",
+)
 _SORT_KEYS = ("instruction_id", "cache_key")
 
 
@@ -155,5 +160,8 @@ def table_digest(path: Path) -> str:
 def output_digests(root: str | Path) -> dict[str, str]:
     """``{relative path: table_digest}`` of a run's deterministic outputs, to compare two runs."""
     root = Path(root)
-    return {str(p.relative_to(root)): table_digest(p)
-            for pattern in DETERMINISTIC_OUTPUTS for p in sorted(root.glob(pattern))}
+    return {
+        str(p.relative_to(root)): table_digest(p)
+        for pattern in DETERMINISTIC_OUTPUTS
+        for p in sorted(root.glob(pattern))
+    }

@@ -7,7 +7,6 @@ cluster, started once per session by ``ray_cluster`` (Ray removed local_mode).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -23,9 +22,14 @@ def ray_cluster():
     # metrics_report_interval_ms: workers push ray.util.metrics to the node's Prometheus endpoint every
     # second instead of every 10 s, so the driver actor's last values are exported before it exits
     # (test_metrics_endpoint.py). The endpoint itself needs no dashboard.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
-             _system_config={"metrics_report_interval_ms": 1000})
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     yield ray
     try:
         from ray import serve
@@ -39,10 +43,9 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, str]:
     """The untrained tiny teacher and student checkpoints, built once into the models folder (no Ray needed)."""
+    from mmdc.world.models import models_dir
     from mmdc.world.scenes import world_corpus
     from mmdc.world.tiny import ensure_tiny_models
-
-    from mmdc.world.models import models_dir
 
     return ensure_tiny_models(models_dir(), world_corpus(), seed=0)
 

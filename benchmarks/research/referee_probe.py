@@ -31,9 +31,9 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from mmdc import roles
+from mmdc.train.formatting import collate, pixel_values
 from mmdc.world import scenes as world
 from mmdc.world import teacher as wt
-from mmdc.train.formatting import collate, pixel_values
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,11 @@ def referee_pair(scene: world.Scene, rng: random.Random, reference: bool) -> lis
         if reference:
             target = f"{world.answer(scene, spec)}\n{target}"
         system, user = wt._request(roles.referee_messages(question, a1, a2, ""))
-        out.append(JudgedExample("referee", scene.image_id, system, user, target,
-                                 (k1 in wt.CORRECT_KINDS, k2 in wt.CORRECT_KINDS)))
+        out.append(
+            JudgedExample(
+                "referee", scene.image_id, system, user, target, (k1 in wt.CORRECT_KINDS, k2 in wt.CORRECT_KINDS)
+            )
+        )
     return out
 
 
@@ -90,8 +93,9 @@ def main() -> None:
     by_id = {s.image_id: s for s in scenes}
     assistant_ids = {tokenizer.convert_tokens_to_ids(t) for t in ("Assistant", "ĠAssistant")}
     head = torch.nn.Linear(model.config.text_config.hidden_size, 1)
-    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=args.lr, betas=(0.9, 0.98),
-                                  weight_decay=0.01)
+    optimizer = torch.optim.AdamW(
+        [*model.parameters(), *head.parameters()], lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01
+    )
     rng = random.Random(f"referee-probe:{args.seed}")
     smooth: dict[str, float] = {}
     started = time.perf_counter()
@@ -100,9 +104,12 @@ def main() -> None:
             examples = [wt.teacher_example(rng.choice(scenes), rng) for _ in range(16)]
         else:
             examples = [ex for _ in range(8) for ex in referee_pair(rng.choice(scenes), rng, args.reference)]
-        batch = collate([wt.encode_example(tokenizer, ex, image_seq_length, 384) for ex in examples],
-                        tokenizer.pad_token_id)
-        batch["pixel_values"] = pixel_values(processor.image_processor, [world.render(by_id[ex.image_id]) for ex in examples])
+        batch = collate(
+            [wt.encode_example(tokenizer, ex, image_seq_length, 384) for ex in examples], tokenizer.pad_token_id
+        )
+        batch["pixel_values"] = pixel_values(
+            processor.image_processor, [world.render(by_id[ex.image_id]) for ex in examples]
+        )
         out = model(**batch, output_hidden_states=args.verdict_weight > 0)
         loss = out.loss
         losses = {examples[0].job: loss.item()}
@@ -124,8 +131,12 @@ def main() -> None:
         for k, v in losses.items():
             smooth[k] = v if k not in smooth else 0.9 * smooth[k] + 0.1 * v
         if step % 50 == 0:
-            print(f"step {step} " + " ".join(f"{k}={v:.3f}" for k, v in smooth.items())
-                  + f" elapsed={time.perf_counter() - started:.0f}s", flush=True)
+            print(
+                f"step {step} "
+                + " ".join(f"{k}={v:.3f}" for k, v in smooth.items())
+                + f" elapsed={time.perf_counter() - started:.0f}s",
+                flush=True,
+            )
         if step % args.save_every == 0 or step == args.steps:
             target = Path(args.out) / f"step{step}"
             model.save_pretrained(target)

@@ -10,7 +10,8 @@ they are told apart by their surface, not by their facts):
   at its output layer.
 - **judges**: the referee's expected first score (the paper's reply, teacher-forced up to
   "... are"; a score's probability is that of its tokens, ``" 9"`` being two tokens here) with the correct
-  answer as Assistant 1, and with the wrong one as Assistant 1; the share of pairs where the first is higher by at least half a point.
+  answer as Assistant 1, and with the wrong one as Assistant 1; the share of pairs where the first is higher by
+  at least half a point.
   A referee whose scores reflect correctness gives correct-first the higher score (it is Assistant 1's score).
 
 With ``--runs DIR ...`` (run folders of the embedded world, e.g. ``runs/ablation/mmdc-seed*``) it also asks
@@ -42,15 +43,18 @@ import pandas as pd
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # research/, benchmarks/
+sys.path[:0] = [
+    str(Path(__file__).resolve().parent),
+    str(Path(__file__).resolve().parents[1]),
+]  # research/, benchmarks/
 
 from distillation_data import scored_rows  # noqa: E402
 from teacher_quality import load_test_split  # noqa: E402
 
 from mmdc import roles  # noqa: E402
+from mmdc.train.formatting import IGNORE_INDEX, collate, pixel_values  # noqa: E402
 from mmdc.world import scenes as world  # noqa: E402
 from mmdc.world import teacher as wt  # noqa: E402
-from mmdc.train.formatting import IGNORE_INDEX, collate, pixel_values  # noqa: E402
 
 SCORE_PREFIX = "The scores for Assistant 1 and 2 are"
 MARGIN = 0.5  # "judges": correct-first scores at least this much higher (half a point of the 1-10 scale)
@@ -74,8 +78,9 @@ class Scorer:
         """(log-probabilities [batch, seq-1, vocab] of each next token, labels [batch, seq-1])."""
         encoded = [wt.encode_example(self.tokenizer, ex, self.image_seq_length, 384) for ex in examples]
         batch = collate(encoded, self.tokenizer.pad_token_id)
-        batch["pixel_values"] = pixel_values(self.processor.image_processor,
-                                             [world.render(scenes[ex.image_id]) for ex in examples])
+        batch["pixel_values"] = pixel_values(
+            self.processor.image_processor, [world.render(scenes[ex.image_id]) for ex in examples]
+        )
         labels = batch.pop("labels")
         logits = self.model(**batch).logits
         return torch.log_softmax(logits[:, :-1].float(), -1), labels[:, 1:]
@@ -90,7 +95,9 @@ class Scorer:
 
     def first_scores(self, rows: list[tuple[world.Scene, str, str, str]], scenes: dict) -> list[float]:
         """Expected first score of the referee for each (scene, question, answer 1, answer 2)."""
-        examples = [wt._example("referee", s, roles.referee_messages(q, a1, a2, ""), self.forced) for s, q, a1, a2 in rows]
+        examples = [
+            wt._example("referee", s, roles.referee_messages(q, a1, a2, ""), self.forced) for s, q, a1, a2 in rows
+        ]
         logp, labels = self.forward(examples, scenes)
         prefix = len(self.tokenizer.encode(SCORE_PREFIX, add_special_tokens=False))
         out = []
@@ -139,10 +146,11 @@ def measure(model_dir: str, rows: list, seed: int) -> dict:
             pairs.append((family, scene, question, world.answer(scene, spec), wrong))
     stats: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for start in range(0, len(pairs), 8):
-        chunk = pairs[start:start + 8]
+        chunk = pairs[start : start + 8]
         lp = scorer.answer_logprobs([(s, q, a) for _, s, q, good, bad in chunk for a in (good, bad)], scenes)
-        first = scorer.first_scores([(s, q, *order) for _, s, q, good, bad in chunk
-                                     for order in ((good, bad), (bad, good))], scenes)
+        first = scorer.first_scores(
+            [(s, q, *order) for _, s, q, good, bad in chunk for order in ((good, bad), (bad, good))], scenes
+        )
         for i, (family, *_rest) in enumerate(chunk):
             for key in (family, "overall"):
                 st = stats[key]
@@ -175,11 +183,13 @@ def separation(scorer: Scorer, run_dirs: list[Path]) -> dict[str, float]:
     for run in run_dirs:
         scenes = world.load_scenes(run / "data" / "world" / "scenes.jsonl")
         for parquet in sorted((run / "assessments").glob("iter_*.parquet")):
-            rows = [(scene, row.question, row.student_answer, float(row.score_student), right)
-                    for row, scene, _, right in scored_rows(pd.read_parquet(parquet), scenes)
-                    if isinstance(row.student_answer, str)]
+            rows = [
+                (scene, row.question, row.student_answer, float(row.score_student), right)
+                for row, scene, _, right in scored_rows(pd.read_parquet(parquet), scenes)
+                if isinstance(row.student_answer, str)
+            ]
             for start in range(0, len(rows), 16):
-                chunk = rows[start:start + 16]
+                chunk = rows[start : start + 16]
                 lp = scorer.answer_logprobs([(s, q, a) for s, q, a, _, _ in chunk], scenes)
                 for (_, _, answer, score, right), total in zip(chunk, lp):
                     n = max(1, len(scorer.tokenizer.encode(answer, add_special_tokens=False)))
@@ -192,15 +202,20 @@ def separation(scorer: Scorer, run_dirs: list[Path]) -> dict[str, float]:
 
 
 def report(stats: dict) -> str:
-    lines = ["| family | pairs | knows: correct answer more likely | referee E[score 1], correct first | "
-             f"..., wrong first | judges: higher by >= {MARGIN} with correct first |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| family | pairs | knows: correct answer more likely | referee E[score 1], correct first | "
+        f"..., wrong first | judges: higher by >= {MARGIN} with correct first |",
+        "|---|---|---|---|---|---|",
+    ]
     for family in (*world.FAMILIES, "overall"):
         st = stats.get(family)
         if not st:
             continue
         n = int(st["n"])
-        lines.append(f"| {family} | {n} | {100 * st['knows'] / n:.1f}% | {st['score_correct_first'] / n:.2f} | "
-                     f"{st['score_wrong_first'] / n:.2f} | {100 * st['judges'] / n:.1f}% |")
+        lines.append(
+            f"| {family} | {n} | {100 * st['knows'] / n:.1f}% | {st['score_correct_first'] / n:.2f} | "
+            f"{st['score_wrong_first'] / n:.2f} | {100 * st['judges'] / n:.1f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -211,21 +226,30 @@ def main() -> int:
     parser.add_argument("--test-images", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0, help="seed of the wrong answers")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=Path, nargs="*", default=[],
-                        help="run folders whose assessments to re-read (embedded world only)")
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="run folders whose assessments to re-read (embedded world only)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         rows = load_test_split(Path(tmp) / "world", args.test_images, args.world_seed)
         stats = measure(args.model, rows, args.seed)
-    print(f"Model `{args.model}`; world seed {args.world_seed}, {args.test_images} held-out images; "
-          f"{time.perf_counter() - started:.0f} s.\n")
+    print(
+        f"Model `{args.model}`; world seed {args.world_seed}, {args.test_images} held-out images; "
+        f"{time.perf_counter() - started:.0f} s.\n"
+    )
     print(report(stats))
     if args.runs:
         sep = separation(Scorer(args.model), args.runs)
-        print(f"\nAssessments of {len(args.runs)} run(s): {sep['right']} right and {sep['wrong']} wrong student answers "
-              "(world checker).\n")
+        print(
+            f"\nAssessments of {len(args.runs)} run(s): {sep['right']} right and {sep['wrong']} wrong student answers "
+            "(world checker).\n"
+        )
         print("| ranks the student's answers by | AUC, right above wrong |\n|---|---|")
         print(f"| the referee's score (as recorded in the run) | {sep['referee']:.3f} |")
         print(f"| the teacher's log-likelihood of the answer | {sep['sum']:.3f} |")

@@ -8,8 +8,8 @@ Table 6 requests of ``mmdc.roles`` and images as data URLs: exactly
 what the Serve engine does in a run. Measured:
 
 - teacher: accuracy per question family (``world.grade``);
-- referee (``--referee-scoring``, default configs/tiny.yaml's): how often the reply parses (``roles.parse_referee``); for
-  (correct, wrong) answer pairs, how often the correct one scores higher, per
+- referee (``--referee-scoring``, default configs/tiny.yaml's): how often the reply parses
+  (``roles.parse_referee``); for (correct, wrong) answer pairs, how often the correct one scores higher, per
   order and after averaging both orders (what the assessment does); and the
   Eq. 6 split that follows (tau = 0.33): a wrong student answer should be
   hard, a correct one easy;
@@ -43,20 +43,22 @@ from pathlib import Path
 import torch
 
 from mmdc import roles
-from mmdc.engines.hf import HFGenerator
 from mmdc.config import load_config
-from mmdc.world import scenes as world
 from mmdc.data.augment import contains_answer, is_one_sentence, rouge_l_f, tokenize
 from mmdc.data.calibration import likelihood_reply, likelihood_score
 from mmdc.data.images import to_data_url
+from mmdc.engines.hf import HFGenerator
+from mmdc.world import scenes as world
 from mmdc.world import teacher as wt
 
 TAU = 0.33
 # Per-role sampling exactly as the embedded default runs it (configs/tiny.yaml roles.*).
 _TINY = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
 _ROLES = _TINY.roles
-SAMPLING = {role: {"temperature": getattr(_ROLES, role).temperature, "max_new_tokens": getattr(_ROLES, role).max_new_tokens}
-            for role in ("teacher", "referee", "augmentor")}
+SAMPLING = {
+    role: {"temperature": getattr(_ROLES, role).temperature, "max_new_tokens": getattr(_ROLES, role).max_new_tokens}
+    for role in ("teacher", "referee", "augmentor")
+}
 
 
 def load_test_split(root: Path, test_images: int, seed: int) -> list[tuple[world.Scene, str, str, str]]:
@@ -77,7 +79,10 @@ def _ask(gen: HFGenerator, role: str, messages: list[list[dict]], seed: int, bat
     out = []
     started = time.perf_counter()
     for start in range(0, len(messages), batch):
-        reqs = [{"messages": m, **SAMPLING[role], "seed": seed + start + i} for i, m in enumerate(messages[start:start + batch])]
+        reqs = [
+            {"messages": m, **SAMPLING[role], "seed": seed + start + i}
+            for i, m in enumerate(messages[start : start + batch])
+        ]
         out.extend(r["text"] for r in gen.generate(reqs))
     print(f"  {len(messages)} requests in {time.perf_counter() - started:.0f}s", flush=True)
     return out
@@ -99,11 +104,14 @@ def eq6(score_student: float, score_teacher: float) -> float:
 def _likelihood_replies(gen: HFGenerator, requests: list[dict], batch: int = 16) -> list[str]:
     """Score requests for (good, other) answer pairs -> the two replies per pair (good first, good second)."""
     started = time.perf_counter()
-    outs = [o for start in range(0, len(requests), batch) for o in gen.generate(requests[start:start + batch])]
+    outs = [o for start in range(0, len(requests), batch) for o in gen.generate(requests[start : start + batch])]
     print(f"  {len(requests)} score requests in {time.perf_counter() - started:.0f}s", flush=True)
     scores = [likelihood_score(o["logprob"], o["scored_tokens"]) for o in outs]
-    return [reply for good, other in zip(scores[0::2], scores[1::2])
-            for reply in (likelihood_reply(good, other), likelihood_reply(other, good))]
+    return [
+        reply
+        for good, other in zip(scores[0::2], scores[1::2])
+        for reply in (likelihood_reply(good, other), likelihood_reply(other, good))
+    ]
 
 
 def measure(model_dir: str, rows: list, seed: int, referee_scoring: str = "reply") -> dict:
@@ -117,7 +125,9 @@ def measure(model_dir: str, rows: list, seed: int, referee_scoring: str = "reply
     per_family: dict[str, list[bool]] = defaultdict(list)
     for (scene, _, q, family), reply in zip(rows, replies):
         per_family[family].append(bool(world.grade(scene, q, reply)))
-    results["teacher"] = {f: (sum(v), len(v)) for f, v in sorted(per_family.items(), key=lambda kv: world.FAMILIES.index(kv[0]))}
+    results["teacher"] = {
+        f: (sum(v), len(v)) for f, v in sorted(per_family.items(), key=lambda kv: world.FAMILIES.index(kv[0]))
+    }
     results["teacher_examples"] = [(q, r) for (_, _, q, _), r in list(zip(rows, replies))[:6]]
 
     # Referee: (truth, wrong) and (truth, short truth) pairs, each asked in both orders.
@@ -131,12 +141,15 @@ def measure(model_dir: str, rows: list, seed: int, referee_scoring: str = "reply
         short = wt.short_answer(scene, spec) or world.answer(scene, spec)
         pairs.append(("both_correct", row, world.answer(scene, spec), short, True))
     if referee_scoring == "likelihood":  # the teacher prompt, each answer scored; replies as the stage writes them
-        msgs = [{"messages": roles.teacher_messages(q, urls[p]), "score_reply": answer}
-                for _, (_, p, q, _), good, other, _ in pairs for answer in (good, other)]
+        msgs = [
+            {"messages": roles.teacher_messages(q, urls[p]), "score_reply": answer}
+            for _, (_, p, q, _), good, other, _ in pairs
+            for answer in (good, other)
+        ]
         replies = _likelihood_replies(gen, msgs)
     else:
         msgs = []
-        for _, (scene, p, q, _), good, other, _ in pairs:
+        for _, (_, p, q, _), good, other, _ in pairs:
             msgs.append(roles.referee_messages(q, good, other, urls[p]))  # good first
             msgs.append(roles.referee_messages(q, other, good, urls[p]))  # good second
         replies = _ask(gen, "referee", msgs, seed + 100_000)
@@ -200,8 +213,11 @@ def measure(model_dir: str, rows: list, seed: int, referee_scoring: str = "reply
     # Latency: 16 referee requests, one thread, as the engine runs in the embedded default.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    batch = (msgs[:16] if referee_scoring == "likelihood"
-             else [{"messages": m, **SAMPLING["referee"], "seed": i} for i, m in enumerate(msgs[:16])])
+    batch = (
+        msgs[:16]
+        if referee_scoring == "likelihood"
+        else [{"messages": m, **SAMPLING["referee"], "seed": i} for i, m in enumerate(msgs[:16])]
+    )
     gen.generate(batch)  # warm-up
     times = []
     for _ in range(3):
@@ -218,16 +234,19 @@ def _pct(num: float, den: float) -> str:
 
 
 def report(results: dict, args: argparse.Namespace, model_dir: str, build: dict | None, wall_s: float) -> str:
+    built = build or {}
     lines = [
         "# World teacher quality (held-out test split, served inference path)",
         "",
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
         f"Machine: {platform.machine()}, nproc={os.cpu_count()}, torch {torch.__version__}, "
         "CPU only; the machine was shared with other jobs, so wall times are upper bounds.",
-        f"Model: `{model_dir}`; schedule `{(build or {}).get('schedule_name', '?')}`, seed {(build or {}).get('seed', '?')}, "
-        f"builder version {(build or {}).get('builder_version', '?')}, build time {(build or {}).get('build_seconds', '?')} s; "
-        f"stage 1 (vision first) {(build or {}).get('stage1') or 'none'}; final training losses {(build or {}).get('final_losses', '?')}.",
-        f"Test split: world seed {args.world_seed}, {args.test_images} held-out images, {results['n_questions']} questions; "
+        f"Model: `{model_dir}`; schedule `{built.get('schedule_name', '?')}`, seed {built.get('seed', '?')}, "
+        f"builder version {built.get('builder_version', '?')}, build time {built.get('build_seconds', '?')} s; "
+        f"stage 1 (vision first) {built.get('stage1') or 'none'}; "
+        f"final training losses {built.get('final_losses', '?')}.",
+        f"Test split: world seed {args.world_seed}, {args.test_images} held-out images, "
+        f"{results['n_questions']} questions; "
         f"sampling per role (configs/tiny.yaml): {SAMPLING}. "
         f"Measurement took {wall_s:.0f} s.",
         "",
@@ -241,27 +260,59 @@ def report(results: dict, args: argparse.Namespace, model_dir: str, build: dict 
         lines.append(f"| {family} | {_pct(ok, n)} |")
         total[0] += ok
         total[1] += n
-    lines += [f"| **overall** | {_pct(*total)} |", "", "## Referee", "",
-              f"Scoring (calibration.referee_scoring): `{args.referee_scoring}`.", ""]
-    lines.append(f"Replies that parse (roles.parse_referee): {_pct(results['referee_parsed'], results['referee_replies'])}")
-    lines += ["", "| pairs | n | correct scored higher, correct first | correct scored higher, correct second "
-              "| mean of both orders higher | Eq. 6 hard (tau 0.33) |", "|---|---|---|---|---|---|"]
+    lines += [
+        f"| **overall** | {_pct(*total)} |",
+        "",
+        "## Referee",
+        "",
+        f"Scoring (calibration.referee_scoring): `{args.referee_scoring}`.",
+        "",
+    ]
+    lines.append(
+        f"Replies that parse (roles.parse_referee): {_pct(results['referee_parsed'], results['referee_replies'])}"
+    )
+    lines += [
+        "",
+        "| pairs | n | correct scored higher, correct first | correct scored higher, correct second "
+        "| mean of both orders higher | Eq. 6 hard (tau 0.33) |",
+        "|---|---|---|---|---|---|",
+    ]
     for group, s in sorted(results["referee"].items()):
         if group.startswith("wrong:"):
-            lines.append(f"| ... wrong answer kind `{group[6:]}` | {s.get('pairs', 0)} | | | "
-                         f"{_pct(s.get('mean_higher', 0), s.get('both_parsed', 0))} | {_pct(s.get('hard', 0), s.get('both_parsed', 0))} |")
+            lines.append(
+                f"| ... wrong answer kind `{group[6:]}` | {s.get('pairs', 0)} | | | "
+                f"{_pct(s.get('mean_higher', 0), s.get('both_parsed', 0))} | "
+                f"{_pct(s.get('hard', 0), s.get('both_parsed', 0))} |"
+            )
             continue
         first = _pct(s.get("good_first_higher", 0), s.get("good_first_n", 0))
         second = _pct(s.get("good_second_higher", 0), s.get("good_second_n", 0))
         mean = _pct(s.get("mean_higher", 0), s.get("both_parsed", 0))
-        lines.append(f"| {group} | {s['pairs']} | {first} | {second} | {mean} | {_pct(s.get('hard', 0), s.get('both_parsed', 0))} |")
-    lines += ["", "For `correct_vs_wrong` a high hard rate is right (the wrong answer makes the instruction hard); "
-              "for `both_correct` (canonical vs short correct answer) a low one is right, and 'higher' there is not a goal.", "",
-              f"Latency: one batch of 16 referee requests on 1 thread: {results['referee_batch16_s']:.2f} s.", "",
-              "## Augmentor", ""]
+        lines.append(
+            f"| {group} | {s['pairs']} | {first} | {second} | {mean} | "
+            f"{_pct(s.get('hard', 0), s.get('both_parsed', 0))} |"
+        )
+    lines += [
+        "",
+        "For `correct_vs_wrong` a high hard rate is right (the wrong answer makes the instruction hard); "
+        "for `both_correct` (canonical vs short correct answer) a low one is right, and 'higher' there is not a goal.",
+        "",
+        f"Latency: one batch of 16 referee requests on 1 thread: {results['referee_batch16_s']:.2f} s.",
+        "",
+        "## Augmentor",
+        "",
+    ]
     aug = results["augmentor"]
     lines += ["| check | rate |", "|---|---|"]
-    for name in ("non_empty", "one_sentence", "no_answer", "same_family", "valid_for_scene", "rouge_l_below_0.7", "all_valid"):
+    for name in (
+        "non_empty",
+        "one_sentence",
+        "no_answer",
+        "same_family",
+        "valid_for_scene",
+        "rouge_l_below_0.7",
+        "all_valid",
+    ):
         lines.append(f"| {name} | {_pct(aug.get(name, 0), aug['n'])} |")
     lines += ["", "## Sample replies", ""]
     for q, r in results["teacher_examples"]:
@@ -283,18 +334,26 @@ def main() -> int:
     parser.add_argument("--test-images", type=int, default=60)
     parser.add_argument("--out", default="benchmarks/results/teacher_quality.md")
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--referee-max-new-tokens", type=int, default=None,
-                        help="override configs/tiny.yaml's referee cap (a referee that reasons before scoring)")
-    parser.add_argument("--referee-scoring", choices=("reply", "likelihood"),
-                        default=_TINY.calibration.referee_scoring,
-                        help="how the referee scores (calibration.referee_scoring; default: configs/tiny.yaml's)")
+    parser.add_argument(
+        "--referee-max-new-tokens",
+        type=int,
+        default=None,
+        help="override configs/tiny.yaml's referee cap (a referee that reasons before scoring)",
+    )
+    parser.add_argument(
+        "--referee-scoring",
+        choices=("reply", "likelihood"),
+        default=_TINY.calibration.referee_scoring,
+        help="how the referee scores (calibration.referee_scoring; default: configs/tiny.yaml's)",
+    )
     args = parser.parse_args()
     if args.referee_max_new_tokens is not None:
         SAMPLING["referee"]["max_new_tokens"] = args.referee_max_new_tokens
 
     torch.set_num_threads(2)
-    model_dir = args.model or wt.ensure_world_teacher(args.cache, schedule=args.schedule, seed=args.seed,
-                                                      log=lambda m: print(m, flush=True))
+    model_dir = args.model or wt.ensure_world_teacher(
+        args.cache, schedule=args.schedule, seed=args.seed, log=lambda m: print(m, flush=True)
+    )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         rows = load_test_split(Path(tmp) / "world", args.test_images, args.world_seed)

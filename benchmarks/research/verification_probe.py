@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from teacher_knowledge import Scorer, plausible_wrong  # noqa: E402
 
 from mmdc import roles  # noqa: E402
+from mmdc.train.formatting import collate, pixel_values  # noqa: E402
 from mmdc.world import scenes as world  # noqa: E402
 from mmdc.world import teacher as wt  # noqa: E402
-from mmdc.train.formatting import collate, pixel_values  # noqa: E402
 
 
 def chain_answer(scene: world.Scene, spec: world.QuestionSpec) -> str:
@@ -53,8 +53,9 @@ def chain_answer(scene: world.Scene, spec: world.QuestionSpec) -> str:
     return f"The {spec.shape} is {obj.color}, so {'yes' if obj.color == spec.color else 'no'}."
 
 
-def family_examples(scenes: list[world.Scene], family: str, n: int, rng: random.Random,
-                    chain: bool = False) -> list[wt.Example]:
+def family_examples(
+    scenes: list[world.Scene], family: str, n: int, rng: random.Random, chain: bool = False
+) -> list[wt.Example]:
     """``n`` teacher examples of ``family`` on random scenes that can ask it (``chain``: evidence-first targets)."""
     usable = [s for s in scenes if family in world.families_for(s)]
     out = []
@@ -66,11 +67,13 @@ def family_examples(scenes: list[world.Scene], family: str, n: int, rng: random.
     return out
 
 
-def generated_accuracy(scorer: Scorer, pairs: list[tuple[world.Scene, str, str, str]], folder: Path) -> tuple[float, str]:
+def generated_accuracy(
+    scorer: Scorer, pairs: list[tuple[world.Scene, str, str, str]], folder: Path
+) -> tuple[float, str]:
     """Share of greedy replies (the engine's generator on a saved copy) that ``world.check_answer`` accepts,
     and ``chain_hops`` of them."""
-    from mmdc.engines.hf import HFGenerator
     from mmdc.data.images import to_data_url
+    from mmdc.engines.hf import HFGenerator
 
     scorer.model.save_pretrained(folder / "model")
     scorer.processor.save_pretrained(folder / "model")
@@ -81,11 +84,14 @@ def generated_accuracy(scorer: Scorer, pairs: list[tuple[world.Scene, str, str, 
             world.render(scene).save(path)
         urls.append(to_data_url(str(path)))
     generator = HFGenerator(str(folder / "model"), max_batch_size=16)
-    requests = [{"messages": roles.teacher_messages(q, url), "temperature": 0.0, "max_new_tokens": 16, "seed": 0}
-                for (_, q, _, _), url in zip(pairs, urls)]
+    requests = [
+        {"messages": roles.teacher_messages(q, url), "temperature": 0.0, "max_new_tokens": 16, "seed": 0}
+        for (_, q, _, _), url in zip(pairs, urls)
+    ]
     replies = [r["text"] for r in generator.generate(requests)]
-    right = sum(bool(world.check_answer(s, world.parse_question(q), reply)) for (s, q, _, _), reply
-                in zip(pairs, replies)) / len(pairs)
+    right = sum(
+        bool(world.check_answer(s, world.parse_question(q), reply)) for (s, q, _, _), reply in zip(pairs, replies)
+    ) / len(pairs)
     return right, chain_hops(pairs, replies)
 
 
@@ -105,11 +111,15 @@ def chain_hops(pairs: list[tuple[world.Scene, str, str, str]], replies: list[str
         follows += (m.group(4) == "yes") == (stated == spec.color)
     if not parsed:
         return "no evidence-first replies"
-    return (f"evidence-first replies {parsed}/{len(pairs)}: evidence right {evidence / parsed:.3f}, "
-            f"verdict follows the evidence {follows / parsed:.3f}")
+    return (
+        f"evidence-first replies {parsed}/{len(pairs)}: evidence right {evidence / parsed:.3f}, "
+        f"verdict follows the evidence {follows / parsed:.3f}"
+    )
 
 
-def held_out_pairs(scenes: list[world.Scene], family: str, rng: random.Random) -> list[tuple[world.Scene, str, str, str]]:
+def held_out_pairs(
+    scenes: list[world.Scene], family: str, rng: random.Random
+) -> list[tuple[world.Scene, str, str, str]]:
     """(scene, question, correct, plausible wrong) per held-out scene that can ask ``family``."""
     pairs = []
     for scene in scenes:
@@ -158,7 +168,7 @@ def probe(args: argparse.Namespace, scratch: Path) -> None:
         model.eval()
         right = 0
         for start in range(0, len(pairs), 8):
-            chunk = pairs[start:start + 8]
+            chunk = pairs[start : start + 8]
             lp = scorer.answer_logprobs([(s, q, a) for s, q, good, bad in chunk for a in (good, bad)], by_id)
             right += sum(lp[2 * i] > lp[2 * i + 1] for i in range(len(chunk)))
         model.train()
@@ -175,14 +185,19 @@ def probe(args: argparse.Namespace, scratch: Path) -> None:
             model.train()
         return text
 
-    print(f"{args.family}{' (chain)' if args.chain else ''}: {len(pairs)} held-out pairs; step 0 {progress()}", flush=True)
+    print(
+        f"{args.family}{' (chain)' if args.chain else ''}: {len(pairs)} held-out pairs; step 0 {progress()}", flush=True
+    )
     started, smooth = time.perf_counter(), None
     model.train()
     for step in range(1, args.steps + 1):
         examples = family_examples(train, args.family, args.batch_size, rng, chain=args.chain)
-        batch = collate([wt.encode_example(tokenizer, ex, scorer.image_seq_length, 384) for ex in examples],
-                        tokenizer.pad_token_id)
-        batch["pixel_values"] = pixel_values(scorer.processor.image_processor, [world.render(by_id[ex.image_id]) for ex in examples])
+        batch = collate(
+            [wt.encode_example(tokenizer, ex, scorer.image_seq_length, 384) for ex in examples], tokenizer.pad_token_id
+        )
+        batch["pixel_values"] = pixel_values(
+            scorer.processor.image_processor, [world.render(by_id[ex.image_id]) for ex in examples]
+        )
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -190,7 +205,9 @@ def probe(args: argparse.Namespace, scratch: Path) -> None:
         optimizer.zero_grad(set_to_none=True)
         smooth = loss.item() if smooth is None else 0.9 * smooth + 0.1 * loss.item()
         if step % args.eval_every == 0 or step == args.steps:
-            print(f"step {step} loss {smooth:.3f} {progress()} elapsed={time.perf_counter() - started:.0f}s", flush=True)
+            print(
+                f"step {step} loss {smooth:.3f} {progress()} elapsed={time.perf_counter() - started:.0f}s", flush=True
+            )
 
 
 if __name__ == "__main__":

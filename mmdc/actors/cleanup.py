@@ -18,8 +18,12 @@ log = logging.getLogger("mmdc.cleanup")
 
 def is_orphan(*, state: str, creator_actor_id: bytes, creator_actor_dead: bool, is_detached: bool) -> bool:
     """A live group whose creating actor is dead (driver-made and detached groups are never orphans)."""
-    return state in ("PENDING", "CREATED", "RESCHEDULING") and bool(creator_actor_id) and creator_actor_dead \
+    return (
+        state in ("PENDING", "CREATED", "RESCHEDULING")
+        and bool(creator_actor_id)
+        and creator_actor_dead
         and not is_detached
+    )
 
 
 def orphaned_placement_groups() -> list[str]:
@@ -31,8 +35,12 @@ def orphaned_placement_groups() -> list[str]:
     orphans = []
     for raw in global_state._connect_and_get_accessor().get_placement_group_table():
         pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        if is_orphan(state=names.get(pg.state, "?"), creator_actor_id=pg.creator_actor_id,
-                     creator_actor_dead=pg.creator_actor_dead, is_detached=pg.is_detached):
+        if is_orphan(
+            state=names.get(pg.state, "?"),
+            creator_actor_id=pg.creator_actor_id,
+            creator_actor_dead=pg.creator_actor_dead,
+            is_detached=pg.is_detached,
+        ):
             orphans.append(pg.placement_group_id.hex())
     return orphans
 

@@ -17,16 +17,17 @@ import logging
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from mmdc import metrics, roles
+from mmdc import metrics
 from mmdc.actors.cleanup import remove_orphaned_placement_groups
 from mmdc.actors.handover import await_trainer_resources, deploy_engine, release_engines, remove_stale_apps
 from mmdc.actors.resources import clear_resource_request, wait_for_resources
@@ -168,8 +169,9 @@ class Driver:
             record["gen_tokens_per_s"] = round(record["generated_tokens"] / record["wall_s"], 3)
         self.run_dir.log_metrics(record)
         metrics.publish_phase(record, run=self.run_dir.root.name)  # Ray dashboard / Prometheus
-        self.state["completed"].append({"iteration": iteration, "phase": name, "wall_s": record["wall_s"],
-                                        "rows": record.get("rows")})
+        self.state["completed"].append(
+            {"iteration": iteration, "phase": name, "wall_s": record["wall_s"], "rows": record.get("rows")}
+        )
         self.state.pop("current", None)
         self.run_dir.save_state(self.state)
         summary = ", ".join(f"{k}={v}" for k, v in record.items() if k not in ("iteration", "phase"))
@@ -184,14 +186,27 @@ class Driver:
             data = self.cfg.data
             if data.source == "world":
                 world = data.world
-                files = generate_world(self.run_dir.data / "world", num_images=world.num_images,
-                                       questions_per_image=world.questions_per_image, seed=world.seed,
-                                       image_size=world.image_size, test_images=world.test_images)
-                instructions, self.image_root, self.captions = str(files.instructions), str(files.images), str(files.captions)
+                files = generate_world(
+                    self.run_dir.data / "world",
+                    num_images=world.num_images,
+                    questions_per_image=world.questions_per_image,
+                    seed=world.seed,
+                    image_size=world.image_size,
+                    test_images=world.test_images,
+                )
+                instructions, self.image_root, self.captions = (
+                    str(files.instructions),
+                    str(files.images),
+                    str(files.captions),
+                )
             else:
                 instructions, self.image_root, self.captions = data.instructions, data.image_folder, data.captions
-            seed_pool = prepare_seed_pool(instructions, self.image_root, max_instructions=data.max_instructions,
-                                          max_image_pixels=data.max_image_pixels)
+            seed_pool = prepare_seed_pool(
+                instructions,
+                self.image_root,
+                max_instructions=data.max_instructions,
+                max_image_pixels=data.max_image_pixels,
+            )
             self.run_dir.log_skips(seed_pool.skipped)
             if seed_pool.table.num_rows == 0:
                 raise ValueError(f"no usable instruction in {instructions} (see {self.run_dir.skipped})")
@@ -203,11 +218,21 @@ class Driver:
     def prepare_models(self) -> None:
         """Resolve the teacher and (unless a resumed run has trained one) the initial student to local checkpoints."""
         self.teacher = models.resolve(self.cfg.models.teacher, self.cfg.models, log=announce)
-        self.answers = AnswerStore(self.run_dir.answer_store, model_fingerprint(self.teacher),
-                                   to_dict(self.cfg.roles.teacher), self.cfg.run.seed, self.image_root)
+        self.answers = AnswerStore(
+            self.run_dir.answer_store,
+            model_fingerprint(self.teacher),
+            to_dict(self.cfg.roles.teacher),
+            self.cfg.run.seed,
+            self.image_root,
+        )
         if not self.state.get("student"):
-            self.initial_student = models.resolve(self.cfg.models.student_init, self.cfg.models, teacher=self.teacher,
-                                                  assemble_into=self.run_dir.checkpoint_init(), log=announce)
+            self.initial_student = models.resolve(
+                self.cfg.models.student_init,
+                self.cfg.models,
+                teacher=self.teacher,
+                assemble_into=self.run_dir.checkpoint_init(),
+                log=announce,
+            )
 
     def align(self) -> None:
         """Stage 1: train only the projector on caption pairs (skipped when align.enabled is false)."""
@@ -216,8 +241,10 @@ class Driver:
         if not self.captions:
             raise ConfigError("align.enabled needs caption pairs: set data.captions (or align.enabled=false)")
         with self.phase(0, "align") as record:
-            rows = [{**pair, "image": resolve_image(pair["image"], self.image_root)}
-                    for pair in load_caption_pairs(self.captions)]
+            rows = [
+                {**pair, "image": resolve_image(pair["image"], self.image_root)}
+                for pair in load_caption_pairs(self.captions)
+            ]
             if self.cfg.data.clip_filter.enabled:
                 from mmdc.data.clipscore import filter_by_clip_score  # needs the optional clip extra
 
@@ -229,22 +256,31 @@ class Driver:
             if caption_filter.enabled:
                 from mmdc.data.nounphrase import filter_caption_pairs  # loads spaCy
 
-                rows, stats = filter_caption_pairs(rows, caption_filter.spacy_pipeline, seed=self.cfg.run.seed,
-                                                   n_process=caption_filter.n_process,
-                                                   min_count=caption_filter.min_count,
-                                                   max_per_phrase=caption_filter.max_per_phrase)
+                rows, stats = filter_caption_pairs(
+                    rows,
+                    caption_filter.spacy_pipeline,
+                    seed=self.cfg.run.seed,
+                    n_process=caption_filter.n_process,
+                    min_count=caption_filter.min_count,
+                    max_per_phrase=caption_filter.max_per_phrase,
+                )
                 record.update({f"filter_{k}": v for k, v in stats.items()})
             if planned_steps(len(rows), self.cfg.align) < 1:
                 record.update(skipped=f"{len(rows)} caption pairs make no optimizer step", rows=len(rows))
                 return
             output = self.run_dir.checkpoint(None)
-            summary = self.train("align", output, lambda: ray.data.from_items(rows), seed=self.cfg.run.seed,
-                                 run_name=f"{self.run_dir.root.name}-align")
+            summary = self.train(
+                "align",
+                output,
+                lambda: ray.data.from_items(rows),
+                seed=self.cfg.run.seed,
+                run_name=f"{self.run_dir.root.name}-align",
+            )
             record.update(rows=len(rows), **{f"train_{k}": v for k, v in summary.items()})
             self.state["student"] = str(output)
 
     def teach(self, k: int) -> None:
-        """Phase A: the teacher answers the tuning pool (each instruction once, ever); fold answers per image (Eq. 1)."""
+        """Phase A: the teacher answers the tuning pool (each instruction once, ever); fold per image (Eq. 1)."""
         if self.done(k, "teach"):
             return
         with self.phase(k, "teach") as record:
@@ -267,9 +303,13 @@ class Driver:
                 return
             output = self.run_dir.checkpoint(k)
             blocks = max(1, self.cfg.tune.num_workers) * 2
-            summary = self.train("tune", output, lambda: conversations_dataset(self.run_dir.conversations(k),
-                                                                                self.image_root, blocks),
-                                 seed=self.cfg.run.seed + k, run_name=f"{self.run_dir.root.name}-tune-{k}")
+            summary = self.train(
+                "tune",
+                output,
+                lambda: conversations_dataset(self.run_dir.conversations(k), self.image_root, blocks),
+                seed=self.cfg.run.seed + k,
+                run_name=f"{self.run_dir.root.name}-tune-{k}",
+            )
             record.update(**{f"train_{key}": value for key, value in summary.items()})
             self.state["student"] = str(output)
 
@@ -287,19 +327,31 @@ class Driver:
                 record.update(rows=len(picked), selection="random", hard=hard, easy=len(picked) - hard)
                 return
             with_teacher, stats = self.teacher_answers(cache, k, "assess")
-            scored = run_processors(pa.Table.from_pandas(with_teacher, preserve_index=False),
-                                    [self.processor(StudentProcessor, "student", self.cfg.roles.student),
-                                     self.processor(RefereeProcessor, "teacher", self.cfg.roles.referee,
-                                                    scoring=calibration.referee_scoring)],
-                                    self.run_dir.phase_output(k, "assess"), self.cfg.pipeline).to_pandas()
+            scored = run_processors(
+                pa.Table.from_pandas(with_teacher, preserve_index=False),
+                [
+                    self.processor(StudentProcessor, "student", self.cfg.roles.student),
+                    self.processor(
+                        RefereeProcessor, "teacher", self.cfg.roles.referee, scoring=calibration.referee_scoring
+                    ),
+                ],
+                self.run_dir.phase_output(k, "assess"),
+                self.cfg.pipeline,
+            ).to_pandas()
             scored = scored.sort_values("instruction_id", kind="stable").reset_index(drop=True)
             assessment = assess_table(scored, calibration.tau)
             atomic_write_table(self.run_dir.assessment(k), pa.Table.from_pandas(assessment, preserve_index=False))
             hard_flags = assessment["hard"].astype("boolean")  # nullable: <NA> = unscored
             hard, easy = int(hard_flags.eq(True).sum()), int(hard_flags.eq(False).sum())
-            record.update(rows=len(assessment), hard=hard, easy=easy, unscored=len(assessment) - hard - easy,
-                          hard_ratio=round(hard / (hard + easy), 4) if hard + easy else None,
-                          generated_tokens=int(scored["student_tokens"].sum()), **stats)
+            record.update(
+                rows=len(assessment),
+                hard=hard,
+                easy=easy,
+                unscored=len(assessment) - hard - easy,
+                hard_ratio=round(hard / (hard + easy), 4) if hard + easy else None,
+                generated_tokens=int(scored["student_tokens"].sum()),
+                **stats,
+            )
 
     def augment(self, k: int) -> None:
         """Phase D: one new question per hard instruction, ROUGE-L-filtered; balance with easy; new pools."""
@@ -312,28 +364,42 @@ class Driver:
             hard_flags = assessment["hard"].astype("boolean").eq(True).fillna(False)
             hard_rows = cache[cache["instruction_id"].isin(set(assessment.loc[hard_flags, "instruction_id"]))]
             hard_rows = hard_rows.sort_values("instruction_id")
-            replies = run_processors(pa.Table.from_pandas(hard_rows, preserve_index=False),
-                                     [self.processor(AugmentorProcessor, "teacher", self.cfg.roles.augmentor)],
-                                     self.run_dir.phase_output(k, "augment"), self.cfg.pipeline).to_pandas()
+            replies = run_processors(
+                pa.Table.from_pandas(hard_rows, preserve_index=False),
+                [self.processor(AugmentorProcessor, "teacher", self.cfg.roles.augmentor)],
+                self.run_dir.phase_output(k, "augment"),
+                self.cfg.pipeline,
+            ).to_pandas()
             existing = pd.concat([tuning, cache])[["instruction_id", "image_id", "question"]]
-            checked = validate_candidates(candidate_rows(replies, k), existing.drop_duplicates("instruction_id"),
-                                          threshold=self.cfg.calibration.rouge_l_threshold)
+            checked = validate_candidates(
+                candidate_rows(replies, k),
+                existing.drop_duplicates("instruction_id"),
+                threshold=self.cfg.calibration.rouge_l_threshold,
+            )
             atomic_write_table(self.run_dir.generated(k), pa.Table.from_pandas(checked, preserve_index=False))
             accepted = checked[checked["accepted"]][list(POOL_COLUMNS)]
             next_tuning, next_cache, counts = update_pools(
-                self.cfg.calibration.pool_update, pool_from_frame(tuning, "tuning pool"),
-                pool_from_frame(cache, "cache pool"), assessment, pool_from_frame(accepted, "accepted questions"),
-                seed=self.cfg.run.seed, iteration=k)
+                self.cfg.calibration.pool_update,
+                pool_from_frame(tuning, "tuning pool"),
+                pool_from_frame(cache, "cache pool"),
+                assessment,
+                pool_from_frame(accepted, "accepted questions"),
+                seed=self.cfg.run.seed,
+                iteration=k,
+            )
             atomic_write_table(self.run_dir.pool(k, "tuning"), next_tuning)
             atomic_write_table(self.run_dir.pool(k, "cache"), next_cache)
             reasons = checked.loc[~checked["accepted"], "reject_reason"].value_counts().to_dict()
             record.update({key: v for key, v in counts.items() if key not in ("iteration", "hard", "easy", "unscored")})
-            record.update(rows=len(hard_rows), generated=len(checked),
-                          acceptance_ratio=round(float(checked["accepted"].mean()), 4) if len(checked) else None,
-                          rejected=reasons)
+            record.update(
+                rows=len(hard_rows),
+                generated=len(checked),
+                acceptance_ratio=round(float(checked["accepted"].mean()), 4) if len(checked) else None,
+                rejected=reasons,
+            )
 
     def evaluate(self, k: int, engine: str = "student") -> None:
-        """The configured benchmarks (``eval``) on ``engine``'s current model -> eval/<benchmark>/ (k 0: after stage 1)."""
+        """The configured benchmarks on ``engine``'s current model -> eval/<benchmark>/ (k 0: after stage 1)."""
         if not eval_benchmarks(self.cfg) or (engine == "teacher" and not self.cfg.eval.teacher):
             return
         name = "eval" if engine == "student" else "eval_teacher"
@@ -343,14 +409,16 @@ class Driver:
             generator = self.generator(engine, role=engine)
             judge = self.generator("teacher", role="judge") if needs_judge(self.cfg) else None  # the teacher judges
             world = self.run_dir.data / "world" if self.cfg.data.source == "world" else None
-            results = evaluate_iteration(self.cfg, self.run_dir.root, k, engine, generator, world, judge=judge,
-                                         model=self.model_of(engine))
+            results = evaluate_iteration(
+                self.cfg, self.run_dir.root, k, engine, generator, world, judge=judge, model=self.model_of(engine)
+            )
             record.update(rows=sum(r["metrics"].get("n", 0) for r in results.values()), **headline_metrics(results))
 
     # ----------------------------------------------------------------------------- helpers
-    def train(self, stage: str, output: Path, dataset: Callable[[], "ray.data.Dataset"], *, seed: int,
-              run_name: str) -> dict:
-        """Run one Ray Train job from the current student into ``output`` and return its summary, resuming after a crash.
+    def train(
+        self, stage: str, output: Path, dataset: Callable[[], ray.data.Dataset], *, seed: int, run_name: str
+    ) -> dict:
+        """One Ray Train job from the current student into ``output``; its summary. Resumes after a crash.
 
         A checkpoint an earlier attempt finished (it crashed before committing the phase) is reused; an
         interrupted one resumes from its last saved state. A ``--force``d change to what training depends on
@@ -367,9 +435,17 @@ class Driver:
         shutil.rmtree(output, ignore_errors=True)  # an empty folder left behind would be refused
         rows = dataset()
         await_trainer_resources(train_cfg, announce)
-        result = train_student(stage=stage, init_checkpoint=self.student, output_dir=str(output), dataset=rows,
-                               train_cfg=train_cfg, seed=seed, metrics_path=str(self.run_dir.metrics), run_name=run_name,
-                               resume=not changed)
+        result = train_student(
+            stage=stage,
+            init_checkpoint=self.student,
+            output_dir=str(output),
+            dataset=rows,
+            train_cfg=train_cfg,
+            seed=seed,
+            metrics_path=str(self.run_dir.metrics),
+            run_name=run_name,
+            resume=not changed,
+        )
         return result.metrics
 
     def teacher_answers(self, rows: pd.DataFrame, k: int, phase: str) -> tuple[pd.DataFrame, dict]:
@@ -379,9 +455,12 @@ class Driver:
         misses = keyed[~keyed["cache_key"].isin(stored.index)]
         stats = {"cache_hits": len(keyed) - len(misses), "cache_misses": len(misses)}
         if len(misses):
-            answered = run_processors(pa.Table.from_pandas(misses, preserve_index=False),
-                                      [self.processor(TeacherProcessor, "teacher", self.cfg.roles.teacher)],
-                                      self.run_dir.phase_output(k, f"{phase}_teacher"), self.cfg.pipeline).to_pandas()
+            answered = run_processors(
+                pa.Table.from_pandas(misses, preserve_index=False),
+                [self.processor(TeacherProcessor, "teacher", self.cfg.roles.teacher)],
+                self.run_dir.phase_output(k, f"{phase}_teacher"),
+                self.cfg.pipeline,
+            ).to_pandas()
             new = self.answers.add(answered, f"iter_{k}_{phase}")
             stats["generated_tokens"] = int(new["teacher_tokens"].sum())
             stored = pd.concat([stored, new])  # misses are new keys: no re-read of the store
@@ -389,14 +468,22 @@ class Driver:
         return keyed, stats
 
     def processor(self, cls: type, engine: str, sampling: Any, **extra: Any) -> ProcessorSpec:
-        """A Ray Data processor bound to ``engine`` (``extra``: the processor's own keyword arguments), deploying it first."""
+        """A Ray Data processor bound to ``engine`` (``extra``: the processor's own kwargs), deploying it first."""
         self.deploy(engine)
-        return ProcessorSpec(cls, {"app_name": engine, "deployment": deployment_name(self.deployed[engine]),
-                                   "sampling": to_dict(sampling), "run_seed": self.cfg.run.seed,
-                                   "image_root": self.image_root,
-                                   "timeout_s": self.cfg.engines[engine].request_timeout_s,
-                                   "engine": to_dict(self.cfg.engines[engine]), **extra},
-                             scope=self.processor_scope)
+        return ProcessorSpec(
+            cls,
+            {
+                "app_name": engine,
+                "deployment": deployment_name(self.deployed[engine]),
+                "sampling": to_dict(sampling),
+                "run_seed": self.cfg.run.seed,
+                "image_root": self.image_root,
+                "timeout_s": self.cfg.engines[engine].request_timeout_s,
+                "engine": to_dict(self.cfg.engines[engine]),
+                **extra,
+            },
+            scope=self.processor_scope,
+        )
 
     def generator(self, engine: str, role: str) -> ServeGenerator:
         """An evaluation generator over ``engine``'s current model, deploying it first."""

@@ -8,7 +8,7 @@ trainer's workers can take the GPUs; after training it deploys the new student c
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import ray
 from ray import serve

@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import Callable, Literal, Protocol
+from collections.abc import Callable
+from typing import Literal, Protocol
 
 from mmdc.config import Config, ConfigError
 
@@ -43,6 +44,7 @@ def _bundles(count: int, cpus: float, gpus: float) -> list[Bundle]:
 def phase_bundles(cfg: Config) -> dict[str, list[Bundle]]:
     """Resource shapes per phase: one per engine replica, train worker or CLIP-scoring actor (the stage 1
     CLIP filter, when enabled, runs first in align and is released before align's trainer starts)."""
+
     def engine(name: str) -> list[Bundle]:
         e = cfg.engines[name]
         return _bundles(e.replicas, e.num_cpus, e.num_gpus)
@@ -106,8 +108,9 @@ def describe_bundles(bundles: list[Bundle]) -> str:
     return " + ".join(parts) or "nothing"
 
 
-def resource_action(problems: list[str], autoscaling: bool, waited_s: float,
-                    timeout_s: float) -> Literal["ok", "wait", "fail"]:
+def resource_action(
+    problems: list[str], autoscaling: bool, waited_s: float, timeout_s: float
+) -> Literal["ok", "wait", "fail"]:
     """Go on, keep waiting for the autoscaler, or stop with the fit error."""
     if not problems:
         return "ok"
@@ -162,16 +165,25 @@ class RayCluster:
         launching = [f"{r.count} x {r.ray_node_type_name}" for r in status.pending_launches]
         starting = Counter(n.ray_node_type_name for n in status.pending_nodes)
         failed = [f"{r.ray_node_type_name} ({r.details})" for r in status.failed_launches][-2:]
-        parts = [f"launching {', '.join(launching)}" if launching else "",
-                 f"starting {', '.join(f'{n} x {t}' for t, n in starting.items())}" if starting else "",
-                 f"failed launches: {'; '.join(failed)}" if failed else ""]
+        parts = [
+            f"launching {', '.join(launching)}" if launching else "",
+            f"starting {', '.join(f'{n} x {t}' for t, n in starting.items())}" if starting else "",
+            f"failed launches: {'; '.join(failed)}" if failed else "",
+        ]
         return "; ".join(p for p in parts if p)
 
 
-def wait_for_resources(cfg: Config, timeout_s: float, cluster: Cluster | None = None, *,
-                       say: Callable[[str], None] = log.info, poll_s: float = 5.0, log_every_s: float = 30.0,
-                       clock: Callable[[], float] = time.monotonic,
-                       sleep: Callable[[float], None] = time.sleep) -> bool:
+def wait_for_resources(
+    cfg: Config,
+    timeout_s: float,
+    cluster: Cluster | None = None,
+    *,
+    say: Callable[[str], None] = log.info,
+    poll_s: float = 5.0,
+    log_every_s: float = 30.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> bool:
     """Return once every phase fits the cluster; raise ``fit_error`` when it does not and cannot.
 
     A cluster that fits returns at once (False: nothing requested). A cluster without an autoscaler,
@@ -188,21 +200,27 @@ def wait_for_resources(cfg: Config, timeout_s: float, cluster: Cluster | None = 
         raise fit_error(problems)
     bundles = request_bundles(cfg)
     cluster.request(bundles)
-    say(f"asked the autoscaler for {describe_bundles(bundles)}; waiting up to {timeout_s:g}s because "
-        + "; ".join(problems))
+    say(
+        f"asked the autoscaler for {describe_bundles(bundles)}; waiting up to {timeout_s:g}s because "
+        + "; ".join(problems)
+    )
     start = last_say = clock()
     while (action := resource_action(problems, True, clock() - start, timeout_s)) == "wait":
         sleep(poll_s)
         problems = check_fits(cfg, cluster.resources())
         if problems and clock() - last_say >= log_every_s:
             doing = cluster.pending()
-            say(f"still waiting for the autoscaler ({clock() - start:.0f}s of {timeout_s:g}s): {problems[0]}"
-                + (f"; {doing}" if doing else ""))
+            say(
+                f"still waiting for the autoscaler ({clock() - start:.0f}s of {timeout_s:g}s): {problems[0]}"
+                + (f"; {doing}" if doing else "")
+            )
             last_say = clock()
     if action == "fail":
-        raise ConfigError(f"{fit_error(problems)}\n(waited {timeout_s:g}s for the autoscaler to provide "
-                          f"{describe_bundles(bundles)}; raise run.resource_wait_s or check the node types' "
-                          "max_workers)")
+        raise ConfigError(
+            f"{fit_error(problems)}\n(waited {timeout_s:g}s for the autoscaler to provide "
+            f"{describe_bundles(bundles)}; raise run.resource_wait_s or check the node types' "
+            "max_workers)"
+        )
     say(f"the cluster has what the run needs after {clock() - start:.0f}s")
     return True
 

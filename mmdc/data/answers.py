@@ -94,8 +94,9 @@ class AnswerStore:
     ``roles.row_seed(run_seed, "teacher", instruction_id)``, so an instruction is always answered alike.
     """
 
-    def __init__(self, folder: Path, model_fingerprint: str, sampling: dict[str, Any], run_seed: int,
-                 image_root: str | None) -> None:
+    def __init__(
+        self, folder: Path, model_fingerprint: str, sampling: dict[str, Any], run_seed: int, image_root: str | None
+    ) -> None:
         self.folder, self.model_fingerprint = Path(folder), model_fingerprint
         self.sampling = {k: v for k, v in sampling.items() if k != "retries"}  # retries never change an answer
         self.run_seed, self.image_root = run_seed, image_root
@@ -110,9 +111,15 @@ class AnswerStore:
         """``rows`` (instruction_id, image, question) with their answer key in ``cache_key``."""
         rows = rows.copy()
         rows[KEY_COLUMN] = [
-            answer_key(self.model_fingerprint, roles.teacher_messages(question, "<image>"), self.image_sha(image),
-                       self.sampling, roles.row_seed(self.run_seed, roles.Role.TEACHER.value, instruction_id))
-            for question, image, instruction_id in zip(rows["question"], rows["image"], rows["instruction_id"])]
+            answer_key(
+                self.model_fingerprint,
+                roles.teacher_messages(question, "<image>"),
+                self.image_sha(image),
+                self.sampling,
+                roles.row_seed(self.run_seed, roles.Role.TEACHER.value, instruction_id),
+            )
+            for question, image, instruction_id in zip(rows["question"], rows["image"], rows["instruction_id"])
+        ]
         return rows
 
     def load(self) -> pd.DataFrame:
@@ -126,6 +133,7 @@ class AnswerStore:
     def add(self, answered: pd.DataFrame, name: str) -> pd.DataFrame:
         """Store the new answers of ``answered`` as ``<name>.parquet``; returns them indexed by key."""
         new = answered[[KEY_COLUMN, "teacher_answer", "teacher_tokens"]].drop_duplicates(KEY_COLUMN)
-        atomic_write_table(self.folder / f"{name}.parquet",
-                           pa.Table.from_pandas(new.sort_values(KEY_COLUMN), preserve_index=False))
+        atomic_write_table(
+            self.folder / f"{name}.parquet", pa.Table.from_pandas(new.sort_values(KEY_COLUMN), preserve_index=False)
+        )
         return new.set_index(KEY_COLUMN)

@@ -17,7 +17,7 @@ rouge-score's dynamic-programming table does, in one pass over the tokens.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -78,7 +78,7 @@ def contains_answer(text: str) -> bool:
     if _ANSWER_MARKER_RE.search(text):
         return True
     last_q = text.rfind("?")
-    return last_q >= 0 and re.search(r"[A-Za-z0-9]", text[last_q + 1:]) is not None
+    return last_q >= 0 and re.search(r"[A-Za-z0-9]", text[last_q + 1 :]) is not None
 
 
 def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
@@ -239,9 +239,20 @@ def validate_candidates(
 def candidate_rows(replies: pd.DataFrame, iteration: int) -> pd.DataFrame:
     """Augmentor replies (one per hard parent: its pool row + ``candidate``, ``attempt``, ``augmentor_reply``)
     -> pool rows of origin ``generated`` with lineage to their parent, in parent id order."""
-    rows = [{"instruction_id": generated_instruction_id(r.instruction_id, iteration, r.attempt), "image_id": r.image_id,
-             "image": r.image, "question": r.candidate, "origin": "generated", "parent_id": r.instruction_id,
-             "iteration": iteration, "turn": -1, "image_position": "none", "source_id": r.source_id,
-             "augmentor_reply": r.augmentor_reply}
-            for r in replies.sort_values("instruction_id").itertuples()]
+    rows = [
+        {
+            "instruction_id": generated_instruction_id(r.instruction_id, iteration, r.attempt),
+            "image_id": r.image_id,
+            "image": r.image,
+            "question": r.candidate,
+            "origin": "generated",
+            "parent_id": r.instruction_id,
+            "iteration": iteration,
+            "turn": -1,
+            "image_position": "none",
+            "source_id": r.source_id,
+            "augmentor_reply": r.augmentor_reply,
+        }
+        for r in replies.sort_values("instruction_id").itertuples()
+    ]
     return pd.DataFrame(rows, columns=[*POOL_COLUMNS, "augmentor_reply"])

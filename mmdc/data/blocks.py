@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import ray
 
 
-def dataset_from_table(table: pa.Table, num_blocks: int) -> "ray.data.Dataset":
+def dataset_from_table(table: pa.Table, num_blocks: int) -> ray.data.Dataset:
     """``table`` as a Ray Dataset of about ``num_blocks`` equal blocks, without any read task.
 
     ``from_blocks`` only puts the blocks in the object store: no listing or metadata tasks, which
@@ -37,7 +37,7 @@ def _split(table: pa.Table, n: int) -> list[pa.Table]:
     return [table.slice(i, size) for i in range(0, table.num_rows, size)]
 
 
-def write_blocks(ds: "ray.data.Dataset", folder: Path) -> None:
+def write_blocks(ds: ray.data.Dataset, folder: Path) -> None:
     """Stream ``ds`` into ``folder``, one Parquet file per output block, written by this process.
 
     Not ``Dataset.write_parquet``: its write tasks start fresh worker processes during the phase

@@ -139,7 +139,8 @@ def assess_table(df: pd.DataFrame, tau: float) -> pd.DataFrame:
             "teacher_answer": df["teacher_answer"].to_numpy(),
             "student_answer": df["student_answer"].to_numpy(),
             "referee_replies": (
-                df["referee_replies"].tolist() if "referee_replies" in df.columns
+                df["referee_replies"].tolist()
+                if "referee_replies" in df.columns
                 else [c["referee_replies"] for c in combined]
             ),
             "scores_student": [c["scores_student"] for c in combined],
@@ -163,8 +164,10 @@ def assess_table(df: pd.DataFrame, tau: float) -> pd.DataFrame:
 
 
 # The explanation line of a likelihood reply: no digits, so the parser reads the scores from the first line only.
-LIKELIHOOD_EXPLANATION = ("Scored by likelihood: each score grows with the mean probability the teacher gives "
-                          "each token of that answer, given the image and the question.")
+LIKELIHOOD_EXPLANATION = (
+    "Scored by likelihood: each score grows with the mean probability the teacher gives "
+    "each token of that answer, given the image and the question."
+)
 
 
 def likelihood_score(logprob: float, tokens: int) -> float:
@@ -200,18 +203,20 @@ def random_selection(cache: pd.DataFrame, fraction: float, seed: int, iteration:
     hard = {iid: i in picked for i, iid in enumerate(ids)}
     rows = cache.drop_duplicates("instruction_id").sort_values("instruction_id", kind="stable")
     n = len(rows)
-    return pd.DataFrame({
-        "instruction_id": rows["instruction_id"].to_numpy(),
-        "image_id": rows["image_id"].to_numpy(),
-        "question": rows["question"].to_numpy(),
-        "teacher_answer": pd.Series([None] * n, dtype=object),
-        "student_answer": pd.Series([None] * n, dtype=object),
-        "referee_replies": [[] for _ in range(n)],
-        "scores_student": [[] for _ in range(n)],
-        "scores_teacher": [[] for _ in range(n)],
-        "score_student": np.full(n, np.nan),
-        "score_teacher": np.full(n, np.nan),
-        "unscored_reason": pd.Series(["selection=random"] * n, dtype=object),
-        "difficulty": np.full(n, np.nan),
-        "hard": pd.array([hard[str(i)] for i in rows["instruction_id"]], dtype="boolean"),
-    })[list(ASSESSMENT_COLUMNS)]
+    return pd.DataFrame(
+        {
+            "instruction_id": rows["instruction_id"].to_numpy(),
+            "image_id": rows["image_id"].to_numpy(),
+            "question": rows["question"].to_numpy(),
+            "teacher_answer": pd.Series([None] * n, dtype=object),
+            "student_answer": pd.Series([None] * n, dtype=object),
+            "referee_replies": [[] for _ in range(n)],
+            "scores_student": [[] for _ in range(n)],
+            "scores_teacher": [[] for _ in range(n)],
+            "score_student": np.full(n, np.nan),
+            "score_teacher": np.full(n, np.nan),
+            "unscored_reason": pd.Series(["selection=random"] * n, dtype=object),
+            "difficulty": np.full(n, np.nan),
+            "hard": pd.array([hard[str(i)] for i in rows["instruction_id"]], dtype="boolean"),
+        }
+    )[list(ASSESSMENT_COLUMNS)]

@@ -30,8 +30,10 @@ from mmdc.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 if TYPE_CHECKING:
     import torch
 
-INSTALL_HINT = ('data.clip_filter needs open_clip_torch (and torchvision): pip install "mmdc[clip]" with a torch '
-                "that has a matching torchvision build, e.g. torch==2.14.1 torchvision==0.29.1 (see the README)")
+INSTALL_HINT = (
+    'data.clip_filter needs open_clip_torch (and torchvision): pip install "mmdc[clip]" with a torch '
+    "that has a matching torchvision build, e.g. torch==2.14.1 torchvision==0.29.1 (see the README)"
+)
 SCORE, ERROR = "clip_score", "clip_error"
 
 
@@ -48,13 +50,16 @@ def check_open_clip(model: str, model_config: str | None = None) -> Any:
     if model_config:
         open_clip.add_model_config(model_config)
     if model not in open_clip.list_models():
-        raise ValueError(f"data.clip_filter.model {model!r} is not an open_clip model "
-                         "(see open_clip.list_models(), or register one with data.clip_filter.model_config)")
+        raise ValueError(
+            f"data.clip_filter.model {model!r} is not an open_clip model "
+            "(see open_clip.list_models(), or register one with data.clip_filter.model_config)"
+        )
     return open_clip
 
 
-def load_open_clip(model: str, pretrained: str | None, model_config: str | None = None,
-                   device: str = "cpu") -> tuple[Any, Any, Any]:
+def load_open_clip(
+    model: str, pretrained: str | None, model_config: str | None = None, device: str = "cpu"
+) -> tuple[Any, Any, Any]:
     """``(model, preprocess, tokenizer)`` from open_clip, in eval mode on ``device``.
 
     ``pretrained`` is an open_clip tag (``openai``, ``laion2b_s34b_b79k``; downloaded by open_clip on
@@ -68,7 +73,7 @@ def load_open_clip(model: str, pretrained: str | None, model_config: str | None 
     return net, preprocess, open_clip.get_tokenizer(model)
 
 
-def cosine_scores(image_features: "torch.Tensor", text_features: "torch.Tensor") -> list[float]:
+def cosine_scores(image_features: torch.Tensor, text_features: torch.Tensor) -> list[float]:
     """Row-wise cosine similarity of paired embeddings (what LAION thresholds), in [-1, 1]."""
     import torch.nn.functional as F
 
@@ -78,8 +83,14 @@ def cosine_scores(image_features: "torch.Tensor", text_features: "torch.Tensor")
 class ClipScorer:
     """Ray Data callable class: adds ``clip_score`` (NaN when unscored) and ``clip_error`` to a pandas batch."""
 
-    def __init__(self, model: str, pretrained: str | None, model_config: str | None = None,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS, use_gpu: bool = False):
+    def __init__(
+        self,
+        model: str,
+        pretrained: str | None,
+        model_config: str | None = None,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        use_gpu: bool = False,
+    ):
         import torch
 
         torch.set_num_threads(1)  # one actor per core; Ray gives each actor its CPUs
@@ -126,18 +137,25 @@ def select_by_score(scored: pd.DataFrame, threshold: float) -> ClipFilterResult:
     ok = scored[~unreadable]
     keep = ok[SCORE] >= threshold
     kept = ok[keep].drop(columns=[SCORE, ERROR]).to_dict("records")
-    skipped = [{"id": r["id"], "image": r["image"], "reason": f"clip_filter: {r[ERROR]}"}
-               for r in scored[unreadable].to_dict("records")]
-    stats: dict[str, float] = {"pairs": len(scored), "kept": len(kept), "below_threshold": int((~keep).sum()),
-                               "unreadable": len(skipped)}
+    skipped = [
+        {"id": r["id"], "image": r["image"], "reason": f"clip_filter: {r[ERROR]}"}
+        for r in scored[unreadable].to_dict("records")
+    ]
+    stats: dict[str, float] = {
+        "pairs": len(scored),
+        "kept": len(kept),
+        "below_threshold": int((~keep).sum()),
+        "unreadable": len(skipped),
+    }
     if len(ok):
         for q in (0.1, 0.5, 0.9):
             stats[f"score_p{int(q * 100)}"] = round(float(ok[SCORE].quantile(q)), 4)
     return ClipFilterResult(kept, skipped, stats)
 
 
-def filter_by_clip_score(pairs: list[dict], cfg: ClipFilterConfig,
-                         max_image_pixels: int = DEFAULT_MAX_PIXELS) -> ClipFilterResult:
+def filter_by_clip_score(
+    pairs: list[dict], cfg: ClipFilterConfig, max_image_pixels: int = DEFAULT_MAX_PIXELS
+) -> ClipFilterResult:
     """Score ``{id, image, caption}`` pairs (absolute image paths) with Ray Data and keep those >= threshold."""
     import pyarrow as pa
     import ray
@@ -151,10 +169,18 @@ def filter_by_clip_score(pairs: list[dict], cfg: ClipFilterConfig,
     frame["_order"] = range(len(frame))
     ds = dataset_from_table(pa.Table.from_pandas(frame, preserve_index=False), 4 * cfg.concurrency).map_batches(
         ClipScorer,
-        fn_constructor_kwargs={"model": cfg.model, "pretrained": cfg.pretrained, "model_config": cfg.model_config,
-                               "max_image_pixels": max_image_pixels, "use_gpu": cfg.num_gpus > 0},
-        batch_size=cfg.batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-        num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+        fn_constructor_kwargs={
+            "model": cfg.model,
+            "pretrained": cfg.pretrained,
+            "model_config": cfg.model_config,
+            "max_image_pixels": max_image_pixels,
+            "use_gpu": cfg.num_gpus > 0,
+        },
+        batch_size=cfg.batch_size,
+        batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
     )
     scored = ds.to_pandas().sort_values("_order").drop(columns="_order").reset_index(drop=True)
     return select_by_score(scored, cfg.threshold)

@@ -19,7 +19,6 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Union
 from urllib.parse import unquote, urlparse
 
 from PIL import Image, UnidentifiedImageError
@@ -27,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 # 8192 x 8192: far above any LLaVA / COCO image, far below what exhausts a worker's memory.
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
-ImageSource = Union[str, os.PathLike, Image.Image]
+ImageSource = str | os.PathLike | Image.Image
 
 
 class ImageError(ValueError):
@@ -147,7 +146,7 @@ def from_data_url(url: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         header, sep, payload = url.partition(",")
         if not sep:
             raise ImageError(source, "malformed data URL: no ',' before the payload")
-        media_type = header[len("data:"):].split(";")[0].strip().lower()
+        media_type = header[len("data:") :].split(";")[0].strip().lower()
         if not media_type.startswith("image/"):
             raise ImageError(source, f"data URL media type {media_type or '(none)'!r} is not an image")
         if ";base64" not in header.lower():

@@ -81,7 +81,9 @@ def record_problem(record: Any) -> str | None:
             return f"conversations[{position}] must be an object with 'from' and 'value'"
         expected = "human" if position % 2 == 0 else "gpt"
         if turn["from"] != expected:
-            return f"conversations[{position}] is from {turn['from']!r}, expected {expected!r} (turns alternate human/gpt)"
+            return (
+                f"conversations[{position}] is from {turn['from']!r}, expected {expected!r} (turns alternate human/gpt)"
+            )
         if not isinstance(turn["value"], str):
             return f"conversations[{position}]['value'] must be a string"
     if IMAGE_TOKEN not in turns[0]["value"]:
@@ -137,13 +139,17 @@ def load_llava_records(path: str | Path, strict: bool = True) -> LoadResult:
         first = result.skipped[0]
         raise LlavaFormatError(path, first["index"], f"no record is in LLaVA format; first problem: {first['reason']}")
     if result.skipped:
-        log.warning("%s: skipped %d of %d records (see LoadResult.skipped)", path, len(result.skipped),
-                    len(result.skipped) + len(result.records))
+        log.warning(
+            "%s: skipped %d of %d records (see LoadResult.skipped)",
+            path,
+            len(result.skipped),
+            len(result.skipped) + len(result.records),
+        )
     return result
 
 
 def image_position(first_value: str) -> str:
-    """"before" when <image> precedes the question text ("<image>\\nQ"), "after" otherwise ("Q\\n<image>")."""
+    """ "before" when <image> precedes the question text ("<image>\\nQ"), "after" otherwise ("Q\\n<image>")."""
     head = first_value.split(IMAGE_TOKEN, 1)[0]
     return "before" if not head.strip() else "after"
 
@@ -191,25 +197,29 @@ def unfold_single_turn(records: list[dict], image_root: str | Path | None = None
                 continue
             key = (record_id, turn, question)
             if key in seen_turn:
-                skipped.append({
-                    "id": record_id,
-                    "turn": turn,
-                    "reason": f"duplicate of source {seen_turn[key]!r} turn {turn} (same id, turn and question)",
-                })
+                skipped.append(
+                    {
+                        "id": record_id,
+                        "turn": turn,
+                        "reason": f"duplicate of source {seen_turn[key]!r} turn {turn} (same id, turn and question)",
+                    }
+                )
                 continue
             seen_turn[key] = source_id
-            rows.append({
-                "instruction_id": seed_instruction_id(source_id, turn),
-                "image_id": image_id,
-                "image": image,
-                "question": question,
-                "origin": "seed",
-                "parent_id": None,
-                "iteration": 0,
-                "turn": turn,
-                "image_position": image_position(human_values[0]) if turn == 0 else "none",
-                "source_id": source_id,
-            })
+            rows.append(
+                {
+                    "instruction_id": seed_instruction_id(source_id, turn),
+                    "image_id": image_id,
+                    "image": image,
+                    "question": question,
+                    "origin": "seed",
+                    "parent_id": None,
+                    "iteration": 0,
+                    "turn": turn,
+                    "image_position": image_position(human_values[0]) if turn == 0 else "none",
+                    "source_id": source_id,
+                }
+            )
     renamed = sum(len(lists) - 1 for lists in questions_by_id.values())
     if renamed:
         log.info("%d record(s) reuse an earlier record's id; their source ids carry a #k suffix", renamed)

@@ -83,8 +83,16 @@ NOUN_CHUNK_COMPONENTS: frozenset[str] = frozenset(
 )
 # Excluded at load time (never even deserialised); anything else not needed is disabled after.
 _EXCLUDE_AT_LOAD: tuple[str, ...] = (
-    "ner", "lemmatizer", "senter", "textcat", "textcat_multilabel",
-    "entity_ruler", "entity_linker", "spancat", "span_ruler", "trainable_lemmatizer",
+    "ner",
+    "lemmatizer",
+    "senter",
+    "textcat",
+    "textcat_multilabel",
+    "entity_ruler",
+    "entity_linker",
+    "spancat",
+    "span_ruler",
+    "trainable_lemmatizer",
 )
 _LEADING_DETERMINER_TAGS: frozenset[str] = frozenset({"DT", "PDT", "PRP$", "WDT", "WP$"})
 _QUOTE_TAGS: frozenset[str] = frozenset({"``", "''", '"'})
@@ -95,7 +103,7 @@ class SpacyPipelineMissing(OSError):
     """The configured spaCy pipeline is neither an installed package nor a pipeline directory."""
 
 
-def load_pipeline(name: str) -> "spacy.Language":
+def load_pipeline(name: str) -> spacy.Language:
     """Load spaCy pipeline ``name`` (package name or directory) with only what noun chunks need.
 
     NER, lemmatizer, sentence recogniser etc. are excluded: on captions they
@@ -125,7 +133,7 @@ def load_pipeline(name: str) -> "spacy.Language":
     return nlp
 
 
-def normalise_chunk(chunk: "Span") -> str | None:
+def normalise_chunk(chunk: Span) -> str | None:
     """Normalised text of one noun chunk, or None if nothing concept-like is left (see module doc)."""
     if chunk.root.pos_ == "PRON":
         return None
@@ -157,7 +165,7 @@ def _checked_captions(captions: Iterable[str]) -> Iterator[str]:
         yield caption
 
 
-def _doc_phrases(doc: "spacy.tokens.Doc") -> list[str]:
+def _doc_phrases(doc: spacy.tokens.Doc) -> list[str]:
     phrases: dict[str, None] = {}  # ordered set: first appearance wins
     for chunk in doc.noun_chunks:
         phrase = normalise_chunk(chunk)
@@ -178,11 +186,11 @@ def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 # Worker state of the n_process > 1 pool: set once per worker process by _init_worker.
-_WORKER_NLP: "spacy.Language | None" = None
+_WORKER_NLP: spacy.Language | None = None
 _WORKER_BATCH = 256
 
 
-def _init_worker(nlp: "spacy.Language", batch_size: int) -> None:
+def _init_worker(nlp: spacy.Language, batch_size: int) -> None:
     global _WORKER_NLP, _WORKER_BATCH
     _WORKER_NLP, _WORKER_BATCH = nlp, batch_size
 
@@ -194,7 +202,7 @@ def _extract_chunk(captions: list[str]) -> list[list[str]]:
 
 def extract_noun_phrases(
     captions: Iterable[str],
-    nlp: "spacy.Language",
+    nlp: spacy.Language,
     n_process: int = 1,
     batch_size: int = 256,
 ) -> list[list[str]]:
@@ -232,7 +240,7 @@ def extract_noun_phrases(
 
 
 def _phrase_rng(seed: int, phrase: str) -> random.Random:
-    digest = hashlib.sha1(f"{seed}:{phrase}".encode("utf-8")).digest()
+    digest = hashlib.sha1(f"{seed}:{phrase}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
@@ -312,7 +320,9 @@ def filter_caption_pairs(
         if missing:
             raise KeyError(f"caption pair {index} (id {pair.get('id')!r}) lacks key(s) {missing}")
         if not isinstance(pair["caption"], str):
-            raise TypeError(f"caption pair {index} (id {pair['id']!r}): caption is {type(pair['caption']).__name__}, expected str")
+            raise TypeError(
+                f"caption pair {index} (id {pair['id']!r}): caption is {type(pair['caption']).__name__}, expected str"
+            )
 
     nlp = load_pipeline(nlp_name)
     t0 = time.perf_counter()

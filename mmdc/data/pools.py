@@ -10,10 +10,9 @@ every row (the ``counts`` dict says what moved where).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd

@@ -25,8 +25,9 @@ class SeedPool:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-def prepare_seed_pool(instructions: str, image_root: str | None, *, max_instructions: int | None,
-                      max_image_pixels: int) -> SeedPool:
+def prepare_seed_pool(
+    instructions: str, image_root: str | None, *, max_instructions: int | None, max_image_pixels: int
+) -> SeedPool:
     """Load ``instructions``, unfold them, drop the rows whose image does not load, keep the first ``max_instructions``
     by instruction id. The table may be empty (everything skipped): the caller records the skips, then stops."""
     loaded = load_llava_records(instructions, strict=False)
@@ -42,12 +43,18 @@ def prepare_seed_pool(instructions: str, image_root: str | None, *, max_instruct
             bad[image] = str(err)
     if bad:
         dropped = frame[frame["image"].isin(bad)]
-        skipped += [{"stage": "image", "instruction_id": row.instruction_id, "image": row.image,
-                     "reason": bad[row.image]} for row in dropped.itertuples()]
+        skipped += [
+            {"stage": "image", "instruction_id": row.instruction_id, "image": row.image, "reason": bad[row.image]}
+            for row in dropped.itertuples()
+        ]
         frame = frame[~frame["image"].isin(bad)]
     frame = frame.sort_values("instruction_id", kind="stable")
     if max_instructions is not None:
         frame = frame.head(max_instructions)
-    stats = {"rows": len(frame), "images": int(frame["image_id"].nunique()), "skipped_images": len(bad),
-             "skipped_rows": len(loaded.skipped) + len(unfold_skips)}
+    stats = {
+        "rows": len(frame),
+        "images": int(frame["image_id"].nunique()),
+        "skipped_images": len(bad),
+        "skipped_rows": len(loaded.skipped) + len(unfold_skips),
+    }
     return SeedPool(pool_from_frame(frame, "D_sin"), skipped, stats)

@@ -13,7 +13,8 @@ a resumed run finds the rows it already processed.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -58,7 +59,7 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 def seed_instruction_id(source_id: str, turn: int) -> str:
     """Id of a seed question: sha1 hex[:16] of "<source_id>:<turn>" (stable across runs and machines)."""
-    return hashlib.sha1(f"{source_id}:{turn}".encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha1(f"{source_id}:{turn}".encode()).hexdigest()[:16]
 
 
 def generated_instruction_id(parent_id: str, iteration: int, attempt: int) -> str:
@@ -67,7 +68,7 @@ def generated_instruction_id(parent_id: str, iteration: int, attempt: int) -> st
     ``attempt`` counts retries for the same parent in the same iteration, so a
     rejected first try and an accepted second try never share an id.
     """
-    return hashlib.sha1(f"{parent_id}:gen:{iteration}:{attempt}".encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha1(f"{parent_id}:gen:{iteration}:{attempt}".encode()).hexdigest()[:16]
 
 
 def _check_columns(kind: str, index: int, row: Any, schema: pa.Schema) -> None:
@@ -111,10 +112,14 @@ def _check_row(index: int, row: Any) -> None:
         if parent is not None:
             raise ValueError(f"pool row {index}, column 'parent_id': a seed row has no parent, got {parent!r}")
         if int(row["iteration"]) != 0:
-            raise ValueError(f"pool row {index}, column 'iteration': a seed row has iteration 0, got {row['iteration']}")
+            raise ValueError(
+                f"pool row {index}, column 'iteration': a seed row has iteration 0, got {row['iteration']}"
+            )
     else:
         if not isinstance(parent, str) or not parent:
-            raise ValueError(f"pool row {index}, column 'parent_id': a generated row needs its parent's id, got {parent!r}")
+            raise ValueError(
+                f"pool row {index}, column 'parent_id': a generated row needs its parent's id, got {parent!r}"
+            )
         if int(row["turn"]) != -1:
             raise ValueError(f"pool row {index}, column 'turn': a generated row has turn -1, got {row['turn']}")
 

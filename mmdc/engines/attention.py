@@ -36,11 +36,14 @@ def resolve_attention(requested: Attention, device: str) -> str:
         requested = XFORMERS if device.startswith("cuda") and xformers_available() else "sdpa"
     elif requested == XFORMERS:
         if not xformers_available():
-            raise RuntimeError('engine attention "xformers" needs xformers: pip install "mmdc[gpu]" '
-                               '(or set attention: sdpa)')
+            raise RuntimeError(
+                'engine attention "xformers" needs xformers: pip install "mmdc[gpu]" (or set attention: sdpa)'
+            )
         if not device.startswith("cuda"):
-            raise RuntimeError(f'engine attention "xformers" needs a CUDA device, the model is on {device!r} '
-                               '(set attention: sdpa or auto)')
+            raise RuntimeError(
+                f'engine attention "xformers" needs a CUDA device, the model is on {device!r} '
+                "(set attention: sdpa or auto)"
+            )
     if requested == XFORMERS:
         register_xformers()
     return requested
@@ -71,10 +74,17 @@ def _additive_bias(mask: torch.Tensor, shape: tuple[int, int, int, int], dtype: 
     return bias
 
 
-def xformers_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                               value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
-                               scaling: float | None = None, is_causal: bool | None = None,
-                               **kwargs) -> tuple[torch.Tensor, None]:
+def xformers_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """transformers attention function over ``xformers.ops.memory_efficient_attention``."""
     from xformers import ops as xops
 
@@ -95,6 +105,7 @@ def xformers_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         bias = xops.LowerTriangularMask()
     else:
         bias = None
-    out = xops.memory_efficient_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                          attn_bias=bias, p=dropout, scale=scaling)
+    out = xops.memory_efficient_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_bias=bias, p=dropout, scale=scaling
+    )
     return out, None

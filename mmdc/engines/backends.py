@@ -64,9 +64,14 @@ def build_engine_app(engine: EngineConfig, model_path: str) -> serve.Application
 def make_client(engine: EngineConfig, app_name: str, deployment: str, timeout_s: float) -> EngineClient:
     """The client a Ray Data processor uses to reach ``engine`` (see the table in the module doc)."""
     if engine.backend == "openai":
-        return OpenAIChatClient.from_env(engine.base_url or "", engine.model_name or "",
-                                         timeout_s, engine.api_key_env, max_concurrency=engine.max_concurrency,
-                                         requests_per_s=engine.requests_per_s)
+        return OpenAIChatClient.from_env(
+            engine.base_url or "",
+            engine.model_name or "",
+            timeout_s,
+            engine.api_key_env,
+            max_concurrency=engine.max_concurrency,
+            requests_per_s=engine.requests_per_s,
+        )
     handle = serve.get_deployment_handle(deployment, app_name=app_name)
     if engine.request_mode == "row":
         return ServeRowClient(handle, timeout_s)

@@ -92,21 +92,29 @@ class HFGenerator:
     the Serve path, and the engine deployment below wraps it.
     """
 
-    def __init__(self, model_path: str, dtype: str = "float32", device: str | None = None, max_batch_size: int = 16,
-                 attention: str = "auto"):
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "float32",
+        device: str | None = None,
+        max_batch_size: int = 16,
+        attention: str = "auto",
+    ):
         import torch
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         from mmdc.engines.attention import resolve_attention
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                       "auto": "auto"}[dtype]
+        torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}[
+            dtype
+        ]
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.processor.tokenizer.padding_side = "left"  # decoder-only batched generation
         self.attention = resolve_attention(attention, self.device)  # SDPA; xformers on CUDA when installed
-        self.model = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=torch_dtype,
-                                                                   attn_implementation=self.attention)
+        self.model = LlavaForConditionalGeneration.from_pretrained(
+            model_path, dtype=torch_dtype, attn_implementation=self.attention
+        )
         self.model.to(self.device).eval()
         self.max_batch_size = max_batch_size
         self.model_path = model_path
@@ -136,22 +144,27 @@ class HFGenerator:
                 for start in range(0, len(group), self.max_batch_size):
                     chunk = group[start : start + self.max_batch_size]
                     with self._lock:  # decoding images and templating above may overlap another batch
-                        outs = (self._score_chunk(chunk) if scoring
-                                else self._generate_chunk(chunk, [requests[p[0]] for p in chunk]))
+                        outs = (
+                            self._score_chunk(chunk)
+                            if scoring
+                            else self._generate_chunk(chunk, [requests[p[0]] for p in chunk])
+                        )
                     for p, out in zip(chunk, outs):
                         results[p[0]] = out
         return results  # type: ignore[return-value]
 
     def _reply_suffix(self, msgs: list[dict], prompt: str, reply: str) -> str:
-        """The text the chat template adds after the generation prompt for an assistant ``reply`` (its stop token too)."""
+        """The text the chat template adds after the generation prompt for an assistant ``reply`` (and stop token)."""
         if not isinstance(reply, str):
             raise ValueError(f"score_reply must be text, got {type(reply).__name__}")
         turn = {"role": "assistant", "content": [{"type": "text", "text": reply}]}
         full = self.processor.apply_chat_template(msgs + [turn], add_generation_prompt=False, tokenize=False)
         if not full.startswith(prompt):
-            raise ValueError("the chat template does not render the reply turn after its generation prompt; "
-                             "score_reply needs a template that does")
-        return full[len(prompt):]
+            raise ValueError(
+                "the chat template does not render the reply turn after its generation prompt; "
+                "score_reply needs a template that does"
+            )
+        return full[len(prompt) :]
 
     def _score_chunk(self, chunk) -> list[dict]:
         """Sum of log-probabilities of each row's reply tokens given its prompt (right-padded, one forward pass)."""
@@ -183,8 +196,16 @@ class HFGenerator:
             logp = torch.log_softmax(logits[r, start - 1 : start + n - 1].float(), dim=-1)  # predicts the reply
             target = input_ids[r, start : start + n].to(logp.device)
             total = float(logp.gather(-1, target.unsqueeze(-1)).sum()) if n else 0.0
-            results.append({"text": "", "logprob": total, "scored_tokens": n, "prompt_tokens": start,
-                            "completion_tokens": 0, "finish_reason": "score"})
+            results.append(
+                {
+                    "text": "",
+                    "logprob": total,
+                    "scored_tokens": n,
+                    "prompt_tokens": start,
+                    "completion_tokens": 0,
+                    "finish_reason": "score",
+                }
+            )
         return results
 
     def _generate_chunk(self, chunk, reqs) -> list[dict]:
@@ -221,12 +242,14 @@ class HFGenerator:
                 finish = "stop"
             ids = ids[:limit]
             ids = [t for t in ids if t != tok.pad_token_id]
-            results.append({
-                "text": tok.decode(ids, skip_special_tokens=True).strip(),
-                "prompt_tokens": int(inputs["attention_mask"][row].sum()),
-                "completion_tokens": len(ids),
-                "finish_reason": finish,
-            })
+            results.append(
+                {
+                    "text": tok.decode(ids, skip_special_tokens=True).strip(),
+                    "prompt_tokens": int(inputs["attention_mask"][row].sum()),
+                    "completion_tokens": len(ids),
+                    "finish_reason": finish,
+                }
+            )
         return results
 
 
@@ -234,8 +257,15 @@ class HFGenerator:
 class HFEngine:
     """Serve deployment over ``HFGenerator``: a whole batch per call, or one row per call batched by Serve."""
 
-    def __init__(self, model_path: str, dtype: str, max_batch_size: int, num_threads: int,
-                 batch_wait_timeout_s: float = 0.05, attention: str = "auto"):
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str,
+        max_batch_size: int,
+        num_threads: int,
+        batch_wait_timeout_s: float = 0.05,
+        attention: str = "auto",
+    ):
         import torch
 
         torch.set_num_threads(max(1, num_threads))
@@ -277,8 +307,9 @@ class HFEngine:
         from mmdc.engines.openai import chat_completion_payload, request_from_chat_body
 
         if http_request.method != "POST" or not http_request.url.path.rstrip("/").endswith("/chat/completions"):
-            return JSONResponse({"error": {"message": "this endpoint serves POST .../chat/completions only"}},
-                                status_code=404)
+            return JSONResponse(
+                {"error": {"message": "this endpoint serves POST .../chat/completions only"}}, status_code=404
+            )
         try:
             body = await http_request.json()
             request = request_from_chat_body(body)
@@ -288,8 +319,9 @@ class HFEngine:
             out = await self.generate(request)  # @serve.batch: concurrent HTTP requests share a forward pass
         except ValueError as err:  # e.g. an image data URL that does not decode
             return JSONResponse({"error": {"message": str(err)}}, status_code=400)
-        return JSONResponse(chat_completion_payload(out, body.get("model") or self.model_path,
-                                                    f"chatcmpl-{uuid.uuid4().hex}"))
+        return JSONResponse(
+            chat_completion_payload(out, body.get("model") or self.model_path, f"chatcmpl-{uuid.uuid4().hex}")
+        )
 
     def info(self) -> dict:
         """What this replica serves, and which actor it is (tests and operators kill or inspect it by name)."""
@@ -298,8 +330,13 @@ class HFEngine:
         from mmdc.data.answers import model_fingerprint
 
         ctx = ray.get_runtime_context()
-        return {"model_path": self.model_path, "fingerprint": model_fingerprint(self.model_path),
-                "actor_name": ctx.get_actor_name(), "actor_id": ctx.get_actor_id(), "answered": self.answered}
+        return {
+            "model_path": self.model_path,
+            "fingerprint": model_fingerprint(self.model_path),
+            "actor_name": ctx.get_actor_name(),
+            "actor_id": ctx.get_actor_id(),
+            "answered": self.answered,
+        }
 
 
 def build_hf_app(engine: EngineConfig, model_path: str, name: str) -> serve.Application:
@@ -316,8 +353,11 @@ def build_hf_app(engine: EngineConfig, model_path: str, name: str) -> serve.Appl
     one runs: max_ongoing_requests is twice the batch size there.
     """
     threads = max(1, int(engine.num_cpus))
-    actor_options = {"num_cpus": engine.num_cpus, "num_gpus": engine.num_gpus,
-                     "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}}
+    actor_options = {
+        "num_cpus": engine.num_cpus,
+        "num_gpus": engine.num_gpus,
+        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+    }
     ongoing = 2 * engine.max_batch_size if engine.request_mode == "row" else 1
     return HFEngine.options(
         name=name,

@@ -34,9 +34,14 @@ def chat_body(request: dict, model: str) -> dict:
     """Our request -> an OpenAI chat-completions body (non-streaming, one choice)."""
     if "score_reply" in request:  # config.validate keeps likelihood scoring on hf; this keeps it from being ignored
         raise ValueError("score_reply (likelihood scoring) is served by the hf backend only, not by chat completions")
-    body = {"model": model, "messages": request["messages"], "n": 1, "stream": False,
-            "temperature": float(request.get("temperature", 0.0)),
-            "max_tokens": int(request.get("max_new_tokens", 64))}
+    body = {
+        "model": model,
+        "messages": request["messages"],
+        "n": 1,
+        "stream": False,
+        "temperature": float(request.get("temperature", 0.0)),
+        "max_tokens": int(request.get("max_new_tokens", 64)),
+    }
     if request.get("seed") is not None:
         body["seed"] = int(request["seed"]) % 2**63  # OpenAI and vLLM take a signed 64-bit seed
     return body
@@ -49,10 +54,12 @@ def parse_chat_completion(payload: dict) -> dict:
         raise ValueError(f"chat completion without choices: {json.dumps(payload)[:300]}")
     choice = choices[0]
     usage = payload.get("usage") or {}
-    return {"text": ((choice.get("message") or {}).get("content") or "").strip(),
-            "prompt_tokens": int(usage.get("prompt_tokens") or 0),
-            "completion_tokens": int(usage.get("completion_tokens") or 0),
-            "finish_reason": choice.get("finish_reason") or "stop"}
+    return {
+        "text": ((choice.get("message") or {}).get("content") or "").strip(),
+        "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+        "completion_tokens": int(usage.get("completion_tokens") or 0),
+        "finish_reason": choice.get("finish_reason") or "stop",
+    }
 
 
 def request_from_chat_body(body: dict) -> dict:
@@ -68,8 +75,11 @@ def request_from_chat_body(body: dict) -> dict:
     if int(body.get("n") or 1) != 1:
         raise ValueError("'n' must be 1")
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 64))
-    request = {"messages": messages, "temperature": float(body.get("temperature") or 0.0),
-               "max_new_tokens": int(max_tokens)}
+    request = {
+        "messages": messages,
+        "temperature": float(body.get("temperature") or 0.0),
+        "max_new_tokens": int(max_tokens),
+    }
     if body.get("seed") is not None:
         request["seed"] = int(body["seed"])
     return request
@@ -78,17 +88,31 @@ def request_from_chat_body(body: dict) -> dict:
 def chat_completion_payload(response: dict, model: str, request_id: str) -> dict:
     """Our response -> an OpenAI chat-completions reply: the inverse of ``parse_chat_completion``."""
     prompt, completion = int(response.get("prompt_tokens") or 0), int(response.get("completion_tokens") or 0)
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": response["text"]},
-                         "finish_reason": response.get("finish_reason") or "stop"}],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": response["text"]},
+                "finish_reason": response.get("finish_reason") or "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+    }
 
 
 class RateLimiter:
     """At most ``per_s`` starts per second, spaced evenly, shared by the threads of one client."""
 
-    def __init__(self, per_s: float | None, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Any] = time.sleep):
+    def __init__(
+        self,
+        per_s: float | None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Any] = time.sleep,
+    ):
         self.interval = 1.0 / per_s if per_s else 0.0
         self.clock, self.sleep = clock, sleep
         self._next = 0.0
@@ -109,8 +133,15 @@ class RateLimiter:
 class OpenAIChatClient:
     """POSTs one chat-completions request per row, up to ``max_concurrency`` at a time."""
 
-    def __init__(self, base_url: str, model: str, timeout_s: float, api_key: str | None = None,
-                 max_concurrency: int = 8, requests_per_s: float | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        timeout_s: float,
+        api_key: str | None = None,
+        max_concurrency: int = 8,
+        requests_per_s: float | None = None,
+    ):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.timeout_s, self.api_key = model, timeout_s, api_key
         self.limiter = RateLimiter(requests_per_s)

@@ -52,8 +52,16 @@ class RoleProcessor:
 
     role: roles.Role
 
-    def __init__(self, app_name: str, deployment: str, sampling: dict, run_seed: int,
-                 image_root: str | None = None, timeout_s: float = 600.0, engine: dict | None = None):
+    def __init__(
+        self,
+        app_name: str,
+        deployment: str,
+        sampling: dict,
+        run_seed: int,
+        image_root: str | None = None,
+        timeout_s: float = 600.0,
+        engine: dict | None = None,
+    ):
         engine_cfg = EngineConfig(**(engine or {}))  # absent: the default hf engine, one request per batch
         self.client = make_client(engine_cfg, app_name, deployment, timeout_s)
         self.retry = retry_policy(engine_cfg)
@@ -71,9 +79,12 @@ class RoleProcessor:
         return self._urls[path]
 
     def request(self, messages: list[dict], instruction_id: str, attempt: int = 0) -> dict:
-        return {"messages": messages, "temperature": self.sampling.temperature,
-                "max_new_tokens": self.sampling.max_new_tokens,
-                "seed": roles.row_seed(self.run_seed, self.role.value, instruction_id, attempt)}
+        return {
+            "messages": messages,
+            "temperature": self.sampling.temperature,
+            "max_new_tokens": self.sampling.max_new_tokens,
+            "seed": roles.row_seed(self.run_seed, self.role.value, instruction_id, attempt),
+        }
 
     def call(self, requests: list[dict], ids: list[str]) -> list[dict]:
         """One reply per request, in order; transient failures retried; errors name the role and rows."""
@@ -91,8 +102,10 @@ class _AnswerProcessor(RoleProcessor):
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         ids = batch["instruction_id"].tolist()
-        reqs = [self.request(self.messages(q, self.url(img)), i)
-                for q, img, i in zip(batch["question"], batch["image"], ids)]
+        reqs = [
+            self.request(self.messages(q, self.url(img)), i)
+            for q, img, i in zip(batch["question"], batch["image"], ids)
+        ]
         outs = self.call(reqs, ids)
         batch = batch.copy()
         batch[f"{self.role.value}_answer"] = [o["text"] for o in outs]
@@ -141,7 +154,11 @@ class RefereeProcessor(RoleProcessor):
             return self._by_likelihood(batch)
         n = len(batch)
         ids = batch["instruction_id"].tolist()
-        questions, teach, stud = batch["question"].tolist(), batch["teacher_answer"].tolist(), batch["student_answer"].tolist()
+        questions, teach, stud = (
+            batch["question"].tolist(),
+            batch["teacher_answer"].tolist(),
+            batch["student_answer"].tolist(),
+        )
         urls = [self.url(p) for p in batch["image"]]
         all_replies: list[list[str]] = [[] for _ in range(n)]
         final = {"A": [""] * n, "B": [""] * n}
@@ -174,8 +191,9 @@ class RefereeProcessor(RoleProcessor):
     def _by_likelihood(self, batch: pd.DataFrame) -> pd.DataFrame:
         ids = batch["instruction_id"].tolist()
         reqs, req_ids = [], []
-        for iid, q, img, t, s in zip(ids, batch["question"], batch["image"], batch["teacher_answer"],
-                                     batch["student_answer"]):
+        for iid, q, img, t, s in zip(
+            ids, batch["question"], batch["image"], batch["teacher_answer"], batch["student_answer"]
+        ):
             messages = roles.teacher_messages(q, self.url(img))
             for who, answer in (("teacher", t), ("student", s)):
                 reqs.append({"messages": messages, "score_reply": answer})
@@ -186,8 +204,9 @@ class RefereeProcessor(RoleProcessor):
         batch = batch.copy()
         batch["reply_teacher_first"] = [likelihood_reply(t, s) for t, s in zip(teacher, student)]
         batch["reply_student_first"] = [likelihood_reply(s, t) for t, s in zip(teacher, student)]
-        batch["referee_replies"] = [[f"[A0] {a}", f"[B0] {b}"] for a, b in
-                                    zip(batch["reply_teacher_first"], batch["reply_student_first"])]
+        batch["referee_replies"] = [
+            [f"[A0] {a}", f"[B0] {b}"] for a, b in zip(batch["reply_teacher_first"], batch["reply_student_first"])
+        ]
         return batch
 
 
@@ -275,8 +294,13 @@ def run_processor(batch: pd.DataFrame, cls: type, kwargs: dict[str, Any], scope:
     return out
 
 
-def run_processors(table: pa.Table, processors: list[ProcessorSpec], out_dir: str | Path, cfg: PipelineConfig,
-                   id_column: str = "instruction_id") -> pa.Table:
+def run_processors(
+    table: pa.Table,
+    processors: list[ProcessorSpec],
+    out_dir: str | Path,
+    cfg: PipelineConfig,
+    id_column: str = "instruction_id",
+) -> pa.Table:
     """Run ``table`` through ``processors`` with Ray Data and write the result as Parquet into ``out_dir``.
 
     The output is written into ``<out_dir>.tmp`` and renamed into place only when complete, so a
@@ -297,10 +321,15 @@ def run_processors(table: pa.Table, processors: list[ProcessorSpec], out_dir: st
     else:
         ds = dataset_from_table(table, cfg.concurrency * cfg.blocks_per_client)
         for spec in processors:
-            ds = ds.map_batches(run_processor, fn_kwargs={"cls": spec.cls, "kwargs": spec.kwargs, "scope": spec.scope},
-                                batch_size=cfg.batch_size, batch_format="pandas",
-                                compute=ray.data.TaskPoolStrategy(size=cfg.concurrency), num_cpus=0,
-                                runtime_env={"env_vars": {"MMDC_PROCESSOR_SCOPE": spec.scope}})
+            ds = ds.map_batches(
+                run_processor,
+                fn_kwargs={"cls": spec.cls, "kwargs": spec.kwargs, "scope": spec.scope},
+                batch_size=cfg.batch_size,
+                batch_format="pandas",
+                compute=ray.data.TaskPoolStrategy(size=cfg.concurrency),
+                num_cpus=0,
+                runtime_env={"env_vars": {"MMDC_PROCESSOR_SCOPE": spec.scope}},
+            )
         write_blocks(ds, tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)

@@ -47,8 +47,10 @@ class EngineError(RuntimeError):
 
     def __init__(self, role: str, ids: Sequence[str], cause: BaseException | str, attempts: int):
         self.role, self.ids, self.attempts = role, list(ids), attempts
-        super().__init__(f"{role} engine failed on {len(self.ids)} row(s) [{_id_list(self.ids)}] "
-                         f"after {attempts} attempt(s): {_describe(cause)}")
+        super().__init__(
+            f"{role} engine failed on {len(self.ids)} row(s) [{_id_list(self.ids)}] "
+            f"after {attempts} attempt(s): {_describe(cause)}"
+        )
 
 
 class EngineHTTPError(Exception):
@@ -73,10 +75,17 @@ def is_retryable(err: BaseException) -> bool:
     if isinstance(err, rex.RayTaskError):  # an error raised inside the replica: judge its cause
         cause = getattr(err, "cause", None)
         return cause is not None and cause is not err and is_retryable(cause)
-    transient = (TimeoutError, ConnectionError,  # incl. Ray's GetTimeoutError, socket timeouts, refused/reset
-                 rex.RayActorError,  # ActorDiedError, ActorUnavailableError: the replica died or is restarting
-                 rex.WorkerCrashedError, rex.NodeDiedError, rex.ObjectLostError, rex.TaskCancelledError,
-                 sex.BackPressureError, sex.ReplicaUnavailableError)
+    transient = (
+        TimeoutError,
+        ConnectionError,  # incl. Ray's GetTimeoutError, socket timeouts, refused/reset
+        rex.RayActorError,  # ActorDiedError, ActorUnavailableError: the replica died or is restarting
+        rex.WorkerCrashedError,
+        rex.NodeDiedError,
+        rex.ObjectLostError,
+        rex.TaskCancelledError,
+        sex.BackPressureError,
+        sex.ReplicaUnavailableError,
+    )
     if isinstance(err, transient):
         return True
     import urllib.error
@@ -97,9 +106,14 @@ class RetryPolicy:
         return max(min(self.max_backoff_s, self.backoff_s * 2**retry), hint_s or 0.0)
 
 
-def call_with_retries(client: EngineClient, requests: list[dict], ids: Sequence[str], role: str,
-                      policy: RetryPolicy = RetryPolicy(),
-                      sleep: Callable[[float], Any] = time.sleep) -> list[dict]:
+def call_with_retries(
+    client: EngineClient,
+    requests: list[dict],
+    ids: Sequence[str],
+    role: str,
+    policy: RetryPolicy = RetryPolicy(),
+    sleep: Callable[[float], Any] = time.sleep,
+) -> list[dict]:
     """One response per request, in order, retrying transient failures row by row (see module doc)."""
     if len(ids) != len(requests):
         raise ValueError(f"{len(requests)} requests but {len(ids)} row ids")
@@ -112,8 +126,12 @@ def call_with_retries(client: EngineClient, requests: list[dict], ids: Sequence[
         except Exception as err:  # noqa: BLE001 - a client that raises fails every row it was given
             outs = [err] * len(pending)
         if len(outs) != len(pending):
-            raise EngineError(role, [ids[i] for i in pending],
-                              f"the engine returned {len(outs)} replies for {len(pending)} requests", attempt + 1)
+            raise EngineError(
+                role,
+                [ids[i] for i in pending],
+                f"the engine returned {len(outs)} replies for {len(pending)} requests",
+                attempt + 1,
+            )
         failed: list[tuple[int, BaseException]] = []
         for i, out in zip(pending, outs):
             if isinstance(out, BaseException):
@@ -143,16 +161,30 @@ def _retry_after(err: BaseException) -> float | None:
     return err.retry_after_s if isinstance(err, EngineHTTPError) else None
 
 
-def _log_failures(role: str, ids: Sequence[str], failed: list[tuple[int, BaseException]], attempt: int,
-                  policy: RetryPolicy, delay: float | None) -> None:
+def _log_failures(
+    role: str,
+    ids: Sequence[str],
+    failed: list[tuple[int, BaseException]],
+    attempt: int,
+    policy: RetryPolicy,
+    delay: float | None,
+) -> None:
     """One log line per distinct error: role, attempt, every affected row id, and what happens next."""
     groups: dict[str, list[str]] = {}
     for i, err in failed:
         groups.setdefault(_describe(err), []).append(ids[i])
     then = f"retrying in {delay:.1f}s" if delay is not None else "giving up"
     for what, rows in groups.items():
-        log.warning("%s engine error on %d row(s) [%s] (attempt %d of %d, %s): %s", role, len(rows),
-                    _id_list(rows, limit=64), attempt + 1, policy.max_retries + 1, then, what)
+        log.warning(
+            "%s engine error on %d row(s) [%s] (attempt %d of %d, %s): %s",
+            role,
+            len(rows),
+            _id_list(rows, limit=64),
+            attempt + 1,
+            policy.max_retries + 1,
+            then,
+            what,
+        )
 
 
 def _describe(err: BaseException | str) -> str:

@@ -31,9 +31,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from mmdc.config import EngineConfig
 from mmdc.engines.openai import chat_body, parse_chat_completion
 from mmdc.engines.protocol import EngineHTTPError
-from mmdc.config import EngineConfig
 
 INSTALL_HINT = 'the vllm engine backend needs vLLM and ray[llm]: pip install "mmdc[gpu]" on a CUDA machine'
 
@@ -104,6 +104,11 @@ def build_vllm_app(engine: EngineConfig, model_path: str, name: str):
 
     llm_config = LLMConfig(**vllm_llm_config(engine, model_path))
     llm = build_llm_deployment(llm_config, name_prefix=f"{name}-vllm:")
-    ingress = serve.deployment(VLLMChat, name=name, num_replicas=engine.replicas, ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=8 * engine.max_batch_size * engine.replicas)
+    ingress = serve.deployment(
+        VLLMChat,
+        name=name,
+        num_replicas=engine.replicas,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=8 * engine.max_batch_size * engine.replicas,
+    )
     return ingress.bind(llm, llm_config.model_id)

@@ -31,8 +31,8 @@ import os
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from mmdc.eval import harness, report
 from mmdc.eval.harness import (  # noqa: F401 - re-exported: the CLI's public names
@@ -70,8 +70,13 @@ class OpenAIChatGenerator:
             headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
         out = []
         for req in requests:
-            body = {"model": self.model, "messages": req["messages"], "temperature": req.get("temperature", 0.0),
-                    "max_tokens": req.get("max_new_tokens", JUDGE_MAX_NEW_TOKENS), "seed": req.get("seed")}
+            body = {
+                "model": self.model,
+                "messages": req["messages"],
+                "temperature": req.get("temperature", 0.0),
+                "max_tokens": req.get("max_new_tokens", JUDGE_MAX_NEW_TOKENS),
+                "seed": req.get("seed"),
+            }
             http = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
             with urllib.request.urlopen(http, timeout=self.timeout_s) as resp:
                 reply = json.loads(resp.read())
@@ -98,8 +103,9 @@ def load_task(args: argparse.Namespace) -> harness.Task:
 def _open_generator(path: str, args: argparse.Namespace) -> Generator:
     from mmdc.engines.hf import HFGenerator
 
-    return HFGenerator(path, dtype=args.dtype, device=args.device, max_batch_size=args.batch_size,
-                       attention=args.attention)
+    return HFGenerator(
+        path, dtype=args.dtype, device=args.device, max_batch_size=args.batch_size, attention=args.attention
+    )
 
 
 def run(args: argparse.Namespace, generator: Generator | None = None, judge: Generator | None = None) -> dict:
@@ -119,10 +125,23 @@ def run(args: argparse.Namespace, generator: Generator | None = None, judge: Gen
         else:
             judge, judge_name = _open_generator(args.judge_checkpoint, args), args.judge_checkpoint
     metrics, samples, meta = harness.run_task(
-        task, generator, base_seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens, judge=judge, role=args.role)
-    meta = {"checkpoint": args.checkpoint, "model_name": Path(str(args.checkpoint)).name, **meta, "limit": args.limit,
-            "judge": judge_name, "elapsed_s": round(time.monotonic() - started, 2)}
+        task,
+        generator,
+        base_seed=args.seed,
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        judge=judge,
+        role=args.role,
+    )
+    meta = {
+        "checkpoint": args.checkpoint,
+        "model_name": Path(str(args.checkpoint)).name,
+        **meta,
+        "limit": args.limit,
+        "judge": judge_name,
+        "elapsed_s": round(time.monotonic() - started, 2),
+    }
     paths = report.write_results(args.out, benchmark, metrics, samples, meta, task.decimals)
     return report.read_results(paths["results"])
 
@@ -131,9 +150,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mmdc.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="HF LLaVA checkpoint folder of the model under test")
     p.add_argument("--benchmark", required=True, choices=BENCHMARKS)
-    p.add_argument("--data", required=True,
-                   help="scienceqa: LLaVA's converted JSON; seed: SEED-Bench.json; llavabench: questions JSONL; "
-                        "world, world_mc: a generate_world folder (its held-out test split)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="scienceqa: LLaVA's converted JSON; seed: SEED-Bench.json; llavabench: questions JSONL; "
+        "world, world_mc: a generate_world folder (its held-out test split)",
+    )
     p.add_argument("--images", help="image folder (default: <data dir>/images, else <data dir>)")
     p.add_argument("--limit", type=int, help="evaluate only the first N items")
     p.add_argument("--out", default=None, help="output folder (default: eval-results/<benchmark>)")
@@ -148,15 +170,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, help="override the paper's temperature for this benchmark")
     p.add_argument("--max-new-tokens", type=int, help="override the answer length limit")
     p.add_argument("--seed", type=int, default=0, help="base of the per-row sampling seeds")
-    p.add_argument("--world-seed", type=int, default=0,
-                   help="world_mc: seed of the options and their order (a run uses its data.world.seed)")
-    p.add_argument("--role", default="student", choices=("student", "teacher"),
-                   help="ask as the run asks this role: student = bare question, teacher = Table 6 prompt")
+    p.add_argument(
+        "--world-seed",
+        type=int,
+        default=0,
+        help="world_mc: seed of the options and their order (a run uses its data.world.seed)",
+    )
+    p.add_argument(
+        "--role",
+        default="student",
+        choices=("student", "teacher"),
+        help="ask as the run asks this role: student = bare question, teacher = Table 6 prompt",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="rows per generate call")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "auto"))
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--attention", default="auto", choices=("auto", "sdpa", "eager", "xformers"),
-                   help="attention kernel (auto: xformers on CUDA when installed, else SDPA)")
+    p.add_argument(
+        "--attention",
+        default="auto",
+        choices=("auto", "sdpa", "eager", "xformers"),
+        help="attention kernel (auto: xformers on CUDA when installed, else SDPA)",
+    )
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")

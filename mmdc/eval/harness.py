@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol
 
 from mmdc.eval import llavabench, scienceqa, seed
 
@@ -88,15 +89,16 @@ def _text_only(messages: list[dict]) -> list[dict]:
     return out
 
 
-def chat_request(prompt: str, image: Path | None, temperature: float, seed_value: int, max_new_tokens: int,
-                 role: Role = "student") -> dict:
+def chat_request(
+    prompt: str, image: Path | None, temperature: float, seed_value: int, max_new_tokens: int, role: Role = "student"
+) -> dict:
     """One request as the run asks it: the student's bare question, or the teacher's Table 6 prompt.
 
     The image goes first, as a data URL (what every engine backend accepts, on any node);
     a text-only item sends the same messages without the image part.
     """
-    from mmdc.roles import student_messages, teacher_messages
     from mmdc.data.images import to_data_url
+    from mmdc.roles import student_messages, teacher_messages
 
     build = teacher_messages if role == "teacher" else student_messages
     if image is not None:
@@ -129,9 +131,16 @@ def _limited(items: list, limit: int | None) -> list:
 # ----------------------------------------------------------------------------- tasks
 
 
-def scienceqa_task(data: str | Path, images: str | Path | None = None, problems: str | Path | None = None,
-                   pid_splits: str | Path | None = None, split: str = "test", limit: int | None = None,
-                   name: str = "scienceqa", extra_columns: Callable[[list[dict]], dict] | None = None) -> Task:
+def scienceqa_task(
+    data: str | Path,
+    images: str | Path | None = None,
+    problems: str | Path | None = None,
+    pid_splits: str | Path | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    name: str = "scienceqa",
+    extra_columns: Callable[[list[dict]], dict] | None = None,
+) -> Task:
     """ScienceQA in LLaVA's converted format (also the world's multiple-choice rendering, ``name="world_mc"``).
 
     ``extra_columns(samples)`` adds columns after Table 1's (the world's per-family accuracy).
@@ -155,28 +164,50 @@ def seed_task(data: str | Path, images: str | Path | None = None, limit: int | N
     data = Path(data)
     loaded, dimensions = seed.load(data)
     items = _limited(loaded, limit)
-    return Task("seed", items, Path(images) if images else default_images_dir(data),
-                lambda outputs, _judge: seed.evaluate(items, outputs, dimensions), meta={"data": str(data)})
+    return Task(
+        "seed",
+        items,
+        Path(images) if images else default_images_dir(data),
+        lambda outputs, _judge: seed.evaluate(items, outputs, dimensions),
+        meta={"data": str(data)},
+    )
 
 
-def llavabench_task(data: str | Path, answers: str | Path, context: str | Path | None = None,
-                    images: str | Path | None = None, limit: int | None = None) -> Task:
+def llavabench_task(
+    data: str | Path,
+    answers: str | Path,
+    context: str | Path | None = None,
+    images: str | Path | None = None,
+    limit: int | None = None,
+) -> Task:
     """LLaVA-Bench: the model answers, a judge scores (reference, model) pairs."""
     data = Path(data)
     items = _limited(llavabench.load(data, answers, context), limit)
 
     def judge_requests(outputs: list[str], base_seed: int) -> list[dict]:
-        return [{"messages": llavabench.judge_messages(item, answer), "temperature": JUDGE_TEMPERATURE,
-                 "seed": row_seed(base_seed, "llavabench-judge", item.sample_id),
-                 "max_new_tokens": JUDGE_MAX_NEW_TOKENS} for item, answer in zip(items, outputs)]
+        return [
+            {
+                "messages": llavabench.judge_messages(item, answer),
+                "temperature": JUDGE_TEMPERATURE,
+                "seed": row_seed(base_seed, "llavabench-judge", item.sample_id),
+                "max_new_tokens": JUDGE_MAX_NEW_TOKENS,
+            }
+            for item, answer in zip(items, outputs)
+        ]
 
     def score(outputs: list[str], replies: list[str] | None) -> tuple[dict, list[dict]]:
         if replies is None:
             raise ValueError("llavabench needs judge replies")
         return llavabench.evaluate(items, outputs, replies)
 
-    return Task("llavabench", items, Path(images) if images else default_images_dir(data), score,
-                judge_requests=judge_requests, meta={"data": str(data)})
+    return Task(
+        "llavabench",
+        items,
+        Path(images) if images else default_images_dir(data),
+        score,
+        judge_requests=judge_requests,
+        meta={"data": str(data)},
+    )
 
 
 def world_task(world_dir: str | Path, limit: int | None = None) -> Task:
@@ -185,8 +216,13 @@ def world_task(world_dir: str | Path, limit: int | None = None) -> Task:
 
     items, scenes = world_eval.load_items(world_dir)
     items = _limited(items, limit)
-    return Task(world_eval.FREE_FORM, items, Path(world_dir) / "images",
-                lambda outputs, _judge: world_eval.evaluate(items, scenes, outputs), meta={"data": str(world_dir)})
+    return Task(
+        world_eval.FREE_FORM,
+        items,
+        Path(world_dir) / "images",
+        lambda outputs, _judge: world_eval.evaluate(items, scenes, outputs),
+        meta={"data": str(world_dir)},
+    )
 
 
 def world_mc_task(world_dir: str | Path, questions_file: str | Path, seed_value: int, limit: int | None = None) -> Task:
@@ -205,24 +241,39 @@ def world_mc_task(world_dir: str | Path, questions_file: str | Path, seed_value:
             sample["family"] = family[sample["id"]]
         return {k: v for k, v in world_eval.family_metrics(samples).items() if k != world_eval.OVERALL}
 
-    return scienceqa_task(path, images=Path(world_dir) / "images", limit=limit, name=world_eval.MULTIPLE_CHOICE,
-                          extra_columns=per_family)
+    return scienceqa_task(
+        path, images=Path(world_dir) / "images", limit=limit, name=world_eval.MULTIPLE_CHOICE, extra_columns=per_family
+    )
 
 
 # ----------------------------------------------------------------------------- running
 
 
-def run_task(task: Task, generator: Generator, *, base_seed: int = 0, batch_size: int = 16,
-             temperature: float | None = None, max_new_tokens: int | None = None, judge: Generator | None = None,
-             role: Role = "student") -> tuple[dict, list[dict], dict]:
+def run_task(
+    task: Task,
+    generator: Generator,
+    *,
+    base_seed: int = 0,
+    batch_size: int = 16,
+    temperature: float | None = None,
+    max_new_tokens: int | None = None,
+    judge: Generator | None = None,
+    role: Role = "student",
+) -> tuple[dict, list[dict], dict]:
     """Ask every item, score the replies: (metrics, per-sample records, meta for the results file)."""
     if not task.items:
         raise ValueError(f"{task.benchmark}: no items to evaluate")
     temp = TEMPERATURE[task.benchmark] if temperature is None else temperature
     max_new = MAX_NEW_TOKENS[task.benchmark] if max_new_tokens is None else max_new_tokens
     requests = [
-        chat_request(item.prompt, task.images_dir / item.image if item.image else None, temp,
-                     row_seed(base_seed, task.benchmark, item.sample_id), max_new, role)
+        chat_request(
+            item.prompt,
+            task.images_dir / item.image if item.image else None,
+            temp,
+            row_seed(base_seed, task.benchmark, item.sample_id),
+            max_new,
+            role,
+        )
         for item in task.items
     ]
     outputs = generate_all(generator, requests, batch_size, f"{task.benchmark} answers")
@@ -234,11 +285,32 @@ def run_task(task: Task, generator: Generator, *, base_seed: int = 0, batch_size
     metrics, samples = task.score(outputs, replies)
     for sample, request in zip(samples, requests):
         sample["seed"] = request["seed"]
-    meta = {**task.meta, "images": str(task.images_dir) if task.images_dir else None, "role": role,
-            "temperature": temp, "max_new_tokens": max_new, "seed": base_seed, "n_items": len(task.items)}
+    meta = {
+        **task.meta,
+        "images": str(task.images_dir) if task.images_dir else None,
+        "role": role,
+        "temperature": temp,
+        "max_new_tokens": max_new,
+        "seed": base_seed,
+        "n_items": len(task.items),
+    }
     return metrics, samples, meta
 
 
-__all__ = ["Generator", "HEADLINE", "MAX_NEW_TOKENS", "TEMPERATURE", "Task", "chat_request", "generate_all",
-           "headline", "llavabench_task", "row_seed", "run_task", "scienceqa_task", "seed_task", "world_mc_task",
-           "world_task"]
+__all__ = [
+    "Generator",
+    "HEADLINE",
+    "MAX_NEW_TOKENS",
+    "TEMPERATURE",
+    "Task",
+    "chat_request",
+    "generate_all",
+    "headline",
+    "llavabench_task",
+    "row_seed",
+    "run_task",
+    "scienceqa_task",
+    "seed_task",
+    "world_mc_task",
+    "world_task",
+]

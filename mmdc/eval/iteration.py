@@ -76,9 +76,17 @@ def _judge(cfg: Config, judge: Generator | None) -> Generator | None:
     return judge
 
 
-def evaluate_iteration(cfg: Config, run_dir: str | Path, iteration: int, label: Label, generator: Generator,
-                       world_dir: str | Path | None = None, judge: Generator | None = None, model: str | None = None,
-                       overwrite: bool = False) -> dict[str, dict]:
+def evaluate_iteration(
+    cfg: Config,
+    run_dir: str | Path,
+    iteration: int,
+    label: Label,
+    generator: Generator,
+    world_dir: str | Path | None = None,
+    judge: Generator | None = None,
+    model: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, dict]:
     """Run every benchmark of ``cfg.eval`` on ``generator``; write and return {benchmark: results payload}.
 
     ``label`` says who answers: "student" (asked with bare questions, written as
@@ -104,11 +112,23 @@ def evaluate_iteration(cfg: Config, run_dir: str | Path, iteration: int, label: 
         started = time.monotonic()
         task = build_task(cfg, benchmark, root, world)
         metrics, samples, meta = harness.run_task(
-            task, generator, base_seed=cfg.eval.sampling_seed, batch_size=cfg.eval.batch_size,
-            temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens, judge=judge, role=label)
-        meta.update(label=label, iteration=None if label == TEACHER else iteration, model=model,
-                    model_name=TEACHER if label == TEACHER else stem, limit=cfg.eval.limit,
-                    elapsed_s=round(time.monotonic() - started, 2))
+            task,
+            generator,
+            base_seed=cfg.eval.sampling_seed,
+            batch_size=cfg.eval.batch_size,
+            temperature=cfg.eval.temperature,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            judge=judge,
+            role=label,
+        )
+        meta.update(
+            label=label,
+            iteration=None if label == TEACHER else iteration,
+            model=model,
+            model_name=TEACHER if label == TEACHER else stem,
+            limit=cfg.eval.limit,
+            elapsed_s=round(time.monotonic() - started, 2),
+        )
         report.write_named_results(path.parent, stem, benchmark, metrics, samples, meta)
         out[benchmark] = report.read_results(path)
     return out
@@ -158,5 +178,15 @@ def iterations(results: dict[str, dict]) -> list[tuple[int, dict]]:
     return sorted(((k, p) for k, p in pairs if k is not None), key=lambda kp: kp[0])
 
 
-__all__ = ["EVAL_DIR", "TEACHER", "build_task", "evaluate_iteration", "headline_metrics", "iterations",
-           "load_results", "needs_judge", "result_path", "result_stem"]
+__all__ = [
+    "EVAL_DIR",
+    "TEACHER",
+    "build_task",
+    "evaluate_iteration",
+    "headline_metrics",
+    "iterations",
+    "load_results",
+    "needs_judge",
+    "result_path",
+    "result_stem",
+]

@@ -24,9 +24,10 @@ which a LLaVA checkpoint, a text LLM or an OpenAI-compatible endpoint all accept
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,8 +44,10 @@ _RULE_TAIL = (
     "In the subsequent line, please provide a comprehensive explanation of your evaluation, avoiding any potential "
     "bias and ensuring that the order in which the responses were presented does not affect your judgment."
 )
-_RULE_HEAD = ("We would like to request your feedback on the performance of two AI assistants in response to the "
-              "user question displayed above.")
+_RULE_HEAD = (
+    "We would like to request your feedback on the performance of two AI assistants in response to the "
+    "user question displayed above."
+)
 # LLaVA's llava/eval/table/rule.json, verbatim: "conv"/"detail"/"complex" (COCO, captions + boxes),
 # "llava_bench_*" (in-the-wild, a caption), "default" (no context).
 RULE_COCO = (
@@ -63,8 +66,14 @@ RULE_DEFAULT = _RULE_HEAD + "\n" + _RULE_TAIL
 # Paper Table 3 columns for LLaVA's categories: COCO's question files name them conv/complex/detail,
 # LLaVA's in-the-wild review files llava_bench_<name>. Raw names stay in ``details``.
 TABLE3_COLUMNS = ("Con", "CR", "DD")  # the paper's order
-CATEGORY_COLUMNS = {"conv": "Con", "complex": "CR", "detail": "DD",
-                    "llava_bench_conv": "Con", "llava_bench_complex": "CR", "llava_bench_detail": "DD"}
+CATEGORY_COLUMNS = {
+    "conv": "Con",
+    "complex": "CR",
+    "detail": "DD",
+    "llava_bench_conv": "Con",
+    "llava_bench_complex": "CR",
+    "llava_bench_detail": "DD",
+}
 OVERALL = "AVG"  # LLaVA's "all": pooled over every question (Table 3's AVG, e.g. LLaVA's 85.1)
 # LLaVA's parse_score returns [-1, -1] for a reply it cannot read; summarize_gpt_review.py averages it in.
 UNPARSED_SCORES = (-1.0, -1.0)
@@ -107,7 +116,7 @@ def context_text(record: dict) -> tuple[str, str]:
     """
     if "captions" in record:
         captions = "\n".join(record["captions"])
-        boxes = "\n".join(f'{inst["category"]}: {inst["bbox"]}' for inst in record.get("instances", []))
+        boxes = "\n".join(f"{inst['category']}: {inst['bbox']}" for inst in record.get("instances", []))
         return f"{captions}\n\n{boxes}", RULE_COCO
     if "caption" in record:
         return str(record["caption"]), RULE_CAPTION
@@ -143,18 +152,29 @@ def load(questions: str | Path, answers: str | Path, context: str | Path | None 
             if row["image"] not in by_image:
                 raise KeyError(f"{context}: no context for image {row['image']!r} (question_id {qid})")
             ctx, rule = context_text(by_image[row["image"]])
-        items.append(LlavaBenchItem(sample_id=qid, prompt=row["text"], image=row["image"], category=row["category"],
-                                    reference=refs[qid], context=ctx, rule=rule))
+        items.append(
+            LlavaBenchItem(
+                sample_id=qid,
+                prompt=row["text"],
+                image=row["image"],
+                category=row["category"],
+                reference=refs[qid],
+                context=ctx,
+                rule=rule,
+            )
+        )
     return items
 
 
 def judge_prompt(item: LlavaBenchItem, answer: str) -> str:
     """The judge's user message: context, question, reference as Assistant 1, ``answer`` as Assistant 2, rule."""
     head = f"[Context]\n{item.context}\n\n" if item.context is not None else ""
-    return (f"{head}[Question]\n{item.prompt}\n\n"
-            f"[{JUDGE_ROLE} 1]\n{item.reference}\n\n[End of {JUDGE_ROLE} 1]\n\n"
-            f"[{JUDGE_ROLE} 2]\n{answer}\n\n[End of {JUDGE_ROLE} 2]\n\n"
-            f"[System]\n{item.rule}\n\n")
+    return (
+        f"{head}[Question]\n{item.prompt}\n\n"
+        f"[{JUDGE_ROLE} 1]\n{item.reference}\n\n[End of {JUDGE_ROLE} 1]\n\n"
+        f"[{JUDGE_ROLE} 2]\n{answer}\n\n[End of {JUDGE_ROLE} 2]\n\n"
+        f"[System]\n{item.rule}\n\n"
+    )
 
 
 def judge_messages(item: LlavaBenchItem, answer: str) -> list[dict]:
@@ -202,12 +222,18 @@ def _summary(tuples: list[tuple[float, float]], unparsed: int) -> dict[str, floa
     if not tuples:
         return {"relative": None, "reference": None, "model": None, "n": 0, "unparsed": 0}
     ref, model = (round(x, 3) for x in np.asarray(tuples).mean(0).tolist())
-    return {"relative": round(model / ref * 100, 1) if ref else None, "reference": round(ref * 10, 1),
-            "model": round(model * 10, 1), "n": len(tuples), "unparsed": unparsed}
+    return {
+        "relative": round(model / ref * 100, 1) if ref else None,
+        "reference": round(ref * 10, 1),
+        "model": round(model * 10, 1),
+        "n": len(tuples),
+        "unparsed": unparsed,
+    }
 
 
-def evaluate(items: Sequence[LlavaBenchItem], outputs: Sequence[str],
-             judge_replies: Sequence[str]) -> tuple[dict, list[dict]]:
+def evaluate(
+    items: Sequence[LlavaBenchItem], outputs: Sequence[str], judge_replies: Sequence[str]
+) -> tuple[dict, list[dict]]:
     """Score (model answer, judge reply) per item, same order: (metrics, per-sample records).
 
     metrics: the relative score per category under its Table 3 column (Con, CR,
@@ -223,9 +249,16 @@ def evaluate(items: Sequence[LlavaBenchItem], outputs: Sequence[str],
         raise ValueError(f"{len(items)} items, {len(outputs)} outputs, {len(judge_replies)} judge replies")
     samples = []
     for item, output, reply in zip(items, outputs, judge_replies):
-        sample: dict[str, Any] = {"id": item.sample_id, "prompt": item.prompt, "image": item.image,
-                                  "category": item.category, "output": output, "judge_reply": reply,
-                                  "parsed": None, "error": None}
+        sample: dict[str, Any] = {
+            "id": item.sample_id,
+            "prompt": item.prompt,
+            "image": item.image,
+            "category": item.category,
+            "output": output,
+            "judge_reply": reply,
+            "parsed": None,
+            "error": None,
+        }
         try:
             scores = parse_judge(reply)
             sample.update(parsed=list(scores), reference_score=scores[0], model_score=scores[1])
@@ -253,12 +286,31 @@ def evaluate(items: Sequence[LlavaBenchItem], outputs: Sequence[str],
     result[OVERALL] = details["all"]["relative"]
     unparsed = [s for s in samples if s["parsed"] is None]
     by_column = {column: details[category_of[column]]["unparsed"] for column in columns}
-    result.update(details=details, n=len(samples), unparsed=len(unparsed),
-                  unparsed_by_column={column: count for column, count in by_column.items() if count},
-                  unparsed_readable=sum(s["readable_elsewhere"] is not None for s in unparsed))
+    result.update(
+        details=details,
+        n=len(samples),
+        unparsed=len(unparsed),
+        unparsed_by_column={column: count for column, count in by_column.items() if count},
+        unparsed_readable=sum(s["readable_elsewhere"] is not None for s in unparsed),
+    )
     return result, samples
 
 
-__all__ = ["CATEGORY_COLUMNS", "JUDGE_SYSTEM", "LlavaBenchItem", "OVERALL", "RULE_CAPTION", "RULE_COCO", "RULE_DEFAULT",
-           "TABLE3_COLUMNS", "UNPARSED_SCORES", "column_name", "context_text", "evaluate", "judge_messages",
-           "judge_prompt", "load", "parse_judge"]
+__all__ = [
+    "CATEGORY_COLUMNS",
+    "JUDGE_SYSTEM",
+    "LlavaBenchItem",
+    "OVERALL",
+    "RULE_CAPTION",
+    "RULE_COCO",
+    "RULE_DEFAULT",
+    "TABLE3_COLUMNS",
+    "UNPARSED_SCORES",
+    "column_name",
+    "context_text",
+    "evaluate",
+    "judge_messages",
+    "judge_prompt",
+    "load",
+    "parse_judge",
+]

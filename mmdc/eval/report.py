@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 RESULTS_FILE = "results.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -45,8 +46,9 @@ def format_cell(value: Any, decimals: int = 2) -> str:
     return str(value)
 
 
-def markdown_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]], label: str = "Model",
-                   decimals: int = 2) -> str:
+def markdown_table(
+    columns: Sequence[str], rows: Sequence[Mapping[str, Any]], label: str = "Model", decimals: int = 2
+) -> str:
     """A Markdown table: one row per mapping, first cell its ``label`` entry, then ``columns``."""
     header = "| " + " | ".join([label, *columns]) + " |"
     rule = "|" + "---|" * (len(columns) + 1)
@@ -85,8 +87,12 @@ def render_markdown(benchmark: str, metrics: Mapping[str, Any], meta: Mapping[st
 
 def results_payload(benchmark: str, metrics: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> dict:
     """What ``results.json`` holds: the benchmark, its metrics, which of them are table columns, and the run facts."""
-    return {"benchmark": benchmark, "metrics": dict(metrics), "columns": table_columns(metrics),
-            "meta": dict(meta or {})}
+    return {
+        "benchmark": benchmark,
+        "metrics": dict(metrics),
+        "columns": table_columns(metrics),
+        "meta": dict(meta or {}),
+    }
 
 
 def _results_json(benchmark: str, metrics: Mapping[str, Any], meta: Mapping[str, Any] | None) -> str:
@@ -104,8 +110,14 @@ def _jsonl(samples: Sequence[Mapping]) -> str:
     return "".join(json.dumps(dict(sample), ensure_ascii=False) + "\n" for sample in samples)
 
 
-def write_results(out_dir: str | Path, benchmark: str, metrics: Mapping[str, Any], samples: Sequence[Mapping],
-                  meta: Mapping[str, Any] | None = None, decimals: int = 2) -> dict[str, Path]:
+def write_results(
+    out_dir: str | Path,
+    benchmark: str,
+    metrics: Mapping[str, Any],
+    samples: Sequence[Mapping],
+    meta: Mapping[str, Any] | None = None,
+    decimals: int = 2,
+) -> dict[str, Path]:
     """Write the three files into ``out_dir`` (created) and return their paths by kind."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,8 +129,14 @@ def write_results(out_dir: str | Path, benchmark: str, metrics: Mapping[str, Any
     return paths
 
 
-def write_named_results(out_dir: str | Path, stem: str, benchmark: str, metrics: Mapping[str, Any],
-                        samples: Sequence[Mapping], meta: Mapping[str, Any] | None = None) -> dict[str, Path]:
+def write_named_results(
+    out_dir: str | Path,
+    stem: str,
+    benchmark: str,
+    metrics: Mapping[str, Any],
+    samples: Sequence[Mapping],
+    meta: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
     """``<stem>.json`` (results.json format) and ``<stem>.samples.jsonl`` in ``out_dir``: one of many results of a run.
 
     The samples are written first, so a results file that exists always has its samples beside it.
@@ -151,5 +169,16 @@ def read_results(path: str | Path) -> dict:
     return payload
 
 
-__all__ = ["COUNT_KEYS", "COUNT_MEANINGS", "count_lines", "format_cell", "markdown_table", "read_results",
-           "render_markdown", "results_payload", "table_columns", "write_named_results", "write_results"]
+__all__ = [
+    "COUNT_KEYS",
+    "COUNT_MEANINGS",
+    "count_lines",
+    "format_cell",
+    "markdown_table",
+    "read_results",
+    "render_markdown",
+    "results_payload",
+    "table_columns",
+    "write_named_results",
+    "write_results",
+]

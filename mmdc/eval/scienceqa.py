@@ -22,9 +22,10 @@ the caller turns prompts into requests, ``evaluate`` scores the raw replies.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mmdc.eval.report import read_json
 
@@ -146,21 +147,32 @@ def load(
                 stated = parse_answer(gpt, n_choices)
                 if stated is not None and stated != answer:
                     raise ValueError(f"{path}: record {pid!r} answers {stated} but {problems} says {answer}")
-            items.append(ScienceQAItem(
-                sample_id=pid, prompt=prompt, image=image, answer=answer, n_choices=n_choices,
-                subject=prob.get("subject"), hint=prob.get("hint") or "", has_image=bool(prob.get("image")),
-                grade=prob.get("grade"),
-            ))
+            items.append(
+                ScienceQAItem(
+                    sample_id=pid,
+                    prompt=prompt,
+                    image=image,
+                    answer=answer,
+                    n_choices=n_choices,
+                    subject=prob.get("subject"),
+                    hint=prob.get("hint") or "",
+                    has_image=bool(prob.get("image")),
+                    grade=prob.get("grade"),
+                )
+            )
             continue
         letters = _OPTION_LINE.findall(human)
         if not letters or letters != list(OPTIONS[: len(letters)]):
             raise ValueError(f"{path}: record {pid!r} has no 'A. ...' option lines (found {letters})")
         answer_letter = parse_answer(gpt, len(letters)) if gpt is not None else None
         if answer_letter is None:
-            raise ValueError(f"{path}: record {pid!r} has no readable answer letter in its gpt turn ({gpt!r}); "
-                             "pass problems.json for the ground truth")
-        items.append(ScienceQAItem(sample_id=pid, prompt=prompt, image=image, answer=answer_letter,
-                                   n_choices=len(letters)))
+            raise ValueError(
+                f"{path}: record {pid!r} has no readable answer letter in its gpt turn ({gpt!r}); "
+                "pass problems.json for the ground truth"
+            )
+        items.append(
+            ScienceQAItem(sample_id=pid, prompt=prompt, image=image, answer=answer_letter, n_choices=len(letters))
+        )
     return items
 
 
@@ -199,11 +211,22 @@ def evaluate(items: Sequence[ScienceQAItem], outputs: Sequence[str]) -> tuple[di
     samples = []
     for item, output in zip(items, outputs):
         parsed = parse_answer(output, item.n_choices)
-        samples.append({
-            "id": item.sample_id, "prompt": item.prompt, "image": item.image, "output": output,
-            "parsed": parsed, "answer": item.answer, "correct": parsed == item.answer, "failed": parsed is None,
-            "subject": item.subject, "hint": item.hint, "has_image": item.has_image, "grade": item.grade,
-        })
+        samples.append(
+            {
+                "id": item.sample_id,
+                "prompt": item.prompt,
+                "image": item.image,
+                "output": output,
+                "parsed": parsed,
+                "answer": item.answer,
+                "correct": parsed == item.answer,
+                "failed": parsed is None,
+                "subject": item.subject,
+                "hint": item.hint,
+                "has_image": item.has_image,
+                "grade": item.grade,
+            }
+        )
     result: dict[str, Any] = dict(metrics(samples))
     result.update(n=len(samples), correct=sum(s["correct"] for s in samples), failed=sum(s["failed"] for s in samples))
     return result, samples

@@ -18,17 +18,28 @@ from a list of our own: a renamed or added dimension shows up as it is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mmdc.eval.report import read_json
 
 ANSWER_SUFFIX = "Answer with the option's letter from the given choices directly."
 LETTERS = ("A", "B", "C", "D")
 OVERALL = "Avg"
-_FIELDS = ("question_id", "question", "choice_a", "choice_b", "choice_c", "choice_d", "answer", "data_id",
-           "data_type", "question_type_id")
+_FIELDS = (
+    "question_id",
+    "question",
+    "choice_a",
+    "choice_b",
+    "choice_c",
+    "choice_d",
+    "answer",
+    "data_id",
+    "data_type",
+    "question_type_id",
+)
 
 
 @dataclass(frozen=True)
@@ -77,20 +88,29 @@ def load(data: str | Path) -> tuple[list[SeedItem], list[str]]:
             continue
         type_id = int(q["question_type_id"])
         if type_id not in names:
-            raise KeyError(f"{path}: question {q['question_id']!r} has question_type_id {type_id} "
-                           f"missing from 'question_type'")
+            raise KeyError(
+                f"{path}: question {q['question_id']!r} has question_type_id {type_id} missing from 'question_type'"
+            )
         if q["answer"] not in LETTERS:
             raise ValueError(f"{path}: question {q['question_id']!r} has answer {q['answer']!r}, not one of A-D")
         choices = [q[f"choice_{c}"] for c in "abcd"]
-        items.append(SeedItem(sample_id=str(q["question_id"]), prompt=build_prompt(q["question"], choices),
-                              image=str(q["data_id"]), answer=q["answer"], dimension=names[type_id]))
+        items.append(
+            SeedItem(
+                sample_id=str(q["question_id"]),
+                prompt=build_prompt(q["question"], choices),
+                image=str(q["data_id"]),
+                answer=q["answer"],
+                dimension=names[type_id],
+            )
+        )
     order = {name: type_id for type_id, name in names.items()}
     dimensions = sorted({item.dimension for item in items}, key=order.__getitem__)
     return items, dimensions
 
 
-def evaluate(items: Sequence[SeedItem], outputs: Sequence[str],
-             dimensions: Sequence[str] | None = None) -> tuple[dict, list[dict]]:
+def evaluate(
+    items: Sequence[SeedItem], outputs: Sequence[str], dimensions: Sequence[str] | None = None
+) -> tuple[dict, list[dict]]:
     """Score raw replies (one per item, same order): (metrics, per-sample records).
 
     metrics: one accuracy per dimension (in ``dimensions`` order, default: first
@@ -101,9 +121,19 @@ def evaluate(items: Sequence[SeedItem], outputs: Sequence[str],
     samples = []
     for item, output in zip(items, outputs):
         parsed = parse_answer(output)
-        samples.append({"id": item.sample_id, "prompt": item.prompt, "image": item.image, "output": output,
-                        "parsed": parsed, "answer": item.answer, "correct": parsed == item.answer,
-                        "failed": parsed is None, "dimension": item.dimension})
+        samples.append(
+            {
+                "id": item.sample_id,
+                "prompt": item.prompt,
+                "image": item.image,
+                "output": output,
+                "parsed": parsed,
+                "answer": item.answer,
+                "correct": parsed == item.answer,
+                "failed": parsed is None,
+                "dimension": item.dimension,
+            }
+        )
     order = list(dimensions) if dimensions is not None else list(dict.fromkeys(s["dimension"] for s in samples))
     result: dict[str, Any] = {}
     for name in order:

@@ -25,8 +25,9 @@ identity); serve such a student with the transformers backend.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from PIL import Image

@@ -62,19 +62,29 @@ def read_train_state(output_dir: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(marker.read_text()) if marker.exists() else None
 
 
-def resume_fingerprint(stage: str, init_checkpoint: str, seed: int, num_rows: int, total_steps: int,
-                       cfg: TrainConfig) -> dict[str, Any]:
+def resume_fingerprint(
+    stage: str, init_checkpoint: str, seed: int, num_rows: int, total_steps: int, cfg: TrainConfig
+) -> dict[str, Any]:
     """What must be equal for a saved state to be resumed: the same start, data size and training setup."""
     train = {f"train.{k}": v for k, v in asdict(cfg).items() if k not in RESUME_FREE_KEYS}
-    return {"stage": stage, "init_checkpoint": str(init_checkpoint), "seed": seed, "num_rows": num_rows,
-            "total_steps": total_steps, **train}
+    return {
+        "stage": stage,
+        "init_checkpoint": str(init_checkpoint),
+        "seed": seed,
+        "num_rows": num_rows,
+        "total_steps": total_steps,
+        **train,
+    }
 
 
 def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: saved -> current`` for every fingerprint key that differs (JSON-normalised, so lists equal tuples)."""
     saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(current))
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
-            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    return [
+        f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+        for k in sorted(set(saved) | set(current))
+        if saved.get(k) != current.get(k)
+    ]
 
 
 def prepare_state(state_dir: Path, fingerprint: dict[str, Any], resume: bool) -> int:
@@ -86,8 +96,10 @@ def prepare_state(state_dir: Path, fingerprint: dict[str, Any], resume: bool) ->
     saved = json.loads(marker.read_text())
     diff = resume_mismatch(saved["fingerprint"], fingerprint)
     if diff:
-        raise ValueError(f"{state_dir} holds training state from a different setup ({'; '.join(diff)}); "
-                         "delete it or call with resume=False to start over")
+        raise ValueError(
+            f"{state_dir} holds training state from a different setup ({'; '.join(diff)}); "
+            "delete it or call with resume=False to start over"
+        )
     return int(saved["step"])
 
 
@@ -113,8 +125,12 @@ def _rng_state() -> dict[str, Any]:
     import numpy as np
     import torch
 
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -145,8 +161,13 @@ class TrainState:
         torch.save({"progress": asdict(progress), "rng": _rng_state()}, self.root / tag / f"rank_{rank}.pt")
         dist.barrier()  # every rank's files are on disk before the marker names them
         if rank == 0:
-            marker = {"tag": tag, "step": progress.step, "epoch": progress.epoch,
-                      "micro_in_epoch": progress.micro_in_epoch, "fingerprint": self.fingerprint}
+            marker = {
+                "tag": tag,
+                "step": progress.step,
+                "epoch": progress.epoch,
+                "micro_in_epoch": progress.micro_in_epoch,
+                "fingerprint": self.fingerprint,
+            }
             tmp = self.root / (STATE_MARKER + ".tmp")
             tmp.write_text(json.dumps(marker, indent=1))
             os.replace(tmp, self.root / STATE_MARKER)

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -57,7 +58,7 @@ def choose_image_position(seed: int, conversation_id: str, epoch: int) -> str:
 
     Hash-derived (sha256, not Python's salted ``hash``) so every worker, shard and rerun agrees.
     """
-    digest = hashlib.sha256(f"{seed}:{conversation_id}:{epoch}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}:{conversation_id}:{epoch}".encode()).digest()
     rng = random.Random(int.from_bytes(digest[:8], "big"))
     return IMAGE_POSITIONS[rng.randrange(2)]
 
@@ -112,7 +113,9 @@ def _encode_segments(
         text_parts.append(text)
         cursor += len(text)
     if placeholders != 1:
-        raise ValueError(f"sample {sample_id!r}: expected exactly one {image_token!r} in the text, found {placeholders}")
+        raise ValueError(
+            f"sample {sample_id!r}: expected exactly one {image_token!r} in the text, found {placeholders}"
+        )
     full = "".join(text_parts)
 
     bos = getattr(tokenizer, "bos_token", None)
@@ -149,9 +152,7 @@ def _check_conversation(row: dict) -> tuple[str, list[str], list[str]]:
     if not questions:
         raise ValueError(f"conversation {sample_id!r}: no turns")
     if len(questions) != len(answers):
-        raise ValueError(
-            f"conversation {sample_id!r}: {len(questions)} questions but {len(answers)} answers"
-        )
+        raise ValueError(f"conversation {sample_id!r}: {len(questions)} questions but {len(answers)} answers")
     for t, (q, a) in enumerate(zip(questions, answers)):
         if not isinstance(q, str) or not isinstance(a, str):
             raise ValueError(f"conversation {sample_id!r}, turn {t}: questions and answers must be str")
@@ -177,7 +178,9 @@ def encode_conversation(
     """
     sample_id, questions, answers = _check_conversation(row)
     if image_position not in IMAGE_POSITIONS:
-        raise ValueError(f"conversation {sample_id!r}: image_position must be one of {IMAGE_POSITIONS}, got {image_position!r}")
+        raise ValueError(
+            f"conversation {sample_id!r}: image_position must be one of {IMAGE_POSITIONS}, got {image_position!r}"
+        )
     turns = [(q.strip(), a.strip()) for q, a in zip(questions, answers)]
     # system None -> the template's DEFAULT_SYSTEM, exactly as serving renders it
     segments = [(s.text, s.is_answer) for s in render_turns(system, turns, image_position)]
@@ -247,7 +250,9 @@ def image_seq_length_of(processor: Any) -> int:
     patch = getattr(processor, "patch_size", None)
     if not height or not width or not patch:
         raise ValueError("cannot derive image_seq_length: processor lacks image size or patch_size")
-    n = (int(height) // int(patch)) * (int(width) // int(patch)) + int(getattr(processor, "num_additional_image_tokens", 0) or 0)
+    n = (int(height) // int(patch)) * (int(width) // int(patch)) + int(
+        getattr(processor, "num_additional_image_tokens", 0) or 0
+    )
     if getattr(processor, "vision_feature_select_strategy", "default") == "default":
         n -= 1
     return n

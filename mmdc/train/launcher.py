@@ -18,9 +18,10 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -51,7 +52,7 @@ def planned_steps(num_rows: int, train_cfg: TrainConfig) -> int:
     return (micro_per_epoch * train_cfg.epochs) // grad_accumulation(train_cfg)
 
 
-def conversations_dataset(path: Path, image_root: str | None, num_blocks: int) -> "ray.data.Dataset":
+def conversations_dataset(path: Path, image_root: str | None, num_blocks: int) -> ray.data.Dataset:
     """A conversations Parquet file as a Dataset whose rows carry absolute image paths (workers run anywhere).
 
     Not ``read_parquet``: its listing task would wait for a CPU the trainer's workers (or a crashed
@@ -67,7 +68,7 @@ def train_student(
     stage: Stage,
     init_checkpoint: str,
     output_dir: str,
-    dataset: "ray.data.Dataset",
+    dataset: ray.data.Dataset,
     train_cfg: TrainConfig,
     seed: int,
     image_root: str | None = None,
@@ -114,11 +115,19 @@ def train_student(
     if use_gpu:
         resources["GPU"] = train_cfg.gpus_per_worker
     job = TrainJob(
-        stage=stage, init_checkpoint=init_checkpoint, output_dir=str(out), train=train_cfg, seed=seed,
-        total_steps=total_steps, grad_accum=accum, state_dir=str(train_state_dir(out)),
+        stage=stage,
+        init_checkpoint=init_checkpoint,
+        output_dir=str(out),
+        train=train_cfg,
+        seed=seed,
+        total_steps=total_steps,
+        grad_accum=accum,
+        state_dir=str(train_state_dir(out)),
         fingerprint=resume_fingerprint(stage, init_checkpoint, seed, num_rows, total_steps, train_cfg),
-        run_name=run_name, image_root=image_root,
-        metrics_path=str(Path(metrics_path).resolve()) if metrics_path else None, on_step=on_step,
+        run_name=run_name,
+        image_root=image_root,
+        metrics_path=str(Path(metrics_path).resolve()) if metrics_path else None,
+        on_step=on_step,
     )
     resume_from = prepare_state(Path(job.state_dir), job.fingerprint, resume)
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -127,16 +136,26 @@ def train_student(
         train_worker,
         train_loop_config={"job": job},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=run_name, storage_path=str(out.parent / ".ray_train"),
-                             failure_config=FailureConfig(max_failures=max_failures)),
+        scaling_config=ScalingConfig(
+            num_workers=train_cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(out.parent / ".ray_train"),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
         datasets={"train": dataset},
         dataset_config=_ordered_ingest(),
     )
-    log.info("%s: %d rows, %d planned optimizer steps (accum %d), strategy %s%s",
-             run_name, num_rows, total_steps, accum, train_cfg.strategy,
-             f", resuming after step {resume_from}" if resume_from else "")
+    log.info(
+        "%s: %d rows, %d planned optimizer steps (accum %d), strategy %s%s",
+        run_name,
+        num_rows,
+        total_steps,
+        accum,
+        train_cfg.strategy,
+        f", resuming after step {resume_from}" if resume_from else "",
+    )
     result = trainer.fit()
     if result.error:
         raise result.error

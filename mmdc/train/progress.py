@@ -22,16 +22,29 @@ def eta_seconds(steps_done: int, seconds_spent: float, steps_left: int) -> float
     return seconds_spent / steps_done * max(steps_left, 0)
 
 
-def progress_line(run: str, step: int, total: int, elapsed_s: float, eta_s: float | None, epoch: int, loss: float,
-                  lr: float, samples_per_s: float, tokens_per_s: float, width: int = 20) -> str:
+def progress_line(
+    run: str,
+    step: int,
+    total: int,
+    elapsed_s: float,
+    eta_s: float | None,
+    epoch: int,
+    loss: float,
+    lr: float,
+    samples_per_s: float,
+    tokens_per_s: float,
+    width: int = 20,
+) -> str:
     """One log line that reads like a progress bar: bar, step i/N, percent, elapsed, ETA, then the numbers."""
     frac = min(step / total, 1.0) if total > 0 else 1.0
     filled = int(frac * width)
     bar = "#" * filled + "-" * (width - filled)
     eta = format_duration(eta_s) if eta_s is not None else "?"
-    return (f"[{run}] [{bar}] step {step}/{total} {100 * frac:5.1f}% | {format_duration(elapsed_s)} elapsed, "
-            f"ETA {eta} | epoch {epoch} loss {loss:.4f} lr {lr:.2e} | {samples_per_s:.1f} samples/s "
-            f"{tokens_per_s:.0f} tok/s")
+    return (
+        f"[{run}] [{bar}] step {step}/{total} {100 * frac:5.1f}% | {format_duration(elapsed_s)} elapsed, "
+        f"ETA {eta} | epoch {epoch} loss {loss:.4f} lr {lr:.2e} | {samples_per_s:.1f} samples/s "
+        f"{tokens_per_s:.0f} tok/s"
+    )
 
 
 def append_jsonl(path: str, record: dict[str, Any]) -> None:

@@ -130,9 +130,16 @@ class DDPStrategy:
         (root / tag).mkdir(parents=True, exist_ok=True)
         trainable = {n for n, p in self.module.named_parameters() if p.requires_grad}
         weights = {k: v for k, v in self.module.state_dict().items() if k in trainable}  # frozen: from init_checkpoint
-        torch.save({"model": weights, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "micro": self.micro,
-                    "scaler": self.scaler.state_dict() if self.scaler else None}, root / tag / "ddp.pt")
+        torch.save(
+            {
+                "model": weights,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "micro": self.micro,
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+            },
+            root / tag / "ddp.pt",
+        )
 
     def load_state(self, root: Path, tag: str) -> None:
         import torch
@@ -157,7 +164,10 @@ class DeepSpeedStrategy:
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         self.cfg = cfg
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, accum),
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, accum),
             model_parameters=[p for p in model.parameters() if p.requires_grad],
         )
         self.device = device

@@ -31,8 +31,9 @@ Message content may be a string or a list of OpenAI-style parts
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 IMAGE_TOKEN = "<image>"
 STOP_TOKEN = "</s>"
@@ -213,7 +214,7 @@ def _render_content(content: Any, role: str, where: str) -> str:
         elif kind in IMAGE_PART_TYPES:
             if role != "user":
                 raise ValueError(f"{where}: image parts are only allowed in user messages")
-            if any(p.get("type") == "text" for p in parts[index + 1:]):
+            if any(p.get("type") == "text" for p in parts[index + 1 :]):
                 out.append(f"{IMAGE_TOKEN}\n")
             elif any(p.get("type") == "text" for p in parts[:index]):
                 out.append(f"\n{IMAGE_TOKEN}")

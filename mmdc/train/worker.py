@@ -12,9 +12,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Literal
 
 import ray
 
@@ -78,9 +79,14 @@ def train_worker(config: dict[str, Any]) -> None:
     feeder = BatchFeeder(processor, job.stage, job.train.max_length, job.seed, job.image_root)
     state = TrainState(Path(job.state_dir), job.fingerprint)
     progress = state.restore(strategy, rank)
-    log.info("[%s] rank %d ready after %.1fs (model, %s strategy%s)", job.run_name, rank,
-             time.perf_counter() - started, job.train.strategy,
-             f", resumed after step {progress.step}" if progress.step else "")
+    log.info(
+        "[%s] rank %d ready after %.1fs (model, %s strategy%s)",
+        job.run_name,
+        rank,
+        time.perf_counter() - started,
+        job.train.strategy,
+        f", resumed after step {progress.step}" if progress.step else "",
+    )
     metrics = TrainingLoop(strategy, feeder, job, rank, device, state, progress).run()
     strategy.save(job.output_dir, processor, lora=job.train.lora, rank=rank, summary={**metrics, "world_size": world})
     torch.distributed.barrier()  # the checkpoint is complete before any worker returns
@@ -161,11 +167,17 @@ class BatchFeeder:
         if self.stage == "align":
             if "caption" not in row:
                 raise ValueError(f"align row {self._id(row)!r}: missing 'caption' (columns: {sorted(row)})")
-            return fmt.encode_caption(self.tokenizer, row["caption"], self.max_length,
-                                      image_seq_length=self.image_seq_length, sample_id=self._id(row))
+            return fmt.encode_caption(
+                self.tokenizer,
+                row["caption"],
+                self.max_length,
+                image_seq_length=self.image_seq_length,
+                sample_id=self._id(row),
+            )
         position = fmt.choose_image_position(self.seed, self._id(row), epoch)
-        return fmt.encode_conversation(self.tokenizer, row, position, self.max_length,
-                                       image_seq_length=self.image_seq_length)
+        return fmt.encode_conversation(
+            self.tokenizer, row, position, self.max_length, image_seq_length=self.image_seq_length
+        )
 
     def batch(self, rows: list[dict], epoch: int) -> tuple[dict[str, Any] | None, list[str]]:
         """Collated batch (None if every row was dropped) and the ids of dropped rows."""
@@ -195,8 +207,16 @@ def _shard_batches(shard: Any, micro: int) -> Iterator[list[dict]]:
 class TrainingLoop:
     """The loop proper over this worker's shard; ``run`` returns summary metrics (equal on every rank)."""
 
-    def __init__(self, strategy: Strategy, feeder: Any, job: TrainJob, rank: int, device: Any, state: TrainState,
-                 progress: Progress) -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        feeder: Any,
+        job: TrainJob,
+        rank: int,
+        device: Any,
+        state: TrainState,
+        progress: Progress,
+    ) -> None:
         import torch
 
         self.strategy, self.feeder, self.job, self.cfg = strategy, feeder, job, job.train
@@ -231,10 +251,17 @@ class TrainingLoop:
         dist.all_reduce(dropped)
         p = self.p
         return {
-            "stage": self.job.stage, "steps": p.step, "micro_steps_per_worker": p.micro_steps,
-            "samples": p.samples, "tokens": p.tokens, "dropped_samples": int(dropped[0]),
-            "empty_micro_batches": int(dropped[1]), "first_loss": p.first_loss, "final_loss": p.last_loss,
-            "wall_time_s": self.elapsed(), "resumed_from_step": p.resumed_from,
+            "stage": self.job.stage,
+            "steps": p.step,
+            "micro_steps_per_worker": p.micro_steps,
+            "samples": p.samples,
+            "tokens": p.tokens,
+            "dropped_samples": int(dropped[0]),
+            "empty_micro_batches": int(dropped[1]),
+            "first_loss": p.first_loss,
+            "final_loss": p.last_loss,
+            "wall_time_s": self.elapsed(),
+            "resumed_from_step": p.resumed_from,
         }
 
     def elapsed(self) -> float:
@@ -259,8 +286,9 @@ class TrainingLoop:
         self.p.empty += weight == 0.0
         if weight:
             n, tokens = batch["input_ids"].shape[0], int(batch["attention_mask"].sum())
-            self.window[:4] += torch.tensor([float(loss.detach()), 1.0, n, tokens], dtype=torch.float64,
-                                            device=self.device)
+            self.window[:4] += torch.tensor(
+                [float(loss.detach()), 1.0, n, tokens], dtype=torch.float64, device=self.device
+            )
         if stepped:
             self.finish_step(lr, epoch)
 
@@ -284,15 +312,33 @@ class TrainingLoop:
         p.tokens += int(window[3])
         p.elapsed_s = self.elapsed()
         record = {
-            "stage": job.stage, "run": job.run_name, "step": p.step, "epoch": epoch, "loss": step_loss, "lr": lr,
-            "samples_per_s": float(window[2]) / span, "tokens_per_s": float(window[3]) / span,
+            "stage": job.stage,
+            "run": job.run_name,
+            "step": p.step,
+            "epoch": epoch,
+            "loss": step_loss,
+            "lr": lr,
+            "samples_per_s": float(window[2]) / span,
+            "tokens_per_s": float(window[3]) / span,
         }
         window.zero_()
         self.window_start = now
         if self.rank == 0:
             eta = eta_seconds(p.step - p.resumed_from, now - self.start, total - p.step)
-            log.info(progress_line(job.run_name, p.step, total, p.elapsed_s, eta, epoch, step_loss, lr,
-                                   record["samples_per_s"], record["tokens_per_s"]))
+            log.info(
+                progress_line(
+                    job.run_name,
+                    p.step,
+                    total,
+                    p.elapsed_s,
+                    eta,
+                    epoch,
+                    step_loss,
+                    lr,
+                    record["samples_per_s"],
+                    record["tokens_per_s"],
+                )
+            )
             if job.metrics_path:
                 append_jsonl(job.metrics_path, record)
         if report_now:  # a Ray Train V2 report is a cross-worker barrier (~2 s on CPU): throttle it

@@ -25,17 +25,18 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mmdc.world.scenes import (
     COLORS,
     FAMILIES,
     SHAPES,
+    QuestionSpec,
     Scene,
     SceneObject,
-    QuestionSpec,
     answer,
     check_answer,
     describe,
@@ -124,9 +125,17 @@ def evaluate(items: Sequence[WorldItem], scenes: dict[str, Scene], outputs: Sequ
         verdict = grade(scene, item.question, output)
         if verdict is None:
             raise ValueError(f"{item.sample_id}: the world cannot parse its own test question {item.question!r}")
-        samples.append({"id": item.sample_id, "prompt": item.prompt, "image": item.image, "family": item.family,
-                        "output": output, "answer": answer(scene, parse_question(item.question)),
-                        "correct": verdict})
+        samples.append(
+            {
+                "id": item.sample_id,
+                "prompt": item.prompt,
+                "image": item.image,
+                "family": item.family,
+                "output": output,
+                "answer": answer(scene, parse_question(item.question)),
+                "correct": verdict,
+            }
+        )
     result: dict[str, Any] = dict(family_metrics(samples))
     result.update(n=len(samples), correct=sum(s["correct"] for s in samples))
     return result, samples
@@ -149,14 +158,14 @@ def _description_distractors(scene: Scene) -> list[str]:
     for i, obj in enumerate(objs):
         for color in COLORS:
             if color != obj.color:
-                variants.append(objs[:i] + [SceneObject(obj.shape, color, obj.size, obj.x, obj.y)] + objs[i + 1:])
+                variants.append(objs[:i] + [SceneObject(obj.shape, color, obj.size, obj.x, obj.y)] + objs[i + 1 :])
         flipped = "small" if obj.size == "large" else "large"
-        variants.append(objs[:i] + [SceneObject(obj.shape, obj.color, flipped, obj.x, obj.y)] + objs[i + 1:])
+        variants.append(objs[:i] + [SceneObject(obj.shape, obj.color, flipped, obj.x, obj.y)] + objs[i + 1 :])
         for shape in SHAPES:
             if scene.find(shape) is None:
-                variants.append(objs[:i] + [SceneObject(shape, obj.color, obj.size, obj.x, obj.y)] + objs[i + 1:])
+                variants.append(objs[:i] + [SceneObject(shape, obj.color, obj.size, obj.x, obj.y)] + objs[i + 1 :])
         if len(objs) > 1:
-            variants.append(objs[:i] + objs[i + 1:])
+            variants.append(objs[:i] + objs[i + 1 :])
     truth = describe(scene)
     texts = [describe(Scene(scene.image_id, v, scene.background, scene.image_size)) for v in variants]
     return [t for t in dict.fromkeys(texts) if t != truth]
@@ -170,8 +179,11 @@ def options_for(scene: Scene, spec: QuestionSpec, rng: random.Random) -> tuple[l
     """
     absent = _absent_shape(scene, spec)
     if absent is not None:
-        wrong = {"color": rng.sample(sorted(COLORS), 3), "spatial": ["Yes", "No"],
-                 "compare": [f"The {spec.shape}", f"The {spec.other}", "They are the same size"]}[spec.family]
+        wrong = {
+            "color": rng.sample(sorted(COLORS), 3),
+            "spatial": ["Yes", "No"],
+            "compare": [f"The {spec.shape}", f"The {spec.other}", "They are the same size"],
+        }[spec.family]
         correct, distractors = f"There is no {absent} in the image.", wrong
     elif spec.family in ("exist", "spatial"):
         correct = "Yes" if check_answer(scene, spec, "Yes") else "No"
@@ -216,15 +228,17 @@ def multiple_choice_records(items: Sequence[WorldItem], scenes: dict[str, Scene]
         rng = random.Random(f"mmdc-world-mc:{seed}:{item.sample_id}")
         options, index = options_for(scene, spec, rng)
         lines = "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(options))
-        records.append({
-            "id": item.sample_id,
-            "image": item.image,
-            "conversations": [
-                {"from": "human", "value": f"<image>\nContext: N/A\n{item.question}\n{lines}"},
-                {"from": "gpt", "value": LETTERS[index]},
-            ],
-            "family": item.family,
-        })
+        records.append(
+            {
+                "id": item.sample_id,
+                "image": item.image,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\nContext: N/A\n{item.question}\n{lines}"},
+                    {"from": "gpt", "value": LETTERS[index]},
+                ],
+                "family": item.family,
+            }
+        )
     return records
 
 
@@ -239,5 +253,16 @@ def write_multiple_choice(world_dir: str | Path, out_file: str | Path, seed: int
     return out
 
 
-__all__ = ["COLUMNS", "FREE_FORM", "MULTIPLE_CHOICE", "OVERALL", "WorldItem", "evaluate", "family_metrics",
-           "load_items", "multiple_choice_records", "options_for", "write_multiple_choice"]
+__all__ = [
+    "COLUMNS",
+    "FREE_FORM",
+    "MULTIPLE_CHOICE",
+    "OVERALL",
+    "WorldItem",
+    "evaluate",
+    "family_metrics",
+    "load_items",
+    "multiple_choice_records",
+    "options_for",
+    "write_multiple_choice",
+]

@@ -1,19 +1,19 @@
 """From a ``models.*`` spec to a local checkpoint path: the one place that knows the tiny models exist.
 
-    tiny:teacher         the world teacher, trained locally on the synthetic world (full schedule)
-    tiny:teacher-short   the same, short schedule (tests, CI)
-    tiny:random-teacher  an untrained teacher (plumbing only: its referee never parses)
-    tiny:student         the untrained small student; with a tiny:teacher* it sees through the teacher's
-                         vision tower, as the paper's student shares the teacher's CLIP
-    assemble             vision tower + fresh projector + language model (``models.*``), saved once in the run
-    anything else        a local path or a hub id, used as it is
+tiny:teacher         the world teacher, trained locally on the synthetic world (full schedule)
+tiny:teacher-short   the same, short schedule (tests, CI)
+tiny:random-teacher  an untrained teacher (plumbing only: its referee never parses)
+tiny:student         the untrained small student; with a tiny:teacher* it sees through the teacher's
+                     vision tower, as the paper's student shares the teacher's CLIP
+assemble             vision tower + fresh projector + language model (``models.*``), saved once in the run
+anything else        a local path or a hub id, used as it is
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mmdc.config import ConfigError, ModelsConfig
 from mmdc.train.assembly import assemble_llava
@@ -31,8 +31,14 @@ def models_dir(build_dir: str = ModelsConfig.build_dir) -> Path:
     return Path(os.environ.get(BUILD_DIR_ENV) or os.path.expanduser(build_dir)) / "models"
 
 
-def resolve(spec: str, models: ModelsConfig, *, teacher: str | None = None, assemble_into: Path | None = None,
-            log: Callable[[str], None] = print) -> str:
+def resolve(
+    spec: str,
+    models: ModelsConfig,
+    *,
+    teacher: str | None = None,
+    assemble_into: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> str:
     """The local path (or hub id) of ``spec``, building tiny models once and assembling a student once.
 
     ``teacher``: the resolved teacher path, needed by ``tiny:student`` beside a world teacher.
@@ -55,8 +61,9 @@ def _resolve_tiny(spec: str, models: ModelsConfig, teacher: str | None, log: Cal
     if spec in WORLD_TEACHERS:
         schedule = WORLD_TEACHERS[spec]
         log(f"world teacher ({schedule} schedule): building once into {root} if missing …")
-        return ensure_world_teacher(root, schedule=schedule, tokenizer_texts=texts,
-                                    log=lambda message: log(f"world teacher: {message}"))
+        return ensure_world_teacher(
+            root, schedule=schedule, tokenizer_texts=texts, log=lambda message: log(f"world teacher: {message}")
+        )
     built = ensure_tiny_models(root, texts, seed=0)
     tiny = {"tiny:random-teacher": built["teacher"], "tiny:student": built["student"]}
     if spec not in tiny:

@@ -25,9 +25,9 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 from PIL import Image, ImageDraw
 
@@ -115,7 +115,7 @@ class Scene:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Scene":
+    def from_dict(cls, data: dict) -> Scene:
         """Inverse of ``to_dict``."""
         return cls(
             image_id=data["image_id"],
@@ -266,7 +266,9 @@ def _compile(template: str) -> re.Pattern:
     return re.compile(pattern)
 
 
-_COMPILED = [(family, template, _compile(template)) for family, templates in TEMPLATES.items() for template in templates]
+_COMPILED = [
+    (family, template, _compile(template)) for family, templates in TEMPLATES.items() for template in templates
+]
 
 
 def _normalize(text: str) -> str:
@@ -306,7 +308,7 @@ def templates_for(spec: QuestionSpec) -> list[str]:
 
 
 def render_question(spec: QuestionSpec, template_index: int) -> str:
-    """The question text for ``spec`` in template ``template_index`` of ``templates_for(spec)`` (capitalised, ? or .)."""
+    """The question text for ``spec`` in template ``template_index`` of ``templates_for(spec)`` (capitalised)."""
     candidates = templates_for(spec)
     if not candidates:
         raise ValueError(f"no {spec.family} template fits {spec}")
@@ -335,7 +337,7 @@ def families_for(scene: Scene) -> list[str]:
 
 
 def random_spec(scene: Scene, family: str, rng: random.Random) -> QuestionSpec:
-    """A question spec of ``family`` that is valid for ``scene`` (asks only about shapes present, where it names one)."""
+    """A question spec of ``family`` valid for ``scene`` (asks only about shapes present, where it names one)."""
     shapes = [o.shape for o in scene.objects]
     if family == "exist":
         if rng.random() < 0.5:
@@ -472,7 +474,7 @@ def check_answer(scene: Scene, spec: QuestionSpec, text: str) -> bool:
 
 
 def _true_larger(scene: Scene, spec: QuestionSpec) -> str:
-    """"same" or the shape that is larger."""
+    """ "same" or the shape that is larger."""
     a, b = scene.find(spec.shape), scene.find(spec.other)
     if a.size == b.size:
         return "same"
@@ -628,7 +630,9 @@ def generate_world(
             record = _record(scene, questions, rng, with_family=(split == "test"))
             (records if split == "train" else test_records).append(record)
             if split == "train":
-                captions.append({"id": scene.image_id, "image": f"{scene.image_id}.png", "caption": _caption(scene, rng)})
+                captions.append(
+                    {"id": scene.image_id, "image": f"{scene.image_id}.png", "caption": _caption(scene, rng)}
+                )
             scene_lines.append(json.dumps(scene.to_dict(), sort_keys=True))
 
     files = WorldFiles(
@@ -691,7 +695,11 @@ def _all_specs(family: str) -> Iterable[QuestionSpec]:
         return [QuestionSpec("count")] + [QuestionSpec("count", color=c) for c in COLORS]
     if family == "spatial":
         return [
-            QuestionSpec("spatial", shape=a, other=b, relation=r) for a in SHAPES for b in SHAPES if a != b for r in RELATIONS
+            QuestionSpec("spatial", shape=a, other=b, relation=r)
+            for a in SHAPES
+            for b in SHAPES
+            if a != b
+            for r in RELATIONS
         ]
     if family == "compare":
         return [QuestionSpec("compare", shape=a, other=b) for a in SHAPES for b in SHAPES if a != b]

@@ -55,14 +55,15 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from mmdc import roles
 from mmdc.config import replace_fields
-from mmdc.world import scenes as world
 from mmdc.data.augment import rouge_l_f, tokenize
+from mmdc.world import scenes as world
 from mmdc.world.scenes import QuestionSpec, Scene
 
 if TYPE_CHECKING:
@@ -191,7 +192,7 @@ def short_answer(scene: Scene, spec: QuestionSpec) -> str | None:
     """A terser correct phrasing of ``world.answer`` (students answer in several styles), or None."""
     truth = world.answer(scene, spec)
     if truth.startswith("There is no "):
-        return f"I cannot see a {truth[len('There is no '):].split()[0]} in the image."
+        return f"I cannot see a {truth[len('There is no ') :].split()[0]} in the image."
     if spec.family in ("exist", "spatial"):
         return truth.split(",")[0].rstrip(".") + "."
     if spec.family == "color":
@@ -227,7 +228,7 @@ def _plausible_wrong(scene: Scene, spec: QuestionSpec, rng: random.Random) -> tu
     """A fluent answer in the truth's style that states a wrong fact: (text, kind)."""
     truth = world.answer(scene, spec)
     if truth.startswith("There is no "):  # claims an attribute of a shape that is not there
-        shape = truth[len("There is no "):].split()[0]
+        shape = truth[len("There is no ") :].split()[0]
         return f"The {shape} is {rng.choice(tuple(world.COLORS))}.", "wrong"
     if spec.family == "exist":
         return ("No." if truth == "Yes." else "Yes."), "wrong"
@@ -237,7 +238,11 @@ def _plausible_wrong(scene: Scene, spec: QuestionSpec, rng: random.Random) -> tu
         n = sum(1 for o in scene.objects if spec.color is None or o.color == spec.color)
         wrong = rng.choice([k for k in range(0, 5) if k != n])
         noun = f"{spec.color} shape" if spec.color else "shape"
-        text = f"There are no {noun}s." if wrong == 0 else (f"There is 1 {noun}." if wrong == 1 else f"There are {wrong} {noun}s.")
+        text = (
+            f"There are no {noun}s."
+            if wrong == 0
+            else (f"There is 1 {noun}." if wrong == 1 else f"There are {wrong} {noun}s.")
+        )
         return text, "wrong"
     if spec.family == "spatial":
         if truth.startswith("Yes"):
@@ -258,7 +263,7 @@ def _plausible_wrong(scene: Scene, spec: QuestionSpec, rng: random.Random) -> tu
 
 
 def _wrong_description(scene: Scene, rng: random.Random) -> str:
-    """The description of a scene one edit away from ``scene``: a colour, shape or size changed, or an object dropped."""
+    """A description of ``scene`` one edit away: a colour, shape or size changed, or an object dropped."""
     objects = list(scene.objects)
     index = rng.randrange(len(objects))
     obj = objects[index]
@@ -300,7 +305,9 @@ def _garbled(scene: Scene, spec: QuestionSpec, rng: random.Random) -> str:
 def wrong_answer(scene: Scene, spec: QuestionSpec, rng: random.Random) -> tuple[str, str]:
     """(text, kind) of an answer that fails ``world.check_answer``: plausible (3 in 4) or garbled."""
     for _ in range(20):
-        text, kind = _plausible_wrong(scene, spec, rng) if rng.random() < 0.75 else (_garbled(scene, spec, rng), "garbled")
+        text, kind = (
+            _plausible_wrong(scene, spec, rng) if rng.random() < 0.75 else (_garbled(scene, spec, rng), "garbled")
+        )
         if not world.check_answer(scene, spec, text):
             return text, kind
     return "", "garbled"  # an empty reply is never right
@@ -393,7 +400,11 @@ def encode_example(tokenizer, example: Example, image_seq_length: int, max_lengt
     """Tokenize ``example`` exactly as served: system + user text with the image before it, loss on the target."""
     from mmdc.train.formatting import encode_conversation
 
-    row = {"conversation_id": f"{example.job}:{example.image_id}", "questions": [example.user], "answers": [example.target]}
+    row = {
+        "conversation_id": f"{example.job}:{example.image_id}",
+        "questions": [example.user],
+        "answers": [example.target],
+    }
     return encode_conversation(
         tokenizer, row, "before", max_length, image_seq_length=image_seq_length, system=example.system
     )
@@ -411,12 +422,13 @@ def encode_example(tokenizer, example: Example, image_seq_length: int, max_lengt
 #   global, value:  centre x, y per present shape, in [0, 1] (3 x 2)             -> MSE
 _N_LOCAL = len(world.SHAPES) + len(world.COLORS) + len(world.SHAPES)
 _N_COLOR, _N_SIZE = len(world.COLORS) + 1, len(world.SIZES) + 1
-PERCEPTION_OUTPUTS = (_N_LOCAL + len(world.SHAPES) * (_N_COLOR + _N_SIZE) + len(world.BACKGROUNDS) + 3
-                      + 2 * len(world.SHAPES))
+PERCEPTION_OUTPUTS = (
+    _N_LOCAL + len(world.SHAPES) * (_N_COLOR + _N_SIZE) + len(world.BACKGROUNDS) + 3 + 2 * len(world.SHAPES)
+)
 _MIN_COVER = 4  # pixels of an object inside a patch for the patch to count as covered
 
 
-def object_masks(scene: Scene) -> "np.ndarray":
+def object_masks(scene: Scene) -> np.ndarray:
     """[objects, H, W] bool: the pixels each object covers, drawn alone by ``world.render`` (so exactly as shown)."""
     import numpy as np
 
@@ -434,7 +446,9 @@ def perception_targets(scene: Scene, patch_size: int) -> dict:
     side = scene.image_size
     grid = side // patch_size
     masks = object_masks(scene)  # [objects, H, W]
-    per_patch = masks.reshape(len(scene.objects), grid, patch_size, grid, patch_size).sum(axis=(2, 4))  # [objects, g, g]
+    per_patch = masks.reshape(len(scene.objects), grid, patch_size, grid, patch_size).sum(
+        axis=(2, 4)
+    )  # [objects, g, g]
     per_patch = per_patch.reshape(len(scene.objects), grid * grid)  # [objects, P]
     colors, shapes = list(world.COLORS), list(world.SHAPES)
     local = np.zeros((grid * grid, _N_LOCAL), dtype=np.float32)  # [P, 11]
@@ -480,8 +494,8 @@ def perception_loss(logits, targets: dict):
     n_shapes = len(world.SHAPES)
     batch, patches, _ = logits.shape
     local, rest = logits[..., :_N_LOCAL], logits[..., _N_LOCAL:]
-    color, rest = rest[..., : n_shapes * _N_COLOR], rest[..., n_shapes * _N_COLOR:]
-    size, rest = rest[..., : n_shapes * _N_SIZE], rest[..., n_shapes * _N_SIZE:]
+    color, rest = rest[..., : n_shapes * _N_COLOR], rest[..., n_shapes * _N_COLOR :]
+    size, rest = rest[..., : n_shapes * _N_SIZE], rest[..., n_shapes * _N_SIZE :]
     background, count, xy = rest[..., :3], rest[..., 3:6], rest[..., 6:]
 
     def global_ce(part, target, classes):  # part [batch, P, n * classes], target [batch, n] or [batch]
@@ -506,12 +520,12 @@ def perception_accuracy(logits, targets: dict) -> dict[str, float]:
     n_shapes = len(world.SHAPES)
     batch, patches, _ = logits.shape
     local = logits[..., :_N_LOCAL]
-    color = logits[..., _N_LOCAL: _N_LOCAL + n_shapes * _N_COLOR].reshape(batch, patches, n_shapes, _N_COLOR)
+    color = logits[..., _N_LOCAL : _N_LOCAL + n_shapes * _N_COLOR].reshape(batch, patches, n_shapes, _N_COLOR)
     start = _N_LOCAL + n_shapes * _N_COLOR
-    size = logits[..., start: start + n_shapes * _N_SIZE].reshape(batch, patches, n_shapes, _N_SIZE)
+    size = logits[..., start : start + n_shapes * _N_SIZE].reshape(batch, patches, n_shapes, _N_SIZE)
     present = targets["present"][:, None, :].expand(batch, patches, n_shapes).bool()
-    color_ok = (color.argmax(-1) == targets["color"][:, None, :])
-    size_ok = (size.argmax(-1) == targets["size"][:, None, :])
+    color_ok = color.argmax(-1) == targets["color"][:, None, :]
+    size_ok = size.argmax(-1) == targets["size"][:, None, :]
     return {
         "local": ((local > 0).float() == targets["local"]).float().mean().item(),
         "color": color_ok[present].float().mean().item(),
@@ -566,8 +580,17 @@ def _corpus_sha() -> str:
             "colors": world.COLORS,
             "shapes": world.SHAPES,
             "backgrounds": world.BACKGROUNDS,
-            "prompts": [getattr(roles, n) for n in ("TEACHER_SYSTEM", "TEACHER_USER", "REFEREE_SYSTEM", "REFEREE_USER",
-                                                    "AUGMENTOR_SYSTEM", "AUGMENTOR_USER")],
+            "prompts": [
+                getattr(roles, n)
+                for n in (
+                    "TEACHER_SYSTEM",
+                    "TEACHER_USER",
+                    "REFEREE_SYSTEM",
+                    "REFEREE_USER",
+                    "AUGMENTOR_SYSTEM",
+                    "AUGMENTOR_USER",
+                )
+            ],
         },
         sort_keys=True,
     )
@@ -603,7 +626,9 @@ def _perception_batch(step: int, n: int, batch_size: int, seed: int):
     """Scene indices of perception step ``step``: a pure function of its arguments."""
     import torch
 
-    generator = torch.Generator().manual_seed(int(hashlib.sha256(f"perception:{seed}:{step}".encode()).hexdigest()[:8], 16))
+    generator = torch.Generator().manual_seed(
+        int(hashlib.sha256(f"perception:{seed}:{step}".encode()).hexdigest()[:8], 16)
+    )
     return torch.randint(n, (batch_size,), generator=generator)
 
 
@@ -611,7 +636,11 @@ def train_perception(model, head, pixels, targets: dict, plan: Schedule, seed: i
     """Stage 1: train the vision tower, projector and ``head`` on the perception targets; return the final loss."""
     import torch
 
-    params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(), *head.parameters()]
+    params = [
+        *model.model.vision_tower.parameters(),
+        *model.model.multi_modal_projector.parameters(),
+        *head.parameters(),
+    ]
     optimizer = torch.optim.AdamW(params, lr=plan.vision_lr, betas=(0.9, 0.98), weight_decay=plan.weight_decay)
     stage = dataclasses.replace(plan, steps=plan.vision_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, stage))
@@ -628,8 +657,10 @@ def train_perception(model, head, pixels, targets: dict, plan: Schedule, seed: i
         smooth = loss.item() if smooth is None else 0.9 * smooth + 0.1 * loss.item()
         if (step + 1) % 100 == 0 or step + 1 == plan.vision_steps:
             acc = perception_accuracy(logits.detach(), {k: v[idx] for k, v in targets.items()})
-            log(f"vision step {step + 1}/{plan.vision_steps} perception loss {smooth:.3f} "
-                f"acc[{' '.join(f'{k}={v:.2f}' for k, v in acc.items())}] elapsed={time.perf_counter() - started:.0f}s")
+            log(
+                f"vision step {step + 1}/{plan.vision_steps} perception loss {smooth:.3f} "
+                f"acc[{' '.join(f'{k}={v:.2f}' for k, v in acc.items())}] elapsed={time.perf_counter() - started:.0f}s"
+            )
     return {"perception_loss": round(smooth, 4)} if smooth is not None else {}
 
 
@@ -674,25 +705,35 @@ def build_world_teacher(
 
         scenes = training_scenes(plan.num_images, seed, spec.image_size)
         index = {s.image_id: i for i, s in enumerate(scenes)}
-        pixels = torch.cat([  # [N, 3, H, W]; stored in half precision (flat colours: exact to ~1e-3), 4000 scenes = 100 MB
-            pixel_values(processor.image_processor, [world.render(s) for s in scenes[i:i + 500]]).half()
-            for i in range(0, len(scenes), 500)
-        ])
+        pixels = torch.cat(
+            [  # [N, 3, H, W]; stored in half precision (flat colours: exact to ~1e-3), 4000 scenes = 100 MB
+                pixel_values(processor.image_processor, [world.render(s) for s in scenes[i : i + 500]]).half()
+                for i in range(0, len(scenes), 500)
+            ]
+        )
         targets = stack_targets(scenes, spec.patch_size)  # perception targets, [N, ...]
         head = torch.nn.Linear(spec.text_hidden, PERCEPTION_OUTPUTS)  # perception readout, not saved
-        log(f"world teacher: {schedule} schedule, {plan.vision_steps} vision steps x {plan.vision_batch_size}, "
+        log(
+            f"world teacher: {schedule} schedule, {plan.vision_steps} vision steps x {plan.vision_batch_size}, "
             f"{plan.steps} steps x {plan.batch_size}, {len(scenes)} scenes, "
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
+        )
         perception = train_perception(model, head, pixels, targets, plan, seed, log) if plan.vision_steps else {}
 
-        vision = {id(p) for p in (*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters())}
+        vision = {
+            id(p) for p in (*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters())
+        }
         groups = []
         for is_vision, scale in ((False, 1.0), (True, plan.vision_lr_scale)):
             named = [(n, p) for n, p in model.named_parameters() if (id(p) in vision) == is_vision]
             if is_vision:
                 named += list(head.named_parameters())
             groups += [
-                {"params": [p for _, p in named if p.ndim >= 2], "weight_decay": plan.weight_decay, "lr": plan.lr * scale},
+                {
+                    "params": [p for _, p in named if p.ndim >= 2],
+                    "weight_decay": plan.weight_decay,
+                    "lr": plan.lr * scale,
+                },
                 {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0, "lr": plan.lr * scale},
             ]
         optimizer = torch.optim.AdamW(groups, lr=plan.lr, betas=(0.9, 0.98))
@@ -709,9 +750,13 @@ def build_world_teacher(
             loss = model(**batch).loss
             total = loss
             if plan.aux_weight:
-                aux = perception_loss(head(image_features(model, batch["pixel_values"])), {k: v[rows] for k, v in targets.items()})
+                aux = perception_loss(
+                    head(image_features(model, batch["pixel_values"])), {k: v[rows] for k, v in targets.items()}
+                )
                 total = loss + plan.aux_weight * aux
-                losses["perception"] = aux.item() if "perception" not in losses else 0.9 * losses["perception"] + 0.1 * aux.item()
+                losses["perception"] = (
+                    aux.item() if "perception" not in losses else 0.9 * losses["perception"] + 0.1 * aux.item()
+                )
             total.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
             optimizer.step()
@@ -725,8 +770,10 @@ def build_world_teacher(
                 rate = (seen - last_seen) / max(now - last_t, 1e-9)
                 last_t, last_seen = now, seen
                 shown = " ".join(f"{j}={losses[j]:.3f}" for j in (*JOBS, "perception") if j in losses)
-                log(f"step {step + 1}/{plan.steps} loss[{shown}] lr={scheduler.get_last_lr()[0]:.2e} "
-                    f"{rate:.1f} examples/s elapsed={now - started:.0f}s")
+                log(
+                    f"step {step + 1}/{plan.steps} loss[{shown}] lr={scheduler.get_last_lr()[0]:.2e} "
+                    f"{rate:.1f} examples/s elapsed={now - started:.0f}s"
+                )
 
         model.eval()
         model.save_pretrained(tmp)
@@ -764,7 +811,9 @@ def read_fingerprint(model_dir: str | os.PathLike) -> dict | None:
         return None
 
 
-def is_current(model_dir: str | os.PathLike, schedule: str, seed: int, tokenizer_texts: Sequence[str] | None = None) -> bool:
+def is_current(
+    model_dir: str | os.PathLike, schedule: str, seed: int, tokenizer_texts: Sequence[str] | None = None
+) -> bool:
     """Whether ``model_dir`` holds a world teacher built from exactly these inputs by this builder version."""
     from mmdc.world.tiny import TEACHER_SPEC, train_tokenizer
 
@@ -795,8 +844,9 @@ def ensure_world_teacher(
     return build_world_teacher(out, seed=seed, schedule=schedule, tokenizer_texts=tokenizer_texts, log=log)
 
 
-def student_with_teacher_vision(student_dir: str | os.PathLike, teacher_dir: str | os.PathLike,
-                                models_dir: str | os.PathLike) -> str:
+def student_with_teacher_vision(
+    student_dir: str | os.PathLike, teacher_dir: str | os.PathLike, models_dir: str | os.PathLike
+) -> str:
     """The tiny student with the world teacher's trained vision tower in place of its random one; built once.
 
     The paper's student and teacher see through the same pretrained CLIP ViT-L/14; a tiny student
@@ -805,11 +855,10 @@ def student_with_teacher_vision(student_dir: str | os.PathLike, teacher_dir: str
     own smaller LM and its fresh projector, which stage 1 aligns. Both towers must have one shape.
     """
     import torch
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from mmdc.data.answers import model_fingerprint
     from mmdc.train.assembly import save_llava
-    from transformers import AutoProcessor
 
     key = hashlib.sha256(f"{model_fingerprint(str(student_dir))}:{model_fingerprint(str(teacher_dir))}".encode())
     out = Path(models_dir) / f"student-sees-{key.hexdigest()[:12]}"
@@ -818,11 +867,23 @@ def student_with_teacher_vision(student_dir: str | os.PathLike, teacher_dir: str
     student = LlavaForConditionalGeneration.from_pretrained(student_dir, dtype=torch.float32)
     teacher = LlavaForConditionalGeneration.from_pretrained(teacher_dir, dtype=torch.float32)
     s_vis, t_vis = student.config.vision_config.to_dict(), teacher.config.vision_config.to_dict()
-    differ = sorted(k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                                "image_size", "patch_size") if s_vis.get(k) != t_vis.get(k))
+    differ = sorted(
+        k
+        for k in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "image_size",
+            "patch_size",
+        )
+        if s_vis.get(k) != t_vis.get(k)
+    )
     if differ:
-        raise ValueError(f"the student's vision tower ({student_dir}) and the teacher's ({teacher_dir}) differ in "
-                         f"{', '.join(differ)}; they must have one shape to share weights")
+        raise ValueError(
+            f"the student's vision tower ({student_dir}) and the teacher's ({teacher_dir}) differ in "
+            f"{', '.join(differ)}; they must have one shape to share weights"
+        )
     student.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex}")
     save_llava(student, AutoProcessor.from_pretrained(student_dir), tmp)
@@ -839,16 +900,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder to write the model + processor to")
     parser.add_argument("--schedule", default="full", choices=sorted(SCHEDULES))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="replace a schedule field for an experiment, e.g. --set vision_steps=6000 "
-                             "--set 'mix=[0.4,0.45,0.15]' (values as in the run's --set; recorded in the fingerprint)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="replace a schedule field for an experiment, e.g. --set vision_steps=6000 "
+        "--set 'mix=[0.4,0.45,0.15]' (values as in the run's --set; recorded in the fingerprint)",
+    )
     args = parser.parse_args(argv)
     try:
         schedule_with(args.schedule, args.set)
     except ValueError as exc:
         parser.error(str(exc))
-    build_world_teacher(args.out, seed=args.seed, schedule=args.schedule, log=lambda m: print(m, flush=True),
-                        overrides=args.set)
+    build_world_teacher(
+        args.out, seed=args.seed, schedule=args.schedule, log=lambda m: print(m, flush=True), overrides=args.set
+    )
     return 0
 
 

@@ -27,9 +27,9 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -61,7 +61,12 @@ SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN)
 
 # The Table 6 prompt constants of mmdc.roles that go into every tokenizer corpus.
 _ROLE_PROMPT_NAMES = (
-    "TEACHER_SYSTEM", "TEACHER_USER", "REFEREE_SYSTEM", "REFEREE_USER", "AUGMENTOR_SYSTEM", "AUGMENTOR_USER",
+    "TEACHER_SYSTEM",
+    "TEACHER_USER",
+    "REFEREE_SYSTEM",
+    "REFEREE_USER",
+    "AUGMENTOR_SYSTEM",
+    "AUGMENTOR_USER",
 )
 
 
@@ -154,12 +159,14 @@ def _train_bpe(corpus: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
     bpe.train_from_iterator(corpus, trainer=trainer)
     bos_id = bpe.token_to_id(BOS_TOKEN)
-    bpe.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(
-            single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)]
-        ),
-    ])
+    bpe.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)]
+            ),
+        ]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token=BOS_TOKEN,

@@ -12,8 +12,9 @@ from __future__ import annotations
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -49,7 +50,7 @@ class MetricsScraper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="metrics-scraper", daemon=True)
 
-    def start(self) -> "MetricsScraper":
+    def start(self) -> MetricsScraper:
         self._thread.start()
         return self
 
@@ -71,9 +72,12 @@ class MetricsScraper:
             except OSError as err:  # a node going away, or the agent restarting: note it, keep going
                 self.errors.append(f"{url}: {err}")
                 continue
-            seen = {(s.name, frozenset(s.labels.items())): s.value
-                    for family in text_string_to_metric_families(text) for s in family.samples
-                    if s.name.startswith(self.prefix)}
+            seen = {
+                (s.name, frozenset(s.labels.items())): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+                if s.name.startswith(self.prefix)
+            }
             with self._lock:
                 self.latest.update(seen)
 
@@ -83,7 +87,7 @@ class MetricsScraper:
         with self._lock:
             return {lbl: v for (n, lbl), v in self.latest.items() if n == name and want <= lbl}
 
-    def wait_for(self, ready: Callable[["MetricsScraper"], bool], timeout_s: float = 60.0) -> bool:
+    def wait_for(self, ready: Callable[[MetricsScraper], bool], timeout_s: float = 60.0) -> bool:
         deadline = time.monotonic() + timeout_s
         while not ready(self):
             if time.monotonic() > deadline:
@@ -135,8 +139,8 @@ def tiny_run_args() -> Callable[[Path], list[str]]:
 
 
 @pytest.fixture
-def colour_pool() -> Callable[[Path, int], "pa.Table"]:
-    """``make(image_dir, rows)``: a pool of ``rows`` questions over four plain-colour images written to ``image_dir``."""
+def colour_pool() -> Callable[[Path, int], pa.Table]:
+    """``make(image_dir, rows)``: ``rows`` questions over four plain-colour images written to ``image_dir``."""
     import pyarrow as pa
     from PIL import Image
 
@@ -144,8 +148,12 @@ def colour_pool() -> Callable[[Path, int], "pa.Table"]:
         colours = [(230, 20, 20), (20, 200, 40), (30, 40, 220), (240, 220, 30)]
         for k, c in enumerate(colours):
             Image.new("RGB", (32, 32), c).save(image_dir / f"img{k}.png")
-        return pa.table({"instruction_id": [f"row{i:04d}" for i in range(rows)],
-                         "image": [f"img{i % len(colours)}.png" for i in range(rows)],
-                         "question": [f"what colour is shape {i}?" for i in range(rows)]})
+        return pa.table(
+            {
+                "instruction_id": [f"row{i:04d}" for i in range(rows)],
+                "image": [f"img{i % len(colours)}.png" for i in range(rows)],
+                "question": [f"what colour is shape {i}?" for i in range(rows)],
+            }
+        )
 
     return make

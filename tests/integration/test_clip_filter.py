@@ -18,12 +18,21 @@ def test_stage1_trains_on_the_pairs_the_clip_filter_kept(ray_cluster, tmp_path):
     from mmdc.run import main
 
     run_dir = tmp_path / "clip-run"
-    overrides = ["run.iterations=0", "models.teacher=tiny:teacher-short", "data.world.num_images=16",
-                 "data.world.test_images=2", "eval.enabled=false", "align.epochs=1",
-                 "data.clip_filter.enabled=true", f"data.clip_filter.model={TINY.stem}",
-                 f"data.clip_filter.model_config={TINY}", "data.clip_filter.pretrained=null",
-                 "data.clip_filter.threshold=-1", "data.clip_filter.batch_size=8",
-                 "data.caption_filter.enabled=false"]
+    overrides = [
+        "run.iterations=0",
+        "models.teacher=tiny:teacher-short",
+        "data.world.num_images=16",
+        "data.world.test_images=2",
+        "eval.enabled=false",
+        "align.epochs=1",
+        "data.clip_filter.enabled=true",
+        f"data.clip_filter.model={TINY.stem}",
+        f"data.clip_filter.model_config={TINY}",
+        "data.clip_filter.pretrained=null",
+        "data.clip_filter.threshold=-1",
+        "data.clip_filter.batch_size=8",
+        "data.caption_filter.enabled=false",
+    ]
     args = ["--output", str(run_dir)]
     for o in overrides:
         args += ["--set", o]

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from mmdc.engines.hf import HFEngine
 from mmdc.config import EngineConfig, PipelineConfig, to_dict
+from mmdc.engines.hf import HFEngine
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,7 @@ SAMPLING = {"temperature": 0.5, "max_new_tokens": 16, "retries": 0}
 
 
 class HeldEngine(HFEngine.func_or_class):
-    """The hf engine, except that one request after ``hold_after`` rows waits, in flight, until the replica is killed."""
+    """The hf engine, except that one request after ``hold_after`` rows waits in flight until the replica is killed."""
 
     def __init__(self, marker: str, hold_after: int, *args):
         super().__init__(*args)
@@ -49,38 +49,49 @@ class HeldEngine(HFEngine.func_or_class):
         return super().generate_batch(requests)
 
 
-def test_a_replica_killed_mid_phase_loses_and_repeats_no_row(ray_cluster, tmp_path, capfd, tiny_student,
-                                                             colour_pool):
+def test_a_replica_killed_mid_phase_loses_and_repeats_no_row(ray_cluster, tmp_path, capfd, tiny_student, colour_pool):
     import ray
     from ray import cloudpickle, serve
 
+    from mmdc import roles
     from mmdc.engines.backends import deployment_name
     from mmdc.engines.hf import HFGenerator
     from mmdc.engines.processors import ProcessorSpec, TeacherProcessor, image_url, run_processors
     from mmdc.roles import row_seed
-    from mmdc import roles
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # replicas cannot import the test module
     student = tiny_student
     table = colour_pool(tmp_path, ROWS)
-    engine = EngineConfig(replicas=1, num_cpus=1, max_batch_size=16, request_timeout_s=60,
-                          max_retries=6, retry_backoff_s=0.5)
+    engine = EngineConfig(
+        replicas=1, num_cpus=1, max_batch_size=16, request_timeout_s=60, max_retries=6, retry_backoff_s=0.5
+    )
     serve.start(proxy_location="Disabled")
     dep = deployment_name(student)
     marker = tmp_path / "held-replica"
-    app = serve.deployment(HeldEngine).options(name=dep, num_replicas=1, max_ongoing_requests=1,
-                                               ray_actor_options={"num_cpus": 1})
+    app = serve.deployment(HeldEngine).options(
+        name=dep, num_replicas=1, max_ongoing_requests=1, ray_actor_options={"num_cpus": 1}
+    )
     serve.run(app.bind(str(marker), 48, student, "float32", 16, 1), name=APP, route_prefix=None)
-    spec = ProcessorSpec(TeacherProcessor, {"app_name": APP, "deployment": dep, "sampling": SAMPLING,
-                                    "run_seed": 0, "image_root": str(tmp_path), "timeout_s": 60,
-                                    "engine": to_dict(engine)})
+    spec = ProcessorSpec(
+        TeacherProcessor,
+        {
+            "app_name": APP,
+            "deployment": dep,
+            "sampling": SAMPLING,
+            "run_seed": 0,
+            "image_root": str(tmp_path),
+            "timeout_s": 60,
+            "engine": to_dict(engine),
+        },
+    )
     out_dir = tmp_path / "teach"
     result: dict = {}
 
     def phase():
         try:
-            result["table"] = run_processors(table, [spec], out_dir, PipelineConfig(batch_size=64, concurrency=2,
-                                                                                 blocks_per_client=2))
+            result["table"] = run_processors(
+                table, [spec], out_dir, PipelineConfig(batch_size=64, concurrency=2, blocks_per_client=2)
+            )
         except BaseException as err:  # noqa: BLE001 - reported by the test thread
             result["error"] = err
 
@@ -108,7 +119,9 @@ def test_a_replica_killed_mid_phase_loses_and_repeats_no_row(ray_cluster, tmp_pa
         if "teacher engine error on" in logged:
             break
         time.sleep(0.2)
-    retried = set(re.findall(r"row\d{4}", " ".join(re.findall(r"teacher engine error on \d+ row\(s\) \[([^\]]*)\]", logged))))
+    retried = set(
+        re.findall(r"row\d{4}", " ".join(re.findall(r"teacher engine error on \d+ row\(s\) \[([^\]]*)\]", logged)))
+    )
     assert retried, logged[-3000:]
 
     got = result["table"].to_pandas().sort_values("instruction_id")
@@ -117,7 +130,13 @@ def test_a_replica_killed_mid_phase_loses_and_repeats_no_row(ray_cluster, tmp_pa
     # Retried rows carry the answers a fault-free engine gives (per-row seeds, batch-independent sampling).
     gen = HFGenerator(student, max_batch_size=16)
     sample = got[got["instruction_id"].isin(retried) | (got.index % 16 == 0)]
-    reqs = [{"messages": roles.teacher_messages(q, image_url(img, str(tmp_path))), "seed": row_seed(0, "teacher", i),
-             "temperature": SAMPLING["temperature"], "max_new_tokens": SAMPLING["max_new_tokens"]}
-            for q, img, i in zip(sample["question"], sample["image"], sample["instruction_id"])]
+    reqs = [
+        {
+            "messages": roles.teacher_messages(q, image_url(img, str(tmp_path))),
+            "seed": row_seed(0, "teacher", i),
+            "temperature": SAMPLING["temperature"],
+            "max_new_tokens": SAMPLING["max_new_tokens"],
+        }
+        for q, img, i in zip(sample["question"], sample["image"], sample["instruction_id"])
+    ]
     assert [o["text"] for o in gen.generate(reqs)] == sample["teacher_answer"].tolist()

@@ -34,19 +34,46 @@ def head(tmp_path):
     ray_bin = str(Path(sys.executable).with_name("ray"))
     # The job's `python` must be this environment's, as after `source .venv/bin/activate`.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex,
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PATH": path,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": uuid.uuid4().hex,
+        "OMP_NUM_THREADS": "1",
+    }
     port, dash = _free_port(), _free_port()
     # Every listening port of its own: the session's test cluster (and anything else on the machine)
     # holds Ray's fixed defaults, e.g. the job agent's 52365, and a head whose job agent cannot bind
     # answers `job list` but refuses every submit ("No available agent").
-    ports = [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                    "metrics-export-port", "runtime-env-agent-port",
-                                                    "ray-client-server-port")]
+    ports = [
+        f"--{flag}={_free_port()}"
+        for flag in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "ray-client-server-port",
+        )
+    ]
     proc = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}", *ports,
-         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
-        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--dashboard-port={dash}",
+            *ports,
+            "--dashboard-host=127.0.0.1",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=open(tmp_path / "head.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -68,10 +95,29 @@ def head(tmp_path):
 def test_ray_job_submit_runs_mmdc(head, tmp_path):
     ray_bin, address, env = head
     run_dir = tmp_path / "job-run"
-    cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-           "python", "-m", "mmdc.run", "--output", str(run_dir), "--set", "run.iterations=0",
-           "--set", "align.enabled=false", "--set", "data.world.num_images=6",
-           "--set", "models.teacher=tiny:teacher-short"]
+    cmd = [
+        ray_bin,
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(REPO),
+        "--",
+        "python",
+        "-m",
+        "mmdc.run",
+        "--output",
+        str(run_dir),
+        "--set",
+        "run.iterations=0",
+        "--set",
+        "align.enabled=false",
+        "--set",
+        "data.world.num_images=6",
+        "--set",
+        "models.teacher=tiny:teacher-short",
+    ]
     deadline = time.time() + 120
     while True:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)

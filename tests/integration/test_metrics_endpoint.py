@@ -40,14 +40,17 @@ def test_endpoint_serves_mmdc_metrics_with_sensible_values(tiny_run, tiny_run_me
     final_eval = _records(tiny_run)["eval"]["eval_world_Avg"]  # the latest student score the gauge must hold
 
     def all_phases_exported(s) -> bool:
-        return (all(_one(s, "ray_mmdc_phase_duration_seconds_count", phase=p) for p in PHASES)
-                and _one(s, "ray_mmdc_hard_ratio") is not None
-                and _one(s, "ray_mmdc_eval_score", model="student", score="world_Avg") == pytest.approx(final_eval)
-                and _one(s, "ray_mmdc_phase_active", phase=last_phase) == 1.0)
+        return (
+            all(_one(s, "ray_mmdc_phase_duration_seconds_count", phase=p) for p in PHASES)
+            and _one(s, "ray_mmdc_hard_ratio") is not None
+            and _one(s, "ray_mmdc_eval_score", model="student", score="world_Avg") == pytest.approx(final_eval)
+            and _one(s, "ray_mmdc_phase_active", phase=last_phase) == 1.0
+        )
 
     assert scraper.wait_for(all_phases_exported, timeout_s=60), (
         f"mmdc metrics missing from {scraper.urls}; seen: {sorted({n for n, _ in scraper.latest})}; "
-        f"errors: {scraper.errors[-3:]}")
+        f"errors: {scraper.errors[-3:]}"
+    )
     records = _records(tiny_run)
 
     for phase in ("prepare", "teach", "assess"):  # phases whose record counts rows

@@ -9,7 +9,6 @@ benchmarks/research/teacher_knowledge.py), with half the "student" answers right
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -36,8 +35,16 @@ def count_pool(image_dir: Path) -> tuple[pa.Table, list[bool]]:
         wrong, kind = wt.wrong_answer(scene, spec, rng)
         while kind == "garbled":  # told apart by its surface, not its facts: not a test of judgement
             wrong, kind = wt.wrong_answer(scene, spec, rng)
-        rows.append({"instruction_id": f"row{k:02d}", "image_id": scene.image_id, "image": f"{scene.image_id}.png",
-                     "question": question, "teacher_answer": truth, "student_answer": truth if k % 2 == 0 else wrong})
+        rows.append(
+            {
+                "instruction_id": f"row{k:02d}",
+                "image_id": scene.image_id,
+                "image": f"{scene.image_id}.png",
+                "question": question,
+                "teacher_answer": truth,
+                "student_answer": truth if k % 2 == 0 else wrong,
+            }
+        )
         right.append(k % 2 == 0)
     return pa.Table.from_pylist(rows), right
 
@@ -46,12 +53,11 @@ def test_reply_and_likelihood_referees_through_a_served_world_teacher(ray_cluste
     from ray import serve
 
     from mmdc import roles
-    from mmdc.engines.backends import build_engine_app, deployment_name
     from mmdc.data.calibration import LIKELIHOOD_EXPLANATION, assess_table
-    from mmdc.engines.processors import RefereeProcessor, ProcessorSpec, run_processors
-    from mmdc.world.teacher import ensure_world_teacher
-
+    from mmdc.engines.backends import build_engine_app, deployment_name
+    from mmdc.engines.processors import ProcessorSpec, RefereeProcessor, run_processors
     from mmdc.world.models import models_dir
+    from mmdc.world.teacher import ensure_world_teacher
 
     teacher = ensure_world_teacher(models_dir(), schedule="short", seed=0)
     table, right = count_pool(tmp_path)
@@ -61,9 +67,18 @@ def test_reply_and_likelihood_referees_through_a_served_world_teacher(ray_cluste
     try:
         assessed = {}
         for scoring in ("reply", "likelihood"):
-            spec = ProcessorSpec(RefereeProcessor, {"app_name": "referee-test", "deployment": deployment_name(teacher),
-                                            "sampling": SAMPLING, "run_seed": 0, "image_root": str(tmp_path),
-                                            "engine": to_dict(engine), "scoring": scoring})
+            spec = ProcessorSpec(
+                RefereeProcessor,
+                {
+                    "app_name": "referee-test",
+                    "deployment": deployment_name(teacher),
+                    "sampling": SAMPLING,
+                    "run_seed": 0,
+                    "image_root": str(tmp_path),
+                    "engine": to_dict(engine),
+                    "scoring": scoring,
+                },
+            )
             out = run_processors(table, [spec], tmp_path / scoring, PipelineConfig(batch_size=8, concurrency=1))
             assessed[scoring] = assess_table(out.to_pandas().sort_values("instruction_id"), tau=0.33)
     finally:

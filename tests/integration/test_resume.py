@@ -64,21 +64,29 @@ def test_killed_twice_and_resumed_matches_the_uninterrupted_run(ray_cluster, tin
     # 1. Mid-training: after stage 2 has made at least one optimizer step.
     state = _run_and_kill(ray, args, run_dir, lambda: _train_steps(run_dir, "tune") >= 1)
     assert state["current"]["phase"] == "tune"
-    assert ("tune" not in [c["phase"] for c in state["completed"]])
+    assert "tune" not in [c["phase"] for c in state["completed"]]
 
     # 2. Resume; kill again mid-inference, once the assess phase has written some (not all) of its rows.
-    state = _run_and_kill(ray, ["--resume", str(run_dir)], run_dir,
-                          lambda: _partial_rows(run_dir, "assess") >= 1)
+    state = _run_and_kill(ray, ["--resume", str(run_dir)], run_dir, lambda: _partial_rows(run_dir, "assess") >= 1)
     assert state["current"]["phase"] == "assess"
-    assert ("tune" in [c["phase"] for c in state["completed"]])
+    assert "tune" in [c["phase"] for c in state["completed"]]
 
     # 3. Resume to the end; then resuming again is a no-op that says so.
     assert main(["--resume", str(run_dir)]) == 0
     final = _state(run_dir)
     assert final["status"] == "finished"
     phases = [(c["iteration"], c["phase"]) for c in final["completed"]]
-    assert phases == [(0, "prepare"), (0, "align"), (0, "eval"), (0, "eval_teacher"), (1, "teach"), (1, "tune"),
-                      (1, "eval"), (1, "assess"), (1, "augment")]
+    assert phases == [
+        (0, "prepare"),
+        (0, "align"),
+        (0, "eval"),
+        (0, "eval_teacher"),
+        (1, "teach"),
+        (1, "tune"),
+        (1, "eval"),
+        (1, "assess"),
+        (1, "augment"),
+    ]
     assert main(["--resume", str(run_dir)]) == 0
     assert _state(run_dir)["completed"] == final["completed"]
 

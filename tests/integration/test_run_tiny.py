@@ -17,28 +17,61 @@ pytestmark = pytest.mark.integration
 
 
 def test_run_directory_layout(tiny_run):
-    for rel in ["config.yaml", "state.json", "metrics.jsonl", "report.md",
-                "pools/iter_0/tuning.parquet", "pools/iter_0/cache.parquet",
-                "pools/iter_1/tuning.parquet", "pools/iter_1/cache.parquet",
-                "assessments/iter_1.parquet", "generated/iter_1.parquet",
-                "train/iter_1/conversations.parquet", "checkpoints/align/config.json",
-                "checkpoints/student/iter_1/config.json", "eval/world/iter_0.json", "eval/world/iter_1.json",
-                "eval/world/teacher.json", "plots/eval_per_iteration.png"]:
+    for rel in [
+        "config.yaml",
+        "state.json",
+        "metrics.jsonl",
+        "report.md",
+        "pools/iter_0/tuning.parquet",
+        "pools/iter_0/cache.parquet",
+        "pools/iter_1/tuning.parquet",
+        "pools/iter_1/cache.parquet",
+        "assessments/iter_1.parquet",
+        "generated/iter_1.parquet",
+        "train/iter_1/conversations.parquet",
+        "checkpoints/align/config.json",
+        "checkpoints/student/iter_1/config.json",
+        "eval/world/iter_0.json",
+        "eval/world/iter_1.json",
+        "eval/world/teacher.json",
+        "plots/eval_per_iteration.png",
+    ]:
         assert (tiny_run / rel).exists(), rel
     state = json.loads((tiny_run / "state.json").read_text())
     assert state["status"] == "finished"
     phases = [(c["iteration"], c["phase"]) for c in state["completed"]]
-    assert phases == [(0, "prepare"), (0, "align"), (0, "eval"), (0, "eval_teacher"), (1, "teach"), (1, "tune"),
-                      (1, "eval"), (1, "assess"), (1, "augment")]
+    assert phases == [
+        (0, "prepare"),
+        (0, "align"),
+        (0, "eval"),
+        (0, "eval_teacher"),
+        (1, "teach"),
+        (1, "tune"),
+        (1, "eval"),
+        (1, "assess"),
+        (1, "augment"),
+    ]
 
 
 def test_every_cache_row_is_scored_or_says_why(tiny_run):
     cache0 = pd.read_parquet(tiny_run / "pools/iter_0/cache.parquet")
     a = pd.read_parquet(tiny_run / "assessments/iter_1.parquet")
     assert sorted(a["instruction_id"]) == sorted(cache0["instruction_id"])
-    for col in ["instruction_id", "image_id", "question", "teacher_answer", "student_answer", "referee_replies",
-                "scores_student", "scores_teacher", "score_student", "score_teacher", "difficulty", "hard",
-                "unscored_reason"]:
+    for col in [
+        "instruction_id",
+        "image_id",
+        "question",
+        "teacher_answer",
+        "student_answer",
+        "referee_replies",
+        "scores_student",
+        "scores_teacher",
+        "score_student",
+        "score_teacher",
+        "difficulty",
+        "hard",
+        "unscored_reason",
+    ]:
         assert col in a.columns, col
     scored = a["difficulty"].notna()
     assert (scored | a["unscored_reason"].notna()).all()
@@ -66,7 +99,9 @@ def test_metrics_per_phase(tiny_run):
     # The cache pool equals the tuning pool in iteration 1: the frozen teacher is never asked twice.
     assert phases["assess"]["cache_hits"] == phases["prepare"]["rows"]
     assert phases["assess"]["cache_misses"] == 0
-    assert phases["assess"]["hard"] + phases["assess"]["easy"] + phases["assess"]["unscored"] == phases["prepare"]["rows"]
+    assert (
+        phases["assess"]["hard"] + phases["assess"]["easy"] + phases["assess"]["unscored"] == phases["prepare"]["rows"]
+    )
 
 
 def test_student_checkpoint_loads_and_generates(tiny_run):
@@ -78,6 +113,14 @@ def test_student_checkpoint_loads_and_generates(tiny_run):
     row = pool.iloc[0]
     gen = HFGenerator(str(tiny_run / "checkpoints/student/iter_1"))
     root = str(tiny_run / "data/world/images")
-    out = gen.generate([{"messages": roles.student_messages(row["question"], image_url(row["image"], root)),
-                         "temperature": 0.0, "max_new_tokens": 8, "seed": 1}])
+    out = gen.generate(
+        [
+            {
+                "messages": roles.student_messages(row["question"], image_url(row["image"], root)),
+                "temperature": 0.0,
+                "max_new_tokens": 8,
+                "seed": 1,
+            }
+        ]
+    )
     assert out[0]["completion_tokens"] >= 1

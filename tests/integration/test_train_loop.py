@@ -22,8 +22,19 @@ from mmdc.world.tiny import TinySpec, build_tiny_llava, train_tokenizer
 
 pytestmark = pytest.mark.integration
 
-SPEC = TinySpec(image_size=32, patch_size=16, vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=64,
-                text_layers=2, text_heads=2, text_intermediate=128, vocab_size=400, max_position_embeddings=256)
+SPEC = TinySpec(
+    image_size=32,
+    patch_size=16,
+    vision_hidden=32,
+    vision_layers=2,
+    vision_heads=2,
+    text_hidden=64,
+    text_layers=2,
+    text_heads=2,
+    text_intermediate=128,
+    vocab_size=400,
+    max_position_embeddings=256,
+)
 COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 20)}
 
 
@@ -36,11 +47,16 @@ def tiny_world(tmp_path_factory):
         img = Image.new("RGB", (32, 32), (255, 255, 255))
         ImageDraw.Draw(img).rectangle([6, 6, 26, 26], fill=rgb)
         img.save(root / f"img{i}.png")
-        conversations.append({
-            "conversation_id": f"img{i}", "image_id": f"img{i}", "image": f"img{i}.png",
-            "questions": ["what color is the square?", "is there a square?"],
-            "answers": [f"the square is {name}.", "yes."], "instruction_ids": [f"q{i}a", f"q{i}b"],
-        })
+        conversations.append(
+            {
+                "conversation_id": f"img{i}",
+                "image_id": f"img{i}",
+                "image": f"img{i}.png",
+                "questions": ["what color is the square?", "is there a square?"],
+                "answers": [f"the square is {name}.", "yes."],
+                "instruction_ids": [f"q{i}a", f"q{i}b"],
+            }
+        )
         captions.append({"id": f"img{i}", "image": f"img{i}.png", "caption": f"a {name} square."})
     texts = [q for c in conversations for q in c["questions"]] + [a for c in conversations for a in c["answers"]]
     texts += [c["caption"] for c in captions]
@@ -50,8 +66,19 @@ def tiny_world(tmp_path_factory):
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(strategy="deepspeed", zero_stage=2, num_workers=2, cpus_per_worker=0.5, lr=3e-3, warmup_ratio=0.0,
-                lr_schedule="constant", global_batch_size=4, micro_batch_size=2, epochs=6, max_length=128)
+    base = dict(
+        strategy="deepspeed",
+        zero_stage=2,
+        num_workers=2,
+        cpus_per_worker=0.5,
+        lr=3e-3,
+        warmup_ratio=0.0,
+        lr_schedule="constant",
+        global_batch_size=4,
+        micro_batch_size=2,
+        epochs=6,
+        max_length=128,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -85,9 +112,16 @@ def _train_zero2(world: dict, out: Path, run_name: str, **kw):
     import ray
 
     return train_student(
-        stage="tune", init_checkpoint=world["ckpt"], output_dir=str(out / "ckpt"),
-        dataset=ray.data.from_items(world["conversations"] * 2), train_cfg=_cfg(**ZERO2, checkpoint_every_steps=5),
-        seed=0, image_root=str(world["root"]), metrics_path=str(out / "metrics.jsonl"), run_name=run_name, **kw,
+        stage="tune",
+        init_checkpoint=world["ckpt"],
+        output_dir=str(out / "ckpt"),
+        dataset=ray.data.from_items(world["conversations"] * 2),
+        train_cfg=_cfg(**ZERO2, checkpoint_every_steps=5),
+        seed=0,
+        image_root=str(world["root"]),
+        metrics_path=str(out / "metrics.jsonl"),
+        run_name=run_name,
+        **kw,
     )
 
 
@@ -157,9 +191,14 @@ def test_align_ddp_changes_only_the_projector(ray_cluster, tiny_world, tmp_path)
     import ray
 
     result = train_student(
-        stage="align", init_checkpoint=tiny_world["ckpt"], output_dir=str(tmp_path / "align"),
-        dataset=ray.data.from_items(tiny_world["captions"]), train_cfg=_cfg(strategy="ddp", epochs=2), seed=0,
-        image_root=str(tiny_world["root"]), run_name="align-ddp",
+        stage="align",
+        init_checkpoint=tiny_world["ckpt"],
+        output_dir=str(tmp_path / "align"),
+        dataset=ray.data.from_items(tiny_world["captions"]),
+        train_cfg=_cfg(strategy="ddp", epochs=2),
+        seed=0,
+        image_root=str(tiny_world["root"]),
+        run_name="align-ddp",
     )
     assert result.metrics["steps"] == 2
     before, after = _state(tiny_world["ckpt"]), _state(result.checkpoint_dir)
@@ -175,9 +214,14 @@ def test_lora_merged_checkpoint_reloads(ray_cluster, tiny_world, tmp_path):
 
     lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], merge=True)
     result = train_student(
-        stage="tune", init_checkpoint=tiny_world["ckpt"], output_dir=str(tmp_path / "lora"),
-        dataset=ray.data.from_items(tiny_world["conversations"]), train_cfg=_cfg(epochs=2, lora=lora), seed=1,
-        image_root=str(tiny_world["root"]), run_name="lora",
+        stage="tune",
+        init_checkpoint=tiny_world["ckpt"],
+        output_dir=str(tmp_path / "lora"),
+        dataset=ray.data.from_items(tiny_world["conversations"]),
+        train_cfg=_cfg(epochs=2, lora=lora),
+        seed=1,
+        image_root=str(tiny_world["root"]),
+        run_name="lora",
     )
     before, after = _state(tiny_world["ckpt"]), _state(result.checkpoint_dir)
     assert before.keys() == after.keys()  # merged: no lora_A / lora_B / modules_to_save keys left
@@ -197,9 +241,14 @@ def test_zero3_saves_a_full_checkpoint_and_counts_dropped_rows(ray_cluster, tiny
     long_row = dict(tiny_world["conversations"][0], questions=["what color is the square? " * 40, "is it?"])
     rows = [dict(long_row, conversation_id=f"too-long-{i}") for i in range(4)] + tiny_world["conversations"]
     result = train_student(
-        stage="tune", init_checkpoint=tiny_world["ckpt"], output_dir=str(tmp_path / "z3"),
-        dataset=ray.data.from_items(rows), train_cfg=_cfg(zero_stage=3, epochs=1), seed=0,
-        image_root=str(tiny_world["root"]), run_name="zero3",
+        stage="tune",
+        init_checkpoint=tiny_world["ckpt"],
+        output_dir=str(tmp_path / "z3"),
+        dataset=ray.data.from_items(rows),
+        train_cfg=_cfg(zero_stage=3, epochs=1),
+        seed=0,
+        image_root=str(tiny_world["root"]),
+        run_name="zero3",
     )
     assert result.metrics["dropped_samples"] == 4
     assert result.metrics["samples"] == 4
@@ -219,9 +268,20 @@ def test_refuses_a_non_empty_output_dir_and_too_little_data(ray_cluster, tiny_wo
     (tmp_path / "full" / "config.json").write_text("{}")
     ds = ray.data.from_items(tiny_world["conversations"])
     with pytest.raises(ValueError, match="not empty"):
-        train_student(stage="tune", init_checkpoint=tiny_world["ckpt"], output_dir=str(tmp_path / "full"),
-                      dataset=ds, train_cfg=_cfg(), seed=0)
+        train_student(
+            stage="tune",
+            init_checkpoint=tiny_world["ckpt"],
+            output_dir=str(tmp_path / "full"),
+            dataset=ds,
+            train_cfg=_cfg(),
+            seed=0,
+        )
     with pytest.raises(ValueError, match="global batch"):
-        train_student(stage="tune", init_checkpoint=tiny_world["ckpt"], output_dir=str(tmp_path / "x"),
-                      dataset=ds, train_cfg=_cfg(global_batch_size=8, epochs=1), seed=0)
-
+        train_student(
+            stage="tune",
+            init_checkpoint=tiny_world["ckpt"],
+            output_dir=str(tmp_path / "x"),
+            dataset=ds,
+            train_cfg=_cfg(global_batch_size=8, epochs=1),
+            seed=0,
+        )

@@ -15,15 +15,22 @@ from mmdc.eval.report import write_named_results
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("tau_0", Variant("tau_0", ("calibration.tau=0",))),
-    ("lr:tune.lr=3e-3", Variant("lr", ("tune.lr=3e-3",))),
-    ("two:tune.lr=3e-3, tune.epochs=3", Variant("two", ("tune.lr=3e-3", "tune.epochs=3"))),
-    ("list:lora:tune.lora.target_modules=[q_proj, v_proj],tune.lora.enabled=true",
-     None),  # a colon in the name is not allowed (checked below)
-    ("mods:tune.lora.target_modules=[q_proj, v_proj],tune.lora.enabled=true",
-     Variant("mods", ("tune.lora.target_modules=[q_proj, v_proj]", "tune.lora.enabled=true"))),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("tau_0", Variant("tau_0", ("calibration.tau=0",))),
+        ("lr:tune.lr=3e-3", Variant("lr", ("tune.lr=3e-3",))),
+        ("two:tune.lr=3e-3, tune.epochs=3", Variant("two", ("tune.lr=3e-3", "tune.epochs=3"))),
+        (
+            "list:lora:tune.lora.target_modules=[q_proj, v_proj],tune.lora.enabled=true",
+            None,
+        ),  # a colon in the name is not allowed (checked below)
+        (
+            "mods:tune.lora.target_modules=[q_proj, v_proj],tune.lora.enabled=true",
+            Variant("mods", ("tune.lora.target_modules=[q_proj, v_proj]", "tune.lora.enabled=true")),
+        ),
+    ],
+)
 def test_parse_variant(text, expected):
     if expected is None:
         with pytest.raises(ValueError, match="override"):
@@ -32,13 +39,16 @@ def test_parse_variant(text, expected):
     assert ablate.parse_variant(text) == expected
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("unknown", "or a preset"),
-    ("a b:x=1", "the name must be"),
-    ("x:", "no overrides"),
-    ("x:tau", "key.path=value"),
-    ("x:=1", "key.path=value"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("unknown", "or a preset"),
+        ("a b:x=1", "the name must be"),
+        ("x:", "no overrides"),
+        ("x:tau", "key.path=value"),
+        ("x:=1", "key.path=value"),
+    ],
+)
 def test_parse_variant_errors(text, fragment):
     with pytest.raises(ValueError, match=fragment):
         ablate.parse_variant(text)
@@ -79,9 +89,22 @@ def test_plan_starts_new_runs_resumes_unfinished_and_skips_finished(tmp_path):
     steps = ablate.plan(tmp_path, TINY, variants, [0, 1, 2], ["run.iterations=1"], ["--num-cpus", "2"])
     (p0, s0, argv0), (p1, s1, argv1), (p2, s2, _) = steps
     assert (s0, s1, s2) == ("new", "unfinished", "finished")
-    assert argv0 == ["--config", TINY, "--output", str(tmp_path / "a-seed0"), "--num-cpus", "2",
-                     "--set", "run.iterations=1", "--set", "calibration.tau=0", "--set", "run.seed=0",
-                     "--set", "run.name=a-seed0"]
+    assert argv0 == [
+        "--config",
+        TINY,
+        "--output",
+        str(tmp_path / "a-seed0"),
+        "--num-cpus",
+        "2",
+        "--set",
+        "run.iterations=1",
+        "--set",
+        "calibration.tau=0",
+        "--set",
+        "run.seed=0",
+        "--set",
+        "run.name=a-seed0",
+    ]
     assert argv1 == ["--resume", str(tmp_path / "a-seed1"), "--num-cpus", "2"]
     calls = []
 
@@ -95,8 +118,15 @@ def test_plan_starts_new_runs_resumes_unfinished_and_skips_finished(tmp_path):
     assert [o["rc"] for o in outcomes] == [0, 1, 0] and outcomes[2]["skipped"] and len(calls) == 2
 
 
-def _fake_run(out: Path, name: str, seed: int, curve: list[float], families: dict | None = None,
-              finished: bool = True, teacher: float | None = 90.0) -> None:
+def _fake_run(
+    out: Path,
+    name: str,
+    seed: int,
+    curve: list[float],
+    families: dict | None = None,
+    finished: bool = True,
+    teacher: float | None = 90.0,
+) -> None:
     root = out / f"{name}-seed{seed}"
     for k, avg in enumerate(curve):
         metrics = {"Avg": avg, "exist": avg + 1, **(families or {}), "n": 10, "correct": 1}
@@ -106,10 +136,12 @@ def _fake_run(out: Path, name: str, seed: int, curve: list[float], families: dic
     (root / "state.json").write_text(json.dumps({"status": "finished" if finished else "running"}))
     records = [{"event": "deploy", "engine": "teacher"}]  # an event line: no phase, not counted
     for k in range(1, len(curve)):
-        records += [{"iteration": k, "phase": "teach", "rows": 100 + 10 * k, "cache_misses": 100},
-                    {"iteration": k, "phase": "assess", "rows": 200, "hard_ratio": 0.5 + 0.1 * k, "cache_misses": 20},
-                    {"iteration": k, "phase": "augment", "generated": 60, "acceptance_ratio": 0.5}]
-    (root / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n{\"cut by a cra")
+        records += [
+            {"iteration": k, "phase": "teach", "rows": 100 + 10 * k, "cache_misses": 100},
+            {"iteration": k, "phase": "assess", "rows": 200, "hard_ratio": 0.5 + 0.1 * k, "cache_misses": 20},
+            {"iteration": k, "phase": "augment", "generated": 60, "acceptance_ratio": 0.5},
+        ]
+    (root / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + '\n{"cut by a cra')
 
 
 def test_summary_mean_and_spread_over_seeds(tmp_path):
@@ -117,8 +149,11 @@ def test_summary_mean_and_spread_over_seeds(tmp_path):
     _fake_run(tmp_path, "mmdc", 1, [22.0, 44.0, 70.0])
     _fake_run(tmp_path, "plain", 0, [20.0, 30.0, 50.0])
     _fake_run(tmp_path, "plain", 1, [21.0, 35.0], finished=False)  # killed after iteration 1
-    variants = [Variant("mmdc", ("calibration.tau=0.33",)), Variant("plain", ("calibration.selection=random",)),
-                Variant("tau_1", ("calibration.tau=1",))]
+    variants = [
+        Variant("mmdc", ("calibration.tau=0.33",)),
+        Variant("plain", ("calibration.selection=random",)),
+        Variant("tau_1", ("calibration.tau=1",)),
+    ]
     summary = ablate.write_summary(tmp_path, variants, [0, 1])
     final = summary["variants"]["mmdc"]["final"]["world"]["Avg"]
     assert final["mean"] == 65.0 and final["std"] == pytest.approx(statistics.stdev([60.0, 70.0])) and final["n"] == 2
@@ -147,8 +182,10 @@ def test_summary_mean_and_spread_over_seeds(tmp_path):
     assert process["tuning rows per iteration"]["mean"] == 115.0
     assert process["teacher answers generated"]["mean"] == 240.0  # (100 + 20) per iteration, summed
     assert process["hard ratio"]["mean"] == pytest.approx(0.65)
-    assert ("| variant | tuning rows per iteration | teacher answers generated | hard ratio | "
-            "questions generated per iteration | acceptance ratio |") in text
+    assert (
+        "| variant | tuning rows per iteration | teacher answers generated | hard ratio | "
+        "questions generated per iteration | acceptance ratio |"
+    ) in text
     assert "| mmdc | 115.0 ± 0.0 | 240.0 ± 0.0 | 0.65 ± 0.00 | 60.0 ± 0.0 | 0.50 ± 0.00 |" in text
     assert json.loads((tmp_path / ablate.SUMMARY_JSON).read_text())["seeds"] == [0, 1]
 
@@ -159,8 +196,9 @@ def test_summary_with_no_results_says_so(tmp_path):
 
 
 def test_cli_dry_run_and_config_errors(tmp_path, capsys):
-    assert ablate.main(["--config", TINY, "--out", str(tmp_path), "--seeds", "3", "--preset", "table5",
-                        "--dry-run"]) == 0
+    assert (
+        ablate.main(["--config", TINY, "--out", str(tmp_path), "--seeds", "3", "--preset", "table5", "--dry-run"]) == 0
+    )
     out = capsys.readouterr().out
     assert "mmdc-seed3 [new]" in out and "no_stage1-seed3 [new]" in out and "align.enabled=false" in out
     assert ablate.main(["--config", TINY, "--out", str(tmp_path), "--variant", "x:calibration.taux=1"]) == 2

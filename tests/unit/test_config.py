@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mmdc.config import (ConfigError, Config, dump_config, grad_accumulation, load_config, parse_override,
-                         replace_fields)
+from mmdc.config import Config, ConfigError, dump_config, grad_accumulation, load_config, parse_override, replace_fields
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -35,15 +34,18 @@ def test_overrides_apply_and_merge_engines():
     assert cfg.run.iterations == 1
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("tune.lrr=1", "unknown config key 'tune.lrr'"),
-    ("engines.teacher.bogus=1", "unknown config key 'engines.teacher.bogus'"),
-    ("tune.lr=abc", "'tune.lr' must be a number"),
-    ("calibration.pool_update=sometimes", "'calibration.pool_update' must be one of"),
-    ("run.iterations=1.5", "'run.iterations' must be an integer"),
-    ("tune.global_batch_size=10", "tune.global_batch_size (10) must be a multiple"),
-    ("calibration.tau=-0.1", "calibration.tau must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("tune.lrr=1", "unknown config key 'tune.lrr'"),
+        ("engines.teacher.bogus=1", "unknown config key 'engines.teacher.bogus'"),
+        ("tune.lr=abc", "'tune.lr' must be a number"),
+        ("calibration.pool_update=sometimes", "'calibration.pool_update' must be one of"),
+        ("run.iterations=1.5", "'run.iterations' must be an integer"),
+        ("tune.global_batch_size=10", "tune.global_batch_size (10) must be a multiple"),
+        ("calibration.tau=-0.1", "calibration.tau must be >= 0"),
+    ],
+)
 def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
@@ -104,9 +106,18 @@ def test_replace_fields_parses_like_config_overrides():
 def test_likelihood_referee_needs_an_hf_teacher_engine():
     cfg = load_config(None, ["calibration.referee_scoring=likelihood"])
     assert cfg.calibration.referee_scoring == "likelihood"
-    with pytest.raises(ConfigError, match=r"calibration.referee_scoring: likelihood .*engines.teacher.backend is 'openai'"):
-        load_config(None, ["calibration.referee_scoring=likelihood", "engines.teacher.backend=openai",
-                           "engines.teacher.base_url=http://127.0.0.1:9/v1", "engines.teacher.model_name=judge",
-                           "engines.teacher.replicas=0"])
+    with pytest.raises(
+        ConfigError, match=r"calibration.referee_scoring: likelihood .*engines.teacher.backend is 'openai'"
+    ):
+        load_config(
+            None,
+            [
+                "calibration.referee_scoring=likelihood",
+                "engines.teacher.backend=openai",
+                "engines.teacher.base_url=http://127.0.0.1:9/v1",
+                "engines.teacher.model_name=judge",
+                "engines.teacher.replicas=0",
+            ],
+        )
     with pytest.raises(ConfigError, match="referee_scoring"):
         load_config(None, ["calibration.referee_scoring=votes"])

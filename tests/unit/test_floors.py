@@ -81,9 +81,13 @@ def upward_imports() -> tuple[list[str], list[str]]:
                 unplaced.append(target)
             elif theirs[0] == "mmdc" and target == "mmdc":
                 continue  # the package itself (its version)
-            elif theirs[0] != mine[0] and (theirs[1] > mine[1] or (theirs[1] == mine[1] and mine[1] not in SHARED_FLOORS)):
-                arrows.append(f"{path.relative_to(PACKAGE.parent)}:{line} {here} (floor {mine[1]}) imports "
-                              f"{target} (floor {theirs[1]})")
+            elif theirs[0] != mine[0] and (
+                theirs[1] > mine[1] or (theirs[1] == mine[1] and mine[1] not in SHARED_FLOORS)
+            ):
+                arrows.append(
+                    f"{path.relative_to(PACKAGE.parent)}:{line} {here} (floor {mine[1]}) imports "
+                    f"{target} (floor {theirs[1]})"
+                )
     return arrows, sorted(set(unplaced))
 
 

@@ -71,20 +71,39 @@ def fake():
 
 def test_assess_record_maps_to_rows_difficulty_ratio_and_cache(fake):
     backend, m = fake
-    m.publish_phase({"iteration": 2, "phase": "assess", "rows": 120, "hard": 30, "easy": 80, "unscored": 10,
-                     "hard_ratio": 0.2727, "cache_hits": 100, "cache_misses": 20, "generated_tokens": 5000,
-                     "wall_s": 50.0, "rows_per_s": 2.4, "gen_tokens_per_s": 100.0})
+    m.publish_phase(
+        {
+            "iteration": 2,
+            "phase": "assess",
+            "rows": 120,
+            "hard": 30,
+            "easy": 80,
+            "unscored": 10,
+            "hard_ratio": 0.2727,
+            "cache_hits": 100,
+            "cache_misses": 20,
+            "generated_tokens": 5000,
+            "wall_s": 50.0,
+            "rows_per_s": 2.4,
+            "gen_tokens_per_s": 100.0,
+        }
+    )
     rows = backend.calls("mmdc_rows")
-    assert rows == {(("phase", "assess"), ("role", "referee")): ("inc", 120.0),
-                    (("phase", "assess"), ("role", "student")): ("inc", 120.0)}
+    assert rows == {
+        (("phase", "assess"), ("role", "referee")): ("inc", 120.0),
+        (("phase", "assess"), ("role", "student")): ("inc", 120.0),
+    }
     assert backend.calls("mmdc_assessed_instructions") == {
-        (("difficulty", "hard"),): ("set", 30.0), (("difficulty", "easy"),): ("set", 80.0),
-        (("difficulty", "unscored"),): ("set", 10.0)}
+        (("difficulty", "hard"),): ("set", 30.0),
+        (("difficulty", "easy"),): ("set", 80.0),
+        (("difficulty", "unscored"),): ("set", 10.0),
+    }
     assert backend.calls("mmdc_unscored") == {(): ("inc", 10.0)}
     assert backend.calls("mmdc_hard_ratio") == {(): ("set", 0.2727)}
     assert backend.calls("mmdc_teacher_cache") == {
         (("phase", "assess"), ("result", "hit")): ("inc", 100.0),
-        (("phase", "assess"), ("result", "miss")): ("inc", 20.0)}
+        (("phase", "assess"), ("result", "miss")): ("inc", 20.0),
+    }
     assert backend.calls("mmdc_phase_duration_seconds") == {(("phase", "assess"),): ("observe", 50.0)}
     assert backend.calls("mmdc_rows_per_second") == {(("phase", "assess"),): ("set", 2.4)}
     assert backend.calls("mmdc_generated_tokens_per_second") == {(("phase", "assess"),): ("set", 100.0)}
@@ -97,21 +116,44 @@ def test_assess_record_maps_to_rows_difficulty_ratio_and_cache(fake):
 
 def test_augment_record_maps_acceptance_and_pools(fake):
     backend, m = fake
-    m.publish_phase({"iteration": 1, "phase": "augment", "rows": 30, "generated": 30, "accepted": 21,
-                     "acceptance_ratio": 0.7, "tuning_after": 42, "cache_after": 141, "policy": "refresh",
-                     "rejected": {"rouge_l": 9}, "wall_s": 3.0})
+    m.publish_phase(
+        {
+            "iteration": 1,
+            "phase": "augment",
+            "rows": 30,
+            "generated": 30,
+            "accepted": 21,
+            "acceptance_ratio": 0.7,
+            "tuning_after": 42,
+            "cache_after": 141,
+            "policy": "refresh",
+            "rejected": {"rouge_l": 9},
+            "wall_s": 3.0,
+        }
+    )
     assert backend.calls("mmdc_rows") == {(("phase", "augment"), ("role", "augmentor")): ("inc", 30.0)}
     assert backend.calls("mmdc_generated_questions") == {(): ("inc", 30.0)}
     assert backend.calls("mmdc_accepted_questions") == {(): ("inc", 21.0)}
     assert backend.calls("mmdc_acceptance_ratio") == {(): ("set", 0.7)}
-    assert backend.calls("mmdc_pool_rows") == {(("pool", "tuning"),): ("set", 42.0),
-                                               (("pool", "cache"),): ("set", 141.0)}
+    assert backend.calls("mmdc_pool_rows") == {
+        (("pool", "tuning"),): ("set", 42.0),
+        (("pool", "cache"),): ("set", 141.0),
+    }
 
 
 def test_tune_record_gives_loss_and_throughput(fake):
     backend, m = fake
-    m.publish_phase({"iteration": 1, "phase": "tune", "train_final_loss": 1.25, "train_samples": 400,
-                     "train_tokens": 80_000, "train_wall_time_s": 20.0, "wall_s": 25.0})
+    m.publish_phase(
+        {
+            "iteration": 1,
+            "phase": "tune",
+            "train_final_loss": 1.25,
+            "train_samples": 400,
+            "train_tokens": 80_000,
+            "train_wall_time_s": 20.0,
+            "wall_s": 25.0,
+        }
+    )
     assert backend.calls("mmdc_train_loss") == {(("phase", "tune"),): ("set", 1.25)}
     assert backend.calls("mmdc_train_samples_per_second") == {(("phase", "tune"),): ("set", 20.0)}
     assert backend.calls("mmdc_train_tokens_per_second") == {(("phase", "tune"),): ("set", 4000.0)}
@@ -120,8 +162,9 @@ def test_tune_record_gives_loss_and_throughput(fake):
 
 def test_eval_records_give_one_score_per_benchmark_and_model(fake):
     backend, m = fake
-    m.publish_phase({"iteration": 2, "phase": "eval", "rows": 72, "eval_world_Avg": 11.11, "eval_seed_Overall": None,
-                     "wall_s": 3.0})
+    m.publish_phase(
+        {"iteration": 2, "phase": "eval", "rows": 72, "eval_world_Avg": 11.11, "eval_seed_Overall": None, "wall_s": 3.0}
+    )
     m.publish_phase({"iteration": 0, "phase": "eval_teacher", "rows": 72, "eval_world_Avg": 47.22, "wall_s": 3.0})
     assert backend.calls("mmdc_eval_score") == {
         (("model", "student"), ("score", "world_Avg")): ("set", 11.11),
@@ -132,10 +175,30 @@ def test_eval_records_give_one_score_per_benchmark_and_model(fake):
 def test_missing_none_nan_and_zero_values_are_not_published(fake):
     backend, m = fake
     # hard_ratio None (nothing scored), zero cache hits, NaN loss, zero rows: no measurement to report
-    m.publish_phase({"iteration": 1, "phase": "assess", "rows": 0, "hard": 0, "easy": 0, "unscored": 0,
-                     "hard_ratio": None, "cache_hits": 0, "cache_misses": 0, "wall_s": 0.5})
-    m.publish_phase({"iteration": 1, "phase": "tune", "train_final_loss": float("nan"), "train_wall_time_s": 0,
-                     "skipped": "0 conversations make no optimizer step", "rows": 0})
+    m.publish_phase(
+        {
+            "iteration": 1,
+            "phase": "assess",
+            "rows": 0,
+            "hard": 0,
+            "easy": 0,
+            "unscored": 0,
+            "hard_ratio": None,
+            "cache_hits": 0,
+            "cache_misses": 0,
+            "wall_s": 0.5,
+        }
+    )
+    m.publish_phase(
+        {
+            "iteration": 1,
+            "phase": "tune",
+            "train_final_loss": float("nan"),
+            "train_wall_time_s": 0,
+            "skipped": "0 conversations make no optimizer step",
+            "rows": 0,
+        }
+    )
     assert "mmdc_hard_ratio" not in backend.created
     assert "mmdc_rows" not in backend.created
     assert "mmdc_teacher_cache" not in backend.created
@@ -144,8 +207,10 @@ def test_missing_none_nan_and_zero_values_are_not_published(fake):
     assert "mmdc_train_samples_per_second" not in backend.created
     # zero counts are still valid gauge readings
     assert backend.calls("mmdc_assessed_instructions")[(("difficulty", "hard"),)] == ("set", 0.0)
-    assert backend.calls("mmdc_phases_completed") == {(("phase", "assess"),): ("inc", 1.0),
-                                                       (("phase", "tune"),): ("inc", 1.0)}
+    assert backend.calls("mmdc_phases_completed") == {
+        (("phase", "assess"),): ("inc", 1.0),
+        (("phase", "tune"),): ("inc", 1.0),
+    }
 
 
 def test_event_records_without_phase_are_ignored(fake):
@@ -189,8 +254,9 @@ def test_module_functions_use_one_publisher_per_run(monkeypatch):
     backend = FakeBackend()
     monkeypatch.setattr(metrics, "_ray_ready", lambda: True)
     monkeypatch.setattr(metrics, "_PUBLISHERS", {})
-    monkeypatch.setattr(metrics, "_publisher",
-                        lambda run: metrics._PUBLISHERS.setdefault(run, MmdcMetrics(run, backend=backend)))
+    monkeypatch.setattr(
+        metrics, "_publisher", lambda run: metrics._PUBLISHERS.setdefault(run, MmdcMetrics(run, backend=backend))
+    )
     assert metrics.publish_phase({"iteration": 1, "phase": "teach", "rows": 7}, run="a") is True
     assert metrics.publish_state(1, "teach", run="a") is True
     assert list(metrics._PUBLISHERS) == ["a"]
@@ -212,8 +278,10 @@ def test_prometheus_names_follow_ray_export_rules():
 
 def test_module_imports_without_ray_initialised():
     # A fresh interpreter: importing mmdc.metrics must neither start Ray nor import ray.util.metrics.
-    code = ("import sys, mmdc.metrics as m; import ray; assert not ray.is_initialized(); "
-            "assert 'ray.util.metrics' not in sys.modules; print(len(m.METRICS))")
+    code = (
+        "import sys, mmdc.metrics as m; import ray; assert not ray.is_initialized(); "
+        "assert 'ray.util.metrics' not in sys.modules; print(len(m.METRICS))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip()) == len(METRICS)

@@ -23,18 +23,40 @@ PAPER = ROOT / "configs" / "paper.yaml"
 PAPER_A100 = ROOT / "configs" / "paper-a100.yaml"
 
 # config.json values of the real models, written out so that no test downloads anything.
-CLIP_VIT_L14 = {"hidden_size": 1024, "image_size": 224, "patch_size": 14, "num_hidden_layers": 24}  # openai/clip-vit-large-patch14
-VICUNA_7B = {"hidden_size": 4096, "max_position_embeddings": 2048, "num_hidden_layers": 32, "vocab_size": 32000}  # lmsys/vicuna-7b-v1.1
+CLIP_VIT_L14 = {
+    "hidden_size": 1024,
+    "image_size": 224,
+    "patch_size": 14,
+    "num_hidden_layers": 24,
+}  # openai/clip-vit-large-patch14
+VICUNA_7B = {
+    "hidden_size": 4096,
+    "max_position_embeddings": 2048,
+    "num_hidden_layers": 32,
+    "vocab_size": 32000,
+}  # lmsys/vicuna-7b-v1.1
 MODEL_CONFIGS = {"openai/clip-vit-large-patch14": CLIP_VIT_L14, "lmsys/vicuna-7b-v1.1": VICUNA_7B}
 
 # The clusters each preset is written for: a CPU head + the GPU node(s), as the cluster files start them.
 # paper.yaml: cluster/aws.yaml's r5.4xlarge head (16 CPUs) + 6 V100s at 8 CPUs per GPU (p3dn.24xlarge has 12).
 # paper-a100.yaml: cluster/gcp.yaml's 16-CPU head + one a2-ultragpu-8g (96 CPUs, 8 GPUs).
 PRESETS = {
-    "paper.yaml": {"path": PAPER, "gpus": 6, "cluster": {"CPU": 16 + 6 * 8, "GPU": 6}, "extra": "v100",
-                   "precision": "fp16", "dtype": "float16"},
-    "paper-a100.yaml": {"path": PAPER_A100, "gpus": 8, "cluster": {"CPU": 16 + 96, "GPU": 8}, "extra": "vllm",
-                        "precision": "bf16", "dtype": "bfloat16"},
+    "paper.yaml": {
+        "path": PAPER,
+        "gpus": 6,
+        "cluster": {"CPU": 16 + 6 * 8, "GPU": 6},
+        "extra": "v100",
+        "precision": "fp16",
+        "dtype": "float16",
+    },
+    "paper-a100.yaml": {
+        "path": PAPER_A100,
+        "gpus": 8,
+        "cluster": {"CPU": 16 + 96, "GPU": 8},
+        "extra": "vllm",
+        "precision": "bf16",
+        "dtype": "bfloat16",
+    },
 }
 NAMES = list(PRESETS)
 
@@ -119,11 +141,19 @@ def test_the_header_gpu_budget_matches_the_engines_and_workers(preset):
     teach = re.search(r"#\s+teach, augment : .*?(\d+) replicas x (\d+) GPU\s+= (\d+) GPUs", text)
     assert teach, "the header has no 'teach, augment' budget line"
     assert (int(teach[1]), int(teach[2]), int(teach[3])) == (
-        teacher.replicas, teacher.num_gpus, teacher.replicas * teacher.num_gpus)
+        teacher.replicas,
+        teacher.num_gpus,
+        teacher.replicas * teacher.num_gpus,
+    )
     assess = re.search(r"#\s+assess.*?: teacher (\d+) x (\d+) GPU \+ student (\d+) x (\d+) GPU\s+= (\d+) GPUs", text)
     assert assess, "the header has no 'assess' budget line"
     assert tuple(int(g) for g in assess.groups()) == (
-        teacher.replicas, teacher.num_gpus, student.replicas, student.num_gpus, preset["gpus"])
+        teacher.replicas,
+        teacher.num_gpus,
+        student.replicas,
+        student.num_gpus,
+        preset["gpus"],
+    )
     train = re.search(r"#\s+align, tune\s+: (\d+) Ray Train workers x (\d+) GPU .*= (\d+) GPUs", text)
     assert train, "the header has no 'align, tune' budget line"
     for stage in (c.align, c.tune):

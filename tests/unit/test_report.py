@@ -21,13 +21,20 @@ def _write_run(root: Path) -> RunDir:
     rd = RunDir(root)
     rd.log_metrics({"iteration": 0, "phase": "prepare", "rows": 120, "wall_s": 1.0})
     rd.log_metrics({"iteration": 1, "phase": "teach", "rows": 120, "conversations": 40, "wall_s": 10.0})
-    rd.log_metrics({"iteration": 1, "phase": "assess", "rows": 120, "hard": 30, "easy": 90, "hard_ratio": 0.25,
-                    "wall_s": 20.0})
+    rd.log_metrics(
+        {"iteration": 1, "phase": "assess", "rows": 120, "hard": 30, "easy": 90, "hard_ratio": 0.25, "wall_s": 20.0}
+    )
     world = root / "eval" / "world"
     write_named_results(world, "teacher", "world", _world(90.0, exist=100.0, describe=75.0), [], {"label": "teacher"})
     for k, avg in enumerate([20.0, 45.5, 61.25]):
-        write_named_results(world, f"iter_{k}", "world", _world(avg, exist=avg + 10, describe=None), [{"id": "x"}],
-                            {"label": "student", "iteration": k})
+        write_named_results(
+            world,
+            f"iter_{k}",
+            "world",
+            _world(avg, exist=avg + 10, describe=None),
+            [{"id": "x"}],
+            {"label": "student", "iteration": k},
+        )
     mc = root / "eval" / "world_mc"
     for k, (avg, failed) in enumerate([(25.0, 72), (30.0, 10)]):
         write_named_results(mc, f"iter_{k}", "world_mc", {"Avg": avg, "exist": avg, "n": 72, "failed": failed}, [])
@@ -78,8 +85,12 @@ def test_teacher_only_gives_a_table_but_no_plot(tmp_path):
 
 
 def test_render_is_pure_given_results():
-    evals = {"world": {"iter_1": {"benchmark": "world", "metrics": {"Avg": 50.0, "n": 4}, "columns": ["Avg"]},
-                       "iter_0": {"benchmark": "world", "metrics": {"Avg": 25.0, "n": 4}, "columns": ["Avg"]}}}
+    evals = {
+        "world": {
+            "iter_1": {"benchmark": "world", "metrics": {"Avg": 50.0, "n": 4}, "columns": ["Avg"]},
+            "iter_0": {"benchmark": "world", "metrics": {"Avg": 25.0, "n": 4}, "columns": ["Avg"]},
+        }
+    }
     text = render([], "r", evals, None)
     assert text.index("| iteration 0 | 25.00 |") < text.index("| iteration 1 | 50.00 |")
     assert "n = 4 per model." in text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmdc.config import ConfigError, Config, diff_configs, dump_config, load_config
+from mmdc.config import Config, ConfigError, diff_configs, dump_config, load_config
 from mmdc.run import parse_args, resume_config
 
 

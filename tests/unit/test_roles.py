@@ -23,10 +23,13 @@ def _paper_table6() -> dict[str, str]:
         pytest.skip("paper text not available")
     start = next(i for i, line in enumerate(lines) if line.startswith("Table 6:"))
     cells = [line.split("\t")[-1] for line in lines[start + 2 : start + 8]]
-    return {name: cell.replace(" \\n ", "\n") for name, cell in zip(
-        ["teacher_system", "teacher_user", "referee_system", "referee_user", "augmentor_system", "augmentor_user"],
-        cells,
-    )}
+    return {
+        name: cell.replace(" \\n ", "\n")
+        for name, cell in zip(
+            ["teacher_system", "teacher_user", "referee_system", "referee_user", "augmentor_system", "augmentor_user"],
+            cells,
+        )
+    }
 
 
 def test_prompts_are_table6_verbatim():
@@ -171,6 +174,10 @@ def test_parse_augmentor(reply, expected):
 
 def test_prompt_texts_lists_all_six():
     assert roles.PROMPT_TEXTS == [
-        roles.TEACHER_SYSTEM, roles.TEACHER_USER, roles.REFEREE_SYSTEM,
-        roles.REFEREE_USER, roles.AUGMENTOR_SYSTEM, roles.AUGMENTOR_USER,
+        roles.TEACHER_SYSTEM,
+        roles.TEACHER_USER,
+        roles.REFEREE_SYSTEM,
+        roles.REFEREE_USER,
+        roles.AUGMENTOR_SYSTEM,
+        roles.AUGMENTOR_USER,
     ]

@@ -20,9 +20,16 @@ def test_digest_ignores_row_order_and_row_groups_but_not_values(tmp_path):
 
 def test_output_digests_cover_pools_assessments_and_generated(tmp_path):
     t = pa.table({"instruction_id": ["a"]})
-    for rel in ["pools/iter_0/tuning.parquet", "assessments/iter_1.parquet", "generated/iter_1.parquet",
-                "checkpoints/x.parquet"]:
+    for rel in [
+        "pools/iter_0/tuning.parquet",
+        "assessments/iter_1.parquet",
+        "generated/iter_1.parquet",
+        "checkpoints/x.parquet",
+    ]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(t, tmp_path / rel)
-    assert sorted(output_digests(tmp_path)) == ["assessments/iter_1.parquet", "generated/iter_1.parquet",
-                                                "pools/iter_0/tuning.parquet"]
+    assert sorted(output_digests(tmp_path)) == [
+        "assessments/iter_1.parquet",
+        "generated/iter_1.parquet",
+        "pools/iter_0/tuning.parquet",
+    ]

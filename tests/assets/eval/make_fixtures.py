@@ -42,24 +42,62 @@ def scienceqa() -> None:
     # pid: (question, choices, answer index, hint, image?, subject, grade, split)
     problems = {
         "1": ("Which color is the square?", ["blue", "red"], 1, "", True, "natural science", "grade3", "test"),
-        "2": ("Which of these states is farthest north?", ["Ohio", "Texas", "Florida"], 0,
-              "Look at the map of the United States.", False, "social science", "grade8", "test"),
-        "3": ("Which word would you find on a dictionary page between 'apple' and 'cat'?", ["bird", "dog"], 0, "",
-              False, "language science", "grade5", "test"),
-        "4": ("Which shape is shown?", ["circle", "triangle", "square", "star"], 2,
-              "The picture shows one shape.", True, "natural science", "grade10", "test"),
+        "2": (
+            "Which of these states is farthest north?",
+            ["Ohio", "Texas", "Florida"],
+            0,
+            "Look at the map of the United States.",
+            False,
+            "social science",
+            "grade8",
+            "test",
+        ),
+        "3": (
+            "Which word would you find on a dictionary page between 'apple' and 'cat'?",
+            ["bird", "dog"],
+            0,
+            "",
+            False,
+            "language science",
+            "grade5",
+            "test",
+        ),
+        "4": (
+            "Which shape is shown?",
+            ["circle", "triangle", "square", "star"],
+            2,
+            "The picture shows one shape.",
+            True,
+            "natural science",
+            "grade10",
+            "test",
+        ),
         "5": ("Which is a mammal?", ["shark", "whale"], 1, "", False, "natural science", "grade4", "val"),
     }
     official, converted = {}, []
     for pid, (question, choices, answer, hint, has_image, subject, grade, split) in problems.items():
-        official[pid] = {"question": question, "choices": choices, "answer": answer, "hint": hint,
-                         "image": "image.png" if has_image else None, "task": "closed choice", "grade": grade,
-                         "subject": subject, "topic": "fixture", "category": "fixture", "skill": "fixture",
-                         "lecture": "", "solution": "", "split": split}
+        official[pid] = {
+            "question": question,
+            "choices": choices,
+            "answer": answer,
+            "hint": hint,
+            "image": "image.png" if has_image else None,
+            "task": "closed choice",
+            "grade": grade,
+            "subject": subject,
+            "topic": "fixture",
+            "category": "fixture",
+            "skill": "fixture",
+            "lecture": "",
+            "solution": "",
+            "split": split,
+        }
         options = "\n".join(f"{'ABCDE'[i]}. {c}" for i, c in enumerate(choices))
         human = f"Context: {hint or 'N/A'}\n{question}\n{options}"
-        record = {"id": pid, "conversations": [{"from": "human", "value": human},
-                                               {"from": "gpt", "value": "ABCDE"[answer]}]}
+        record = {
+            "id": pid,
+            "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": "ABCDE"[answer]}],
+        }
         if has_image:
             record["image"] = f"{pid}/image.png"
             record["conversations"][0]["value"] = "<image>\n" + human
@@ -72,9 +110,20 @@ def scienceqa() -> None:
 
 def seed() -> None:
     d = ROOT / "seed"
-    types = {"Scene Understanding": 1, "Instance Identity": 2, "Instance Attributes": 3, "Instance Location": 4,
-             "Instances Counting": 5, "Spatial Relation": 6, "Instance Interaction": 7, "Visual Reasoning": 8,
-             "Text Understanding": 9, "Action Recognition": 10, "Action Prediction": 11, "Procedure Understanding": 12}
+    types = {
+        "Scene Understanding": 1,
+        "Instance Identity": 2,
+        "Instance Attributes": 3,
+        "Instance Location": 4,
+        "Instances Counting": 5,
+        "Spatial Relation": 6,
+        "Instance Interaction": 7,
+        "Visual Reasoning": 8,
+        "Text Understanding": 9,
+        "Action Recognition": 10,
+        "Action Prediction": 11,
+        "Procedure Understanding": 12,
+    }
     colours = {"red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255)}
     questions = []
     rows = [  # (question_id, question, choices, answer, colour, type id)
@@ -87,12 +136,35 @@ def seed() -> None:
     for qid, question, choices, answer, colour, type_id in rows:
         data_id = f"seed_{qid}.png"
         _png(d / "images" / data_id, colours[colour])
-        questions.append({"answer": answer, "choice_a": choices[0], "choice_b": choices[1], "choice_c": choices[2],
-                          "choice_d": choices[3], "data_id": data_id, "data_type": "image", "question": question,
-                          "question_id": qid, "question_type_id": type_id})
-    questions.append({"answer": "D", "choice_a": "run", "choice_b": "jump", "choice_c": "sit", "choice_d": "wave",
-                      "data_id": "v_0001.mp4", "data_type": "video", "question": "What does the person do?",
-                      "question_id": "901", "question_type_id": 10, "segment": [0, 5]})
+        questions.append(
+            {
+                "answer": answer,
+                "choice_a": choices[0],
+                "choice_b": choices[1],
+                "choice_c": choices[2],
+                "choice_d": choices[3],
+                "data_id": data_id,
+                "data_type": "image",
+                "question": question,
+                "question_id": qid,
+                "question_type_id": type_id,
+            }
+        )
+    questions.append(
+        {
+            "answer": "D",
+            "choice_a": "run",
+            "choice_b": "jump",
+            "choice_c": "sit",
+            "choice_d": "wave",
+            "data_id": "v_0001.mp4",
+            "data_type": "video",
+            "question": "What does the person do?",
+            "question_id": "901",
+            "question_type_id": 10,
+            "segment": [0, 5],
+        }
+    )
     _dump(d / "SEED-Bench.json", {"questions": questions, "question_type": types})
 
 
@@ -101,22 +173,41 @@ def llavabench() -> None:
     questions = [
         {"question_id": 0, "image": "000000000001.png", "text": "What color is the square?", "category": "conv"},
         {"question_id": 1, "image": "000000000001.png", "text": "Describe the image in detail.", "category": "detail"},
-        {"question_id": 2, "image": "000000000002.png", "text": "Why might someone draw a blue square?",
-         "category": "complex"},
+        {
+            "question_id": 2,
+            "image": "000000000002.png",
+            "text": "Why might someone draw a blue square?",
+            "category": "complex",
+        },
     ]
     answers = [
         {"question_id": 0, "text": "The square is red.", "answer_id": "ref0", "model_id": "gpt-4-0314"},
-        {"question_id": 1, "text": "A red square sits in the middle of a white background.", "answer_id": "ref1",
-         "model_id": "gpt-4-0314"},
-        {"question_id": 2, "text": "Perhaps to illustrate a simple shape or a colour in a lesson.",
-         "answer_id": "ref2", "model_id": "gpt-4-0314"},
+        {
+            "question_id": 1,
+            "text": "A red square sits in the middle of a white background.",
+            "answer_id": "ref1",
+            "model_id": "gpt-4-0314",
+        },
+        {
+            "question_id": 2,
+            "text": "Perhaps to illustrate a simple shape or a colour in a lesson.",
+            "answer_id": "ref2",
+            "model_id": "gpt-4-0314",
+        },
     ]
     context = [
-        {"id": "000000000001", "image": "000000000001.png",
-         "captions": ["A red square on a white background.", "A small red square."],
-         "instances": [{"category": "square", "bbox": [0.25, 0.25, 0.75, 0.75]}]},
-        {"id": "000000000002", "image": "000000000002.png", "captions": ["A blue square."],
-         "instances": [{"category": "square", "bbox": [0.25, 0.25, 0.75, 0.75]}]},
+        {
+            "id": "000000000001",
+            "image": "000000000001.png",
+            "captions": ["A red square on a white background.", "A small red square."],
+            "instances": [{"category": "square", "bbox": [0.25, 0.25, 0.75, 0.75]}],
+        },
+        {
+            "id": "000000000002",
+            "image": "000000000002.png",
+            "captions": ["A blue square."],
+            "instances": [{"category": "square", "bbox": [0.25, 0.25, 0.75, 0.75]}],
+        },
     ]
     _png(d / "images" / "000000000001.png", (255, 0, 0))
     _png(d / "images" / "000000000002.png", (0, 0, 255))

@@ -23,16 +23,26 @@ def test_assess_holds_teacher_and_student_engines():
 
 
 def test_fits_and_does_not_fit():
-    cfg = load_config(None, ["tune.num_workers=2", "tune.cpus_per_worker=0.5", "align.num_workers=2",
-                             "align.cpus_per_worker=0.5", "tune.micro_batch_size=4", "align.micro_batch_size=4"])
+    cfg = load_config(
+        None,
+        [
+            "tune.num_workers=2",
+            "tune.cpus_per_worker=0.5",
+            "align.num_workers=2",
+            "align.cpus_per_worker=0.5",
+            "tune.micro_batch_size=4",
+            "align.micro_batch_size=4",
+        ],
+    )
     assert check_fits(cfg, {"CPU": 2.0}) == []
     problems = check_fits(cfg, {"CPU": 1.0})
     assert any("phase 'assess' needs 2 CPU but the cluster has 1" in p for p in problems)
 
 
 def test_disabled_stage_needs_nothing():
-    cfg = load_config(None, ["align.enabled=false", "tune.gpus_per_worker=1", "tune.num_workers=2",
-                             "tune.micro_batch_size=8"])
+    cfg = load_config(
+        None, ["align.enabled=false", "tune.gpus_per_worker=1", "tune.num_workers=2", "tune.micro_batch_size=8"]
+    )
     needs = phase_needs(cfg)
     assert "align" not in needs
     assert check_fits(cfg, {"CPU": 4, "GPU": 1}) == ["phase 'tune' needs 2 GPU but the cluster has 1"]
@@ -43,10 +53,22 @@ def test_disabled_stage_needs_nothing():
 
 def _gpu_cfg():
     """Paper-like shapes: 2 teacher replicas of 2 GPUs, a 1-GPU student, tune on 6 GPU workers."""
-    return load_config(None, ["engines.teacher.num_gpus=2", "engines.teacher.num_cpus=4", "engines.teacher.replicas=2",
-                              "engines.student.num_gpus=1", "engines.student.num_cpus=2", "tune.num_workers=6",
-                              "tune.gpus_per_worker=1", "tune.cpus_per_worker=1", "tune.micro_batch_size=1",
-                              "tune.global_batch_size=12", "align.enabled=false"])
+    return load_config(
+        None,
+        [
+            "engines.teacher.num_gpus=2",
+            "engines.teacher.num_cpus=4",
+            "engines.teacher.replicas=2",
+            "engines.student.num_gpus=1",
+            "engines.student.num_cpus=2",
+            "tune.num_workers=6",
+            "tune.gpus_per_worker=1",
+            "tune.cpus_per_worker=1",
+            "tune.micro_batch_size=1",
+            "tune.global_batch_size=12",
+            "align.enabled=false",
+        ],
+    )
 
 
 class FakeCluster:
@@ -85,16 +107,18 @@ class FakeClock:
 
 def _wait(cfg, cluster, timeout_s=600.0):
     clock, said = FakeClock(), []
-    requested = wait_for_resources(cfg, timeout_s, cluster, say=said.append, poll_s=5, log_every_s=10, clock=clock,
-                                   sleep=clock.sleep)
+    requested = wait_for_resources(
+        cfg, timeout_s, cluster, say=said.append, poll_s=5, log_every_s=10, clock=clock, sleep=clock.sleep
+    )
     return requested, said, clock.t
 
 
 def test_clip_filter_actors_are_checked_only_when_they_run():
     off = phase_needs(load_config(None, []))
     assert "clip_filter" not in off
-    cfg = load_config(None, ["data.clip_filter.enabled=true", "data.clip_filter.concurrency=2",
-                             "data.clip_filter.num_gpus=1"])
+    cfg = load_config(
+        None, ["data.clip_filter.enabled=true", "data.clip_filter.concurrency=2", "data.clip_filter.num_gpus=1"]
+    )
     assert phase_bundles(cfg)["clip_filter"] == [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
     assert "phase 'clip_filter' needs 2 GPU but the cluster has 0" in check_fits(cfg, {"CPU": 8})
     no_align = load_config(None, ["data.clip_filter.enabled=true", "align.enabled=false"])
@@ -123,8 +147,15 @@ def test_request_adds_a_fractional_rest():
     cfg = load_config(None, ["engines.teacher.num_cpus=1.5", "tune.cpus_per_worker=0.5", "align.enabled=false"])
     bundles = request_bundles(cfg)  # assess 2.5 CPUs is largest; nothing to top up
     assert sum(b["CPU"] for b in bundles) == 2.5
-    cfg = load_config(None, ["engines.teacher.num_gpus=1", "engines.student.num_cpus=0", "tune.cpus_per_worker=1.75",
-                             "align.enabled=false"])
+    cfg = load_config(
+        None,
+        [
+            "engines.teacher.num_gpus=1",
+            "engines.student.num_cpus=0",
+            "tune.cpus_per_worker=1.75",
+            "align.enabled=false",
+        ],
+    )
     bundles = request_bundles(cfg)  # assess (1 GPU, 1 CPU) is largest; tune needs 3.5 CPUs
     assert bundles == [{"CPU": 1, "GPU": 1}, {"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 0.5}]
 

@@ -46,15 +46,26 @@ def test_answer_key_ignores_image_urls_and_refuses_nan():
 def test_store_keys_rows_by_content_and_keeps_what_it_was_given(tmp_path):
     Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "red.png")
     Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "red_copy.png")  # same pixels, same bytes
-    store = AnswerStore(tmp_path / "answers", "fp", {"temperature": 0.5, "max_new_tokens": 8, "retries": 3}, 0,
-                        str(tmp_path))
-    rows = pd.DataFrame({"instruction_id": ["a", "a", "b"], "image": ["red.png", "red_copy.png", "red.png"],
-                         "question": ["what colour?"] * 3})
+    store = AnswerStore(
+        tmp_path / "answers", "fp", {"temperature": 0.5, "max_new_tokens": 8, "retries": 3}, 0, str(tmp_path)
+    )
+    rows = pd.DataFrame(
+        {
+            "instruction_id": ["a", "a", "b"],
+            "image": ["red.png", "red_copy.png", "red.png"],
+            "question": ["what colour?"] * 3,
+        }
+    )
     keyed = store.with_keys(rows)
     assert keyed["cache_key"][0] == keyed["cache_key"][1]  # same picture under another name: same answer
     assert keyed["cache_key"][0] != keyed["cache_key"][2]  # another instruction: its own seed
-    expected = answer_key("fp", teacher_messages("what colour?", "<image>"), store.image_sha("red.png"),
-                          {"temperature": 0.5, "max_new_tokens": 8}, roles.row_seed(0, "teacher", "a"))
+    expected = answer_key(
+        "fp",
+        teacher_messages("what colour?", "<image>"),
+        store.image_sha("red.png"),
+        {"temperature": 0.5, "max_new_tokens": 8},
+        roles.row_seed(0, "teacher", "a"),
+    )
     assert keyed["cache_key"][0] == expected  # retries never enter the key
     assert store.load().empty
     answered = keyed.assign(teacher_answer=["red", "red", "a red circle"], teacher_tokens=[1, 1, 3])

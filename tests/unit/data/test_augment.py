@@ -144,9 +144,12 @@ def test_reasons_and_round_order():
     assert out.loc["c8", "reject_reason"] is None
     assert out.loc["c9", "reject_reason"] == "empty"
     assert out.loc["c6", "rouge_l_max"] == 1.0
-    assert out.loc["c5", "rouge_l_max"] == SCORER.score(
-        "Why is the man smiling at the dog?", "Why is the man smiling at the small dog?"
-    )["rougeL"].fmeasure
+    assert (
+        out.loc["c5", "rouge_l_max"]
+        == SCORER.score("Why is the man smiling at the dog?", "Why is the man smiling at the small dog?")[
+            "rougeL"
+        ].fmeasure
+    )
     assert out["accepted"].tolist() == [r is None for r in out["reject_reason"]]
 
 

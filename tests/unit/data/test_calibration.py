@@ -153,8 +153,9 @@ def test_random_selection_marks_a_seeded_fraction_hard_and_the_rest_easy():
 
     from mmdc.data.calibration import ASSESSMENT_COLUMNS, random_selection
 
-    cache = pd.DataFrame({"instruction_id": [f"i{n:02d}" for n in range(10)], "image_id": ["img"] * 10,
-                          "question": ["q"] * 10})
+    cache = pd.DataFrame(
+        {"instruction_id": [f"i{n:02d}" for n in range(10)], "image_id": ["img"] * 10, "question": ["q"] * 10}
+    )
     a = random_selection(cache, 0.3, seed=0, iteration=1)
     assert list(a.columns) == list(ASSESSMENT_COLUMNS)
     assert int(a["hard"].eq(True).sum()) == 3 and int(a["hard"].eq(False).sum()) == 7
@@ -179,8 +180,8 @@ def test_likelihood_score_is_the_geometric_mean_probability_on_the_referee_scale
 
 
 def test_likelihood_reply_reads_back_as_a_referee_reply():
-    from mmdc.roles import parse_referee
     from mmdc.data.calibration import likelihood_reply
+    from mmdc.roles import parse_referee
 
     assert parse_referee(likelihood_reply(8.4312, 1.0)) == (8.43, 1.0)
     assert combine_orders(likelihood_reply(9, 2), likelihood_reply(2, 9))["score_student"] == 2.0

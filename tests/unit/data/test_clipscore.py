@@ -12,9 +12,15 @@ from mmdc.data.clipscore import ERROR, SCORE, ClipFilterUnavailable, check_open_
 
 def _scored(scores, errors=None):
     n = len(scores)
-    return pd.DataFrame({"id": [f"p{i}" for i in range(n)], "image": [f"/img/{i}.png" for i in range(n)],
-                         "caption": [f"caption {i}" for i in range(n)], SCORE: scores,
-                         ERROR: errors or [None] * n})
+    return pd.DataFrame(
+        {
+            "id": [f"p{i}" for i in range(n)],
+            "image": [f"/img/{i}.png" for i in range(n)],
+            "caption": [f"caption {i}" for i in range(n)],
+            SCORE: scores,
+            ERROR: errors or [None] * n,
+        }
+    )
 
 
 def test_keeps_pairs_at_or_above_the_threshold_in_input_order():
@@ -29,8 +35,15 @@ def test_an_unreadable_image_is_a_skip_with_its_reason_and_moves_nothing_else():
     result = select_by_score(_scored([0.4, math.nan, 0.4], [None, "/img/1.png: truncated image", None]), 0.3)
     assert [r["id"] for r in result.kept] == ["p0", "p2"]
     assert result.skipped == [{"id": "p1", "image": "/img/1.png", "reason": "clip_filter: /img/1.png: truncated image"}]
-    assert result.stats == {"pairs": 3, "kept": 2, "below_threshold": 0, "unreadable": 1,
-                            "score_p10": 0.4, "score_p50": 0.4, "score_p90": 0.4}
+    assert result.stats == {
+        "pairs": 3,
+        "kept": 2,
+        "below_threshold": 0,
+        "unreadable": 1,
+        "score_p10": 0.4,
+        "score_p50": 0.4,
+        "score_p90": 0.4,
+    }
 
 
 def test_all_unreadable_has_no_quantiles():
@@ -44,8 +57,9 @@ def test_a_missing_open_clip_says_what_to_install(monkeypatch):
         check_open_clip("ViT-B-32")
 
 
-@pytest.mark.parametrize("key,value", [("threshold", "1.5"), ("batch_size", "0"), ("concurrency", "0"),
-                                       ("num_gpus", "-1")])
+@pytest.mark.parametrize(
+    "key,value", [("threshold", "1.5"), ("batch_size", "0"), ("concurrency", "0"), ("num_gpus", "-1")]
+)
 def test_bad_clip_filter_settings_are_refused_naming_the_section(key, value):
     with pytest.raises(ConfigError, match="data.clip_filter"):
         load_config(None, [f"data.clip_filter.{key}={value}"])

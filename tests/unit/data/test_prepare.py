@@ -31,7 +31,9 @@ def test_skips_from_every_step_are_recorded_and_good_rows_kept(tmp_path):
     assert pool.table.column("question").to_pylist() == ["Q?"]
     assert pool.table.column("image").to_pylist() == ["good.png"]  # relative to image_root
     assert [s["stage"] for s in pool.skipped] == ["load", "unfold", "image", "image"]
-    assert {s["instruction_id"] for s in pool.skipped if s["stage"] == "image"} and "broken.png" in pool.skipped[-1]["image"]
+    assert {s["instruction_id"] for s in pool.skipped if s["stage"] == "image"} and "broken.png" in pool.skipped[-1][
+        "image"
+    ]
     assert pool.stats == {"rows": 1, "images": 1, "skipped_images": 1, "skipped_rows": 2}
 
 
@@ -42,6 +44,7 @@ def test_cap_keeps_the_first_rows_by_id_and_everything_skipped_is_an_empty_pool(
     capped = prepare_seed_pool(write(tmp_path, data), str(tmp_path), max_instructions=3, max_image_pixels=10**6)
     ids = full.table.column("instruction_id").to_pylist()
     assert ids == sorted(ids) and capped.table.column("instruction_id").to_pylist() == ids[:3]
-    nothing = prepare_seed_pool(write(tmp_path, [record("x", "missing.png")]), str(tmp_path), max_instructions=None,
-                                max_image_pixels=10**6)
+    nothing = prepare_seed_pool(
+        write(tmp_path, [record("x", "missing.png")]), str(tmp_path), max_instructions=None, max_image_pixels=10**6
+    )
     assert nothing.table.num_rows == 0 and [s["stage"] for s in nothing.skipped] == ["image", "image"]

@@ -52,13 +52,26 @@ def generated_row(**overrides) -> dict:
 
 def test_column_order_is_the_contract():
     assert POOL_SCHEMA.names == [
-        "instruction_id", "image_id", "image", "question", "origin",
-        "parent_id", "iteration", "turn", "image_position", "source_id",
+        "instruction_id",
+        "image_id",
+        "image",
+        "question",
+        "origin",
+        "parent_id",
+        "iteration",
+        "turn",
+        "image_position",
+        "source_id",
     ]
     assert POOL_SCHEMA.field("iteration").type == pa.int32()
     assert POOL_SCHEMA.field("parent_id").nullable
     assert CONVERSATION_SCHEMA.names == [
-        "conversation_id", "image_id", "image", "questions", "answers", "instruction_ids",
+        "conversation_id",
+        "image_id",
+        "image",
+        "questions",
+        "answers",
+        "instruction_ids",
     ]
 
 
@@ -145,8 +158,12 @@ def test_check_pool_round_trips_parquet_and_rejects_bad_files(tmp_path):
 
 def test_conversation_table_validates_parallel_lists():
     good = {
-        "conversation_id": "img_1", "image_id": "img_1", "image": "img_1.png",
-        "questions": ["Q1", "Q2"], "answers": ["A1", "A2"], "instruction_ids": ["a", "b"],
+        "conversation_id": "img_1",
+        "image_id": "img_1",
+        "image": "img_1.png",
+        "questions": ["Q1", "Q2"],
+        "answers": ["A1", "A2"],
+        "instruction_ids": ["a", "b"],
     }
     table = conversation_table([good])
     assert table.schema == CONVERSATION_SCHEMA

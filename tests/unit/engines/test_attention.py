@@ -74,8 +74,15 @@ def _tiny_llama(impl: str, kv_heads: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(cfg)
     model.eval()
     model.set_attn_implementation(impl)
@@ -93,10 +100,13 @@ def test_xformers_adapter_matches_sdpa(fake_xformers, kv_heads):
     with torch.no_grad():
         torch.testing.assert_close(xf(ids).logits, sdpa(ids).logits, atol=1e-5, rtol=1e-4)  # causal path
         real = mask.bool()  # padded positions attend to nothing real: their logits are nobody's concern
-        torch.testing.assert_close(xf(ids, attention_mask=mask).logits[real],
-                                   sdpa(ids, attention_mask=mask).logits[real], atol=1e-5, rtol=1e-4)
-        generated = {name: m.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
-                     for name, m in (("sdpa", sdpa), ("xformers", xf))}  # decoding: one query row per step
+        torch.testing.assert_close(
+            xf(ids, attention_mask=mask).logits[real], sdpa(ids, attention_mask=mask).logits[real], atol=1e-5, rtol=1e-4
+        )
+        generated = {
+            name: m.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+            for name, m in (("sdpa", sdpa), ("xformers", xf))
+        }  # decoding: one query row per step
     assert torch.equal(generated["sdpa"], generated["xformers"])
 
 

@@ -11,21 +11,33 @@ from mmdc.actors.resources import check_fits
 from mmdc.config import ConfigError, EngineConfig, load_config
 
 PAPER = Path(__file__).resolve().parents[3] / "configs" / "paper.yaml"
-VLLM_TEACHER = ["engines.teacher.backend=vllm", "engines.teacher.tensor_parallel_size=2",
-                "engines.teacher.num_gpus=2", "engines.teacher.replicas=2"]
+VLLM_TEACHER = [
+    "engines.teacher.backend=vllm",
+    "engines.teacher.tensor_parallel_size=2",
+    "engines.teacher.num_gpus=2",
+    "engines.teacher.replicas=2",
+]
 
 
 def test_vllm_llm_config_from_the_paper_config_without_importing_vllm():
     before = set(sys.modules)
     from mmdc.engines.vllm import vllm_llm_config
 
-    cfg = load_config(PAPER, VLLM_TEACHER + ["engines.teacher.accelerator_type=V100",
-                                             "engines.teacher.engine_kwargs={enforce_eager: true, max_num_seqs: 32}"])
+    cfg = load_config(
+        PAPER,
+        VLLM_TEACHER
+        + [
+            "engines.teacher.accelerator_type=V100",
+            "engines.teacher.engine_kwargs={enforce_eager: true, max_num_seqs: 32}",
+        ],
+    )
     kw = vllm_llm_config(cfg.engines["teacher"], cfg.models.teacher)
     new = set(sys.modules) - before
     assert not [m for m in new if m.split(".")[0] == "vllm" or m.startswith(("ray.serve.llm", "ray.llm"))]
-    assert kw["model_loading_config"] == {"model_id": "llava-hf/llava-1.5-13b-hf",
-                                          "model_source": "llava-hf/llava-1.5-13b-hf"}
+    assert kw["model_loading_config"] == {
+        "model_id": "llava-hf/llava-1.5-13b-hf",
+        "model_source": "llava-hf/llava-1.5-13b-hf",
+    }
     e = kw["engine_kwargs"]
     assert e["tensor_parallel_size"] == 2 and e["dtype"] == "float16"  # V100: fp16
     assert e["max_model_len"] == 4096 and e["gpu_memory_utilization"] == 0.9
@@ -42,8 +54,10 @@ def test_paper_config_with_a_vllm_teacher_still_fits_six_v100():
 
 def test_vllm_needs_num_gpus_equal_to_tensor_parallel_size():
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
-        load_config(None, ["engines.teacher.backend=vllm", "engines.teacher.tensor_parallel_size=2",
-                           "engines.teacher.num_gpus=1"])
+        load_config(
+            None,
+            ["engines.teacher.backend=vllm", "engines.teacher.tensor_parallel_size=2", "engines.teacher.num_gpus=1"],
+        )
 
 
 def test_openai_needs_a_url_and_a_model_name_and_deploys_nothing():
@@ -51,9 +65,16 @@ def test_openai_needs_a_url_and_a_model_name_and_deploys_nothing():
         load_config(None, ["engines.teacher.backend=openai", "engines.teacher.model_name=gpt-4o"])
     with pytest.raises(ConfigError, match="model_name"):
         load_config(None, ["engines.teacher.backend=openai", "engines.teacher.base_url=http://127.0.0.1:8000/v1"])
-    cfg = load_config(None, ["engines.teacher.backend=openai", "engines.teacher.base_url=http://127.0.0.1:8000/v1",
-                             "engines.teacher.model_name=gpt-4o", "engines.teacher.replicas=0",
-                             "engines.teacher.num_cpus=0"])
+    cfg = load_config(
+        None,
+        [
+            "engines.teacher.backend=openai",
+            "engines.teacher.base_url=http://127.0.0.1:8000/v1",
+            "engines.teacher.model_name=gpt-4o",
+            "engines.teacher.replicas=0",
+            "engines.teacher.num_cpus=0",
+        ],
+    )
     from mmdc.engines.backends import build_engine_app, make_client
     from mmdc.engines.openai import OpenAIChatClient
 
@@ -70,14 +91,27 @@ def test_more_hf_replicas_than_clients_is_a_warning_naming_both_keys(caplog):
     assert "engines.student.replicas (3) > pipeline.concurrency (2)" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="mmdc.config"):
-        load_config(None, ["engines.student.replicas=2", "pipeline.concurrency=2",
-                           "engines.teacher.replicas=4", "engines.teacher.request_mode=row"])
+        load_config(
+            None,
+            [
+                "engines.student.replicas=2",
+                "pipeline.concurrency=2",
+                "engines.teacher.replicas=4",
+                "engines.teacher.request_mode=row",
+            ],
+        )
     assert caplog.text == ""  # enough clients; row mode keeps many requests per replica
 
 
 def test_request_mode_and_retry_settings_parse():
-    cfg = load_config(None, ["engines.student.request_mode=row", "engines.student.max_retries=2",
-                             "engines.student.batch_wait_timeout_s=0.2"])
+    cfg = load_config(
+        None,
+        [
+            "engines.student.request_mode=row",
+            "engines.student.max_retries=2",
+            "engines.student.batch_wait_timeout_s=0.2",
+        ],
+    )
     e = cfg.engines["student"]
     assert (e.request_mode, e.max_retries, e.batch_wait_timeout_s) == ("row", 2, 0.2)
     with pytest.raises(ConfigError, match="request_mode"):
@@ -91,6 +125,7 @@ def test_vllm_app_without_vllm_says_how_to_install():
     pytest.importorskip("ray")
     try:
         import vllm  # noqa: F401
+
         pytest.skip("vLLM is installed here")
     except ImportError:
         pass

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 from PIL import Image
 
 from mmdc import roles
-from mmdc.engines.hf import HFGenerator, _to_hf_messages
 from mmdc.data.images import to_data_url
+from mmdc.engines.hf import HFGenerator, _to_hf_messages
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +37,8 @@ def reference_logprob(gen: HFGenerator, messages: list[dict], reply: str) -> tup
     msgs, images = _to_hf_messages(messages)
     prompt = gen.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     full = gen.processor.apply_chat_template(
-        msgs + [{"role": "assistant", "content": [{"type": "text", "text": reply}]}], tokenize=False)
+        msgs + [{"role": "assistant", "content": [{"type": "text", "text": reply}]}], tokenize=False
+    )
     enc_prompt = gen.processor(text=[prompt], images=images, return_tensors="pt")
     enc_full = gen.processor(text=[full], images=images, return_tensors="pt")
     start = enc_prompt["input_ids"].shape[1]
@@ -53,10 +51,14 @@ def reference_logprob(gen: HFGenerator, messages: list[dict], reply: str) -> tup
 
 
 def test_score_requests_match_a_teacher_forced_forward_pass_whatever_the_batch(generator, urls):
-    rows = [(roles.teacher_messages("What color is the circle?", urls[0]), "The circle is red."),
-            (roles.teacher_messages("Give a short description of the scene.", urls[1]),
-             "A large blue square on a white background, next to nothing else at all."),
-            (roles.teacher_messages("Is there a circle?", urls[0]), "Yes.")]
+    rows = [
+        (roles.teacher_messages("What color is the circle?", urls[0]), "The circle is red."),
+        (
+            roles.teacher_messages("Give a short description of the scene.", urls[1]),
+            "A large blue square on a white background, next to nothing else at all.",
+        ),
+        (roles.teacher_messages("Is there a circle?", urls[0]), "Yes."),
+    ]
     alone = [generator.generate([{"messages": m, "score_reply": r}])[0] for m, r in rows]
     together = generator.generate([{"messages": m, "score_reply": r} for m, r in rows])  # lengths differ: padding
     for (messages, reply), one, batched in zip(rows, alone, together):
@@ -68,8 +70,12 @@ def test_score_requests_match_a_teacher_forced_forward_pass_whatever_the_batch(g
 
 
 def test_score_and_generate_requests_share_a_call_and_keep_their_order(generator, urls):
-    ask = {"messages": roles.teacher_messages("What color is the circle?", urls[0]), "temperature": 0.0,
-           "max_new_tokens": 4, "seed": 1}
+    ask = {
+        "messages": roles.teacher_messages("What color is the circle?", urls[0]),
+        "temperature": 0.0,
+        "max_new_tokens": 4,
+        "seed": 1,
+    }
     score = {"messages": roles.teacher_messages("What color is the circle?", urls[0]), "score_reply": "Red."}
     out = generator.generate([ask, score, ask])
     assert [o["finish_reason"] == "score" for o in out] == [False, True, False]

@@ -47,10 +47,15 @@ class FakeEndpoint:
                         status = 404
                     if status == 200:
                         text = f"echo {body['seed']}"
-                        payload = {"id": "x", "object": "chat.completion", "model": body["model"],
-                                   "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                                "finish_reason": "stop"}],
-                                   "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}}
+                        payload = {
+                            "id": "x",
+                            "object": "chat.completion",
+                            "model": body["model"],
+                            "choices": [
+                                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                            ],
+                            "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
+                        }
                     else:
                         payload = {"error": {"message": f"refused with {status}", "type": "test"}}
                     data = json.dumps(payload).encode()
@@ -93,18 +98,38 @@ def endpoint_factory():
 
 
 def _rows(n: int) -> tuple[list[dict], list[str]]:
-    reqs = [{"messages": [{"role": "user", "content": [{"type": "text", "text": f"q{i}"}]}],
-             "temperature": 0.5, "max_new_tokens": 12, "seed": i} for i in range(n)]
+    reqs = [
+        {
+            "messages": [{"role": "user", "content": [{"type": "text", "text": f"q{i}"}]}],
+            "temperature": 0.5,
+            "max_new_tokens": 12,
+            "seed": i,
+        }
+        for i in range(n)
+    ]
     return reqs, [f"id{i}" for i in range(n)]
 
 
 def test_request_body_and_reply_translation():
-    body = chat_body({"messages": [{"role": "user", "content": "hi"}], "temperature": 0.5,
-                      "max_new_tokens": 7, "seed": 2**64 + 5}, "gpt-4o")
-    assert body == {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "n": 1, "stream": False,
-                    "temperature": 0.5, "max_tokens": 7, "seed": 5}
-    reply = parse_chat_completion({"choices": [{"message": {"content": " ok "}, "finish_reason": "length"}],
-                                   "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+    body = chat_body(
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": 0.5, "max_new_tokens": 7, "seed": 2**64 + 5},
+        "gpt-4o",
+    )
+    assert body == {
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "hi"}],
+        "n": 1,
+        "stream": False,
+        "temperature": 0.5,
+        "max_tokens": 7,
+        "seed": 5,
+    }
+    reply = parse_chat_completion(
+        {
+            "choices": [{"message": {"content": " ok "}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+        }
+    )
     assert reply == {"text": "ok", "prompt_tokens": 3, "completion_tokens": 1, "finish_reason": "length"}
     assert parse_chat_completion({"choices": [{"message": {"content": None}}]})["text"] == ""
     with pytest.raises(ValueError, match="without choices"):
@@ -148,7 +173,9 @@ def test_client_errors_are_not_retried_and_carry_the_server_message(endpoint_fac
     ep = endpoint_factory(lambda body, n: (401, {}, 0.0))
     client = OpenAIChatClient(ep.base_url, "m", 10.0)
     reqs, ids = _rows(2)
-    with pytest.raises(EngineError, match=r"referee engine failed on 2 row\(s\) \[id0, id1\].*HTTP 401: refused with 401"):
+    with pytest.raises(
+        EngineError, match=r"referee engine failed on 2 row\(s\) \[id0, id1\].*HTTP 401: refused with 401"
+    ):
         call_with_retries(client, reqs, ids, "referee", sleep=lambda s: None)
     assert len(ep.bodies) == 2
 
@@ -204,9 +231,15 @@ def test_serving_side_translation_inverts_the_client_side():
     assert payload["usage"]["total_tokens"] == 4 and payload["model"] == "m"
 
 
-@pytest.mark.parametrize("body,field", [({}, "messages"), ({"messages": []}, "messages"),
-                                        ({"messages": [{"role": "user", "content": "x"}], "stream": True}, "stream"),
-                                        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "'n'")])
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}], "stream": True}, "stream"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "'n'"),
+    ],
+)
 def test_unanswerable_bodies_are_refused_naming_the_field(body, field):
     from mmdc.engines.openai import request_from_chat_body
 

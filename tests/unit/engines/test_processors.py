@@ -15,19 +15,30 @@ import pytest
 from PIL import Image
 from ray import exceptions as rex
 
-from mmdc.engines.protocol import EngineError
 from mmdc.engines.processors import RefereeProcessor, TeacherProcessor
+from mmdc.engines.protocol import EngineError
 
-OPENAI = {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "model_name": "judge", "replicas": 0,
-          "num_cpus": 0, "retry_backoff_s": 0.0}
+OPENAI = {
+    "backend": "openai",
+    "base_url": "http://127.0.0.1:9/v1",
+    "model_name": "judge",
+    "replicas": 0,
+    "num_cpus": 0,
+    "retry_backoff_s": 0.0,
+}
 SAMPLING = {"temperature": 0.5, "max_new_tokens": 8, "retries": 0}
 
 
 @pytest.fixture
 def batch(tmp_path) -> pd.DataFrame:
     Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "red.png")
-    return pd.DataFrame({"instruction_id": [f"i{k}" for k in range(5)], "image": ["red.png"] * 5,
-                         "question": [f"question {k}?" for k in range(5)]})
+    return pd.DataFrame(
+        {
+            "instruction_id": [f"i{k}" for k in range(5)],
+            "image": ["red.png"] * 5,
+            "question": [f"question {k}?" for k in range(5)],
+        }
+    )
 
 
 @pytest.fixture
@@ -43,9 +54,13 @@ def endpoint():
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append(body)
             text = body["messages"][-1]["content"][-1]["text"]
-            status, payload = 200, {"choices": [{"message": {"content": "re: " + text.splitlines()[-1]},
-                                                 "finish_reason": "stop"}],
-                                    "usage": {"prompt_tokens": 9, "completion_tokens": 3}}
+            status, payload = (
+                200,
+                {
+                    "choices": [{"message": {"content": "re: " + text.splitlines()[-1]}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 9, "completion_tokens": 3},
+                },
+            )
             if len(seen) == 2:
                 status, payload = 503, {"error": {"message": "overloaded"}}
             data = json.dumps(payload).encode()
@@ -63,8 +78,9 @@ def endpoint():
 
 def test_teacher_stage_over_an_openai_endpoint(batch, tmp_path, endpoint):
     url, seen = endpoint
-    stage = TeacherProcessor("teacher", "unused", SAMPLING, run_seed=0, image_root=str(tmp_path),
-                         engine={**OPENAI, "base_url": url})
+    stage = TeacherProcessor(
+        "teacher", "unused", SAMPLING, run_seed=0, image_root=str(tmp_path), engine={**OPENAI, "base_url": url}
+    )
     out = stage(batch)
     assert out["teacher_answer"].tolist() == [f"re: question {k}?" for k in range(5)]
     assert out["teacher_tokens"].tolist() == [3] * 5
@@ -87,8 +103,14 @@ class FlakyClient:
             if len(self.calls) == 1 and any(f"question {k}?" in text for k in self.lose):
                 outs.append(rex.ActorDiedError())
             else:
-                outs.append({"text": "Assistant 1: 7 Assistant 2: 3", "prompt_tokens": 1, "completion_tokens": 5,
-                             "finish_reason": "stop"})
+                outs.append(
+                    {
+                        "text": "Assistant 1: 7 Assistant 2: 3",
+                        "prompt_tokens": 1,
+                        "completion_tokens": 5,
+                        "finish_reason": "stop",
+                    }
+                )
         return outs
 
 
@@ -104,8 +126,9 @@ def test_referee_rows_lost_to_a_dead_replica_come_back_once(batch, tmp_path):
 
 
 def test_a_stage_gives_up_with_the_role_and_rows(batch, tmp_path):
-    stage = TeacherProcessor("teacher", "unused", SAMPLING, run_seed=0, image_root=str(tmp_path),
-                         engine={**OPENAI, "max_retries": 1})
+    stage = TeacherProcessor(
+        "teacher", "unused", SAMPLING, run_seed=0, image_root=str(tmp_path), engine={**OPENAI, "max_retries": 1}
+    )
 
     class Dead:
         def generate(self, requests):
@@ -124,8 +147,17 @@ class LikelihoodClient:
 
     def generate(self, requests):
         self.requests.extend(requests)
-        return [{"text": "", "logprob": -0.1 * 4 if r["score_reply"] == "right" else -2.0 * 4, "scored_tokens": 4,
-                 "prompt_tokens": 9, "completion_tokens": 0, "finish_reason": "score"} for r in requests]
+        return [
+            {
+                "text": "",
+                "logprob": -0.1 * 4 if r["score_reply"] == "right" else -2.0 * 4,
+                "scored_tokens": 4,
+                "prompt_tokens": 9,
+                "completion_tokens": 0,
+                "finish_reason": "score",
+            }
+            for r in requests
+        ]
 
 
 def test_likelihood_referee_scores_answers_under_the_teacher_prompt(batch, tmp_path):
@@ -133,8 +165,9 @@ def test_likelihood_referee_scores_answers_under_the_teacher_prompt(batch, tmp_p
     from mmdc.data.calibration import assess_table
 
     batch = batch.assign(teacher_answer="right", student_answer=["right", "wrong", "right", "wrong", "wrong"])
-    stage = RefereeProcessor("teacher", "unused", SAMPLING, run_seed=0, image_root=str(tmp_path), engine=OPENAI,
-                         scoring="likelihood")
+    stage = RefereeProcessor(
+        "teacher", "unused", SAMPLING, run_seed=0, image_root=str(tmp_path), engine=OPENAI, scoring="likelihood"
+    )
     stage.client = LikelihoodClient()
     out = stage(batch)
     sent = stage.client.requests

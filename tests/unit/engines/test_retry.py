@@ -8,8 +8,7 @@ import urllib.error
 import pytest
 from ray import exceptions as rex
 
-from mmdc.engines.protocol import (EngineError, EngineHTTPError, RetryPolicy, call_with_retries,
-                                           is_retryable)
+from mmdc.engines.protocol import EngineError, EngineHTTPError, RetryPolicy, call_with_retries, is_retryable
 
 
 def _reqs(n: int) -> tuple[list[dict], list[str]]:
@@ -57,8 +56,9 @@ def test_whole_batch_lost_with_its_replica_is_resent_once_and_kept_in_order(capl
 
 def test_only_failed_rows_are_resent_and_each_row_appears_once():
     reqs, ids = _reqs(6)
-    client = ScriptedClient([{1: TimeoutError("slow"), 4: rex.ActorUnavailableError("gone", None)},
-                             {4: EngineHTTPError(503, "busy")}])
+    client = ScriptedClient(
+        [{1: TimeoutError("slow"), 4: rex.ActorUnavailableError("gone", None)}, {4: EngineHTTPError(503, "busy")}]
+    )
     sleeps = []
     out = call_with_retries(client, reqs, ids, "referee", RetryPolicy(backoff_s=1.0), sleep=sleeps.append)
     assert client.calls == [[0, 1, 2, 3, 4, 5], [1, 4], [4]]
@@ -81,8 +81,9 @@ def test_retries_are_bounded_and_backoff_is_capped():
     client = ScriptedClient([], raise_whole=[died] * 10)
     sleeps = []
     with pytest.raises(EngineError, match=r"student engine failed on 2 row\(s\) \[row0, row1\] after 4 attempt"):
-        call_with_retries(client, reqs, ids, "student", RetryPolicy(max_retries=3, backoff_s=2, max_backoff_s=5),
-                          sleep=sleeps.append)
+        call_with_retries(
+            client, reqs, ids, "student", RetryPolicy(max_retries=3, backoff_s=2, max_backoff_s=5), sleep=sleeps.append
+        )
     assert sleeps == [2, 4, 5] and len(client.calls) == 4
 
 
@@ -104,17 +105,20 @@ def test_a_reply_count_mismatch_is_an_error_not_a_silent_shift():
         call_with_retries(Short(), reqs, ids, "teacher", sleep=lambda s: None)
 
 
-@pytest.mark.parametrize("err, retry", [
-    (rex.ActorDiedError(), True),
-    (rex.ActorUnavailableError("restarting", None), True),
-    (rex.GetTimeoutError("late"), True),
-    (TimeoutError(), True),
-    (ConnectionRefusedError(), True),
-    (urllib.error.URLError("refused"), True),
-    (EngineHTTPError(429, "x"), True),
-    (EngineHTTPError(502, "x"), True),
-    (EngineHTTPError(401, "x"), False),
-    (ValueError("unsupported message part"), False),
-])
+@pytest.mark.parametrize(
+    "err, retry",
+    [
+        (rex.ActorDiedError(), True),
+        (rex.ActorUnavailableError("restarting", None), True),
+        (rex.GetTimeoutError("late"), True),
+        (TimeoutError(), True),
+        (ConnectionRefusedError(), True),
+        (urllib.error.URLError("refused"), True),
+        (EngineHTTPError(429, "x"), True),
+        (EngineHTTPError(502, "x"), True),
+        (EngineHTTPError(401, "x"), False),
+        (ValueError("unsupported message part"), False),
+    ],
+)
 def test_which_errors_are_transient(err, retry):
     assert is_retryable(err) is retry

@@ -26,8 +26,6 @@ class CountingStage:
         return batch.assign(tag=self.kwargs["tag"])
 
 
-
-
 @pytest.fixture(autouse=True)
 def fresh_cache(monkeypatch):
     monkeypatch.setattr(pipelines, "_PROCESSORS", {})

@@ -1,4 +1,4 @@
-"""mmdc/engines/serve_client.py with a stand-in handle: one request per batch, failures per batch or row, cancel on timeout."""
+"""mmdc/engines/serve_client.py with a stand-in handle: a request per batch, failures per batch or row, timeouts."""
 
 from __future__ import annotations
 
@@ -55,8 +55,9 @@ def test_a_dead_replica_fails_the_batch_and_the_retry_resends_its_rows():
 
     handle = Handle(answer)
     reqs = [{"seed": i} for i in range(8)]
-    out = call_with_retries(ServeBatchClient(handle, 5.0), reqs, [str(i) for i in range(8)],
-                            "teacher", sleep=lambda s: None)
+    out = call_with_retries(
+        ServeBatchClient(handle, 5.0), reqs, [str(i) for i in range(8)], "teacher", sleep=lambda s: None
+    )
     assert [o["text"] for o in out] == [f"a{i}" for i in range(8)]
     assert [[r["seed"] for r in b] for b in handle.generate_batch.sent] == [list(range(8))] * 2
 
@@ -67,8 +68,9 @@ def test_an_engine_that_fails_single_rows_gets_only_those_rows_again():
         return Response([rex.ActorDiedError() if (n == 1 and r["seed"] == 2) else _reply(r) for r in batch])
 
     handle = Handle(answer)
-    out = call_with_retries(ServeBatchClient(handle, 5.0), [{"seed": i} for i in range(4)], list("abcd"),
-                            "teacher", sleep=lambda s: None)
+    out = call_with_retries(
+        ServeBatchClient(handle, 5.0), [{"seed": i} for i in range(4)], list("abcd"), "teacher", sleep=lambda s: None
+    )
     assert [o["text"] for o in out] == [f"a{i}" for i in range(4)]
     assert [[r["seed"] for r in b] for b in handle.generate_batch.sent] == [[0, 1, 2, 3], [2]]
 
@@ -80,7 +82,9 @@ def test_a_timed_out_batch_is_cancelled_and_reported_for_every_row():
 
 
 def test_a_timed_out_request_is_cancelled_and_reported_per_row():
-    handle = Handle(lambda payload, n: Response(error=rex.GetTimeoutError("late")) if n == 2 else Response(_reply(payload)))
+    handle = Handle(
+        lambda payload, n: Response(error=rex.GetTimeoutError("late")) if n == 2 else Response(_reply(payload))
+    )
     out = ServeRowClient(handle, 5.0).generate([{"seed": i} for i in range(3)])
     assert isinstance(out[1], TimeoutError) and handle.generate.responses[1].cancelled
     assert out[0]["text"] == "a0" and out[2]["text"] == "a2"

@@ -38,9 +38,24 @@ def test_scienceqa(tiny_student, tmp_path):
     sqa = ASSETS / "scienceqa"
 
     def argv(out: Path) -> list[str]:
-        return ["--checkpoint", tiny_student, "--benchmark", "scienceqa", "--data", str(sqa / "llava_test_CQM-A.json"),
-                "--problems", str(sqa / "problems.json"), "--pid-splits", str(sqa / "pid_splits.json"),
-                "--out", str(out), "--max-new-tokens", "6", "--limit", "3"]
+        return [
+            "--checkpoint",
+            tiny_student,
+            "--benchmark",
+            "scienceqa",
+            "--data",
+            str(sqa / "llava_test_CQM-A.json"),
+            "--problems",
+            str(sqa / "problems.json"),
+            "--pid-splits",
+            str(sqa / "pid_splits.json"),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "6",
+            "--limit",
+            "3",
+        ]
 
     out = tmp_path / "sqa"
     payload = cli.run(cli.parse_args(argv(out)))
@@ -64,8 +79,22 @@ def test_scienceqa(tiny_student, tmp_path):
 def test_seed_bench(tiny_student, tmp_path):
     data = ASSETS / "seed" / "SEED-Bench.json"
     out = tmp_path / "seed"
-    payload = cli.run(cli.parse_args(["--checkpoint", tiny_student, "--benchmark", "seed", "--data", str(data),
-                                      "--out", str(out), "--max-new-tokens", "4"]))
+    payload = cli.run(
+        cli.parse_args(
+            [
+                "--checkpoint",
+                tiny_student,
+                "--benchmark",
+                "seed",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+    )
     metrics = payload["metrics"]
     samples = _samples(out)
     assert metrics["n"] == len(samples) > 0  # image questions only: the fixture's video question is left out
@@ -81,10 +110,28 @@ def test_seed_bench(tiny_student, tmp_path):
 def test_llava_bench_with_a_local_judge(tiny_models, tmp_path):
     lb = ASSETS / "llavabench"
     out = tmp_path / "lb"
-    payload = cli.run(cli.parse_args([
-        "--checkpoint", tiny_models["student"], "--benchmark", "llavabench", "--data", str(lb / "questions.jsonl"),
-        "--answers", str(lb / "answers_gpt4.jsonl"), "--context", str(lb / "context.jsonl"),
-        "--judge-checkpoint", tiny_models["teacher"], "--out", str(out), "--max-new-tokens", "8"]))
+    payload = cli.run(
+        cli.parse_args(
+            [
+                "--checkpoint",
+                tiny_models["student"],
+                "--benchmark",
+                "llavabench",
+                "--data",
+                str(lb / "questions.jsonl"),
+                "--answers",
+                str(lb / "answers_gpt4.jsonl"),
+                "--context",
+                str(lb / "context.jsonl"),
+                "--judge-checkpoint",
+                tiny_models["teacher"],
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "8",
+            ]
+        )
+    )
     metrics = payload["metrics"]
     samples = _samples(out)
     assert payload["meta"]["judge"] == tiny_models["teacher"]

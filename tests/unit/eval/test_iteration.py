@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from mmdc.config import ConfigError, config_from_dict, load_config
-from mmdc.world import scenes as world
 from mmdc.eval import iteration
 from mmdc.eval.harness import row_seed
+from mmdc.world import scenes as world
 
 ASSETS = Path(__file__).parents[2] / "assets" / "eval"
 
@@ -52,7 +51,9 @@ def test_student_results_files_and_requests(world_dir, tmp_path):
         assert payload["meta"]["model"] == "ckpt/iter_2" and payload["meta"]["temperature"] == 0.5
         samples = (tmp_path / "eval" / benchmark / "iter_2.samples.jsonl").read_text().splitlines()
         assert len(samples) == 12 and {"prompt", "output", "correct", "seed", "family"} <= set(json.loads(samples[0]))
-    assert (tmp_path / "eval" / "world_mc" / "questions.json").is_file()  # reproducible by hand with python -m mmdc.eval
+    assert (
+        tmp_path / "eval" / "world_mc" / "questions.json"
+    ).is_file()  # reproducible by hand with python -m mmdc.eval
     first = gen.requests[0]
     assert first["messages"][0]["role"] == "user"  # the student gets the bare question, no system prompt
     assert first["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
@@ -61,8 +62,10 @@ def test_student_results_files_and_requests(world_dir, tmp_path):
     # "Yes." is right exactly on the yes-questions
     world_metrics = results["world"]["metrics"]
     assert 0 < world_metrics["Avg"] < 100 and world_metrics["describe"] in (None, 0.0)
-    assert iteration.headline_metrics(results) == {"eval_world_Avg": world_metrics["Avg"],
-                                                   "eval_world_mc_Avg": results["world_mc"]["metrics"]["Avg"]}
+    assert iteration.headline_metrics(results) == {
+        "eval_world_Avg": world_metrics["Avg"],
+        "eval_world_mc_Avg": results["world_mc"]["metrics"]["Avg"],
+    }
 
 
 def test_existing_result_is_kept_and_requests_are_the_same_every_time(world_dir, tmp_path):
@@ -89,15 +92,24 @@ def test_teacher_is_asked_with_its_table6_prompt_and_written_as_teacher(world_di
 
 
 def test_external_benchmarks_from_config_with_limit_and_judge(tmp_path):
-    cfg = config_from_dict({
-        "data": {"source": "llava", "instructions": "x.json"},
-        "eval": {"benchmarks": ["scienceqa", "seed", "llavabench"], "limit": 2,
-                 "scienceqa": {"data": str(ASSETS / "scienceqa" / "llava_test_CQM-A.json"),
-                               "problems": str(ASSETS / "scienceqa" / "problems.json")},
-                 "seed": {"data": str(ASSETS / "seed" / "SEED-Bench.json")},
-                 "llavabench": {"data": str(ASSETS / "llavabench" / "questions.jsonl"),
-                                "answers": str(ASSETS / "llavabench" / "answers_gpt4.jsonl")}},
-    })
+    cfg = config_from_dict(
+        {
+            "data": {"source": "llava", "instructions": "x.json"},
+            "eval": {
+                "benchmarks": ["scienceqa", "seed", "llavabench"],
+                "limit": 2,
+                "scienceqa": {
+                    "data": str(ASSETS / "scienceqa" / "llava_test_CQM-A.json"),
+                    "problems": str(ASSETS / "scienceqa" / "problems.json"),
+                },
+                "seed": {"data": str(ASSETS / "seed" / "SEED-Bench.json")},
+                "llavabench": {
+                    "data": str(ASSETS / "llavabench" / "questions.jsonl"),
+                    "answers": str(ASSETS / "llavabench" / "answers_gpt4.jsonl"),
+                },
+            },
+        }
+    )
     assert iteration.needs_judge(cfg)
     with pytest.raises(ValueError, match="llavabench needs a judge"):
         iteration.evaluate_iteration(cfg, tmp_path / "nojudge", 1, "student", Scripted(lambda r: "A"))
@@ -160,12 +172,20 @@ def test_end_to_end_tiny_student_on_a_tiny_world(world_dir, tmp_path):
     cfg = load_config(None, ["eval.limit=6", "eval.benchmarks=[world, world_mc]"])
     results = iteration.evaluate_iteration(cfg, tmp_path / "a", 0, "student", gen, world_dir, model=student)
     assert results["world"]["metrics"]["n"] == 6 and results["world_mc"]["metrics"]["n"] == 6
-    samples = [json.loads(line) for line in (tmp_path / "a" / "eval" / "world" / "iter_0.samples.jsonl")
-               .read_text().splitlines()]
-    assert all(isinstance(s["output"], str) and s["correct"] == world.grade(
-        world.load_scenes(world_dir / "scenes.jsonl")[s["image"][:-4]], s["prompt"], s["output"]) for s in samples)
+    samples = [
+        json.loads(line)
+        for line in (tmp_path / "a" / "eval" / "world" / "iter_0.samples.jsonl").read_text().splitlines()
+    ]
+    assert all(
+        isinstance(s["output"], str)
+        and s["correct"]
+        == world.grade(world.load_scenes(world_dir / "scenes.jsonl")[s["image"][:-4]], s["prompt"], s["output"])
+        for s in samples
+    )
     again = iteration.evaluate_iteration(cfg, tmp_path / "b", 0, "student", gen, world_dir, model=student)
-    rerun = [json.loads(line) for line in (tmp_path / "b" / "eval" / "world" / "iter_0.samples.jsonl")
-             .read_text().splitlines()]
+    rerun = [
+        json.loads(line)
+        for line in (tmp_path / "b" / "eval" / "world" / "iter_0.samples.jsonl").read_text().splitlines()
+    ]
     assert [s["output"] for s in rerun] == [s["output"] for s in samples]
     assert again["world_mc"]["metrics"] == results["world_mc"]["metrics"]

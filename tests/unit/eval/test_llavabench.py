@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mmdc.roles import RefereeParseError
 from mmdc.eval import cli, llavabench, report
+from mmdc.roles import RefereeParseError
 
 ASSETS = Path(__file__).parents[2] / "assets" / "eval" / "llavabench"
 QUESTIONS, ANSWERS, CONTEXT = ASSETS / "questions.jsonl", ASSETS / "answers_gpt4.jsonl", ASSETS / "context.jsonl"
@@ -18,8 +18,9 @@ def test_load_joins_questions_references_and_context():
     items = llavabench.load(QUESTIONS, ANSWERS, CONTEXT)
     assert [(i.sample_id, i.category) for i in items] == [("0", "conv"), ("1", "detail"), ("2", "complex")]
     assert items[0].reference == "The square is red." and items[0].image == "000000000001.png"
-    assert items[0].context == ("A red square on a white background.\nA small red square.\n\n"
-                                "square: [0.25, 0.25, 0.75, 0.75]")
+    assert items[0].context == (
+        "A red square on a white background.\nA small red square.\n\nsquare: [0.25, 0.25, 0.75, 0.75]"
+    )
     assert items[0].rule == llavabench.RULE_COCO
     bare = llavabench.load(QUESTIONS, ANSWERS)
     assert bare[0].context is None and bare[0].rule == llavabench.RULE_DEFAULT
@@ -83,9 +84,18 @@ def test_parse_judge_fails_where_llava_returns_minus_one(reply):
 
 
 def _items(categories):
-    return [llavabench.LlavaBenchItem(sample_id=str(i), prompt=f"q{i}", image=f"{i}.jpg", category=c,
-                                      reference=f"ref {i}", context=None, rule=llavabench.RULE_DEFAULT)
-            for i, c in enumerate(categories)]
+    return [
+        llavabench.LlavaBenchItem(
+            sample_id=str(i),
+            prompt=f"q{i}",
+            image=f"{i}.jpg",
+            category=c,
+            reference=f"ref {i}",
+            context=None,
+            rule=llavabench.RULE_DEFAULT,
+        )
+        for i, c in enumerate(categories)
+    ]
 
 
 def test_evaluate_averages_a_zero_and_an_unparsed_reply_in_like_llava():
@@ -100,8 +110,7 @@ def test_evaluate_averages_a_zero_and_an_unparsed_reply_in_like_llava():
     assert {k: metrics[k] for k in ("Con", "CR", "DD", "AVG")} == {"Con": 35.3, "CR": 44.4, "DD": 100.0, "AVG": 51.5}
     assert list(metrics)[:4] == ["Con", "CR", "DD", "AVG"]  # the paper's Table 3 order
     assert metrics["details"]["conv"] == {"relative": 35.3, "reference": 85.0, "model": 30.0, "n": 2, "unparsed": 0}
-    assert metrics["details"]["complex"] == {"relative": 44.4, "reference": 45.0, "model": 20.0, "n": 2,
-                                             "unparsed": 1}
+    assert metrics["details"]["complex"] == {"relative": 44.4, "reference": 45.0, "model": 20.0, "n": 2, "unparsed": 1}
     assert metrics["details"]["all"] == {"relative": 51.5, "reference": 66.0, "model": 34.0, "n": 5, "unparsed": 1}
     # The unparsed reply is counted and shown, not hidden in the mean.
     assert metrics["unparsed"] == 1 and metrics["unparsed_by_column"] == {"CR": 1} and metrics["n"] == 5
@@ -117,9 +126,9 @@ def test_evaluate_averages_a_zero_and_an_unparsed_reply_in_like_llava():
 # and lines returned instead of printed.
 def _llava_parse_score(review):
     try:
-        score_pair = review.split('\n')[0]
-        score_pair = score_pair.replace(',', ' ')
-        sp = score_pair.split(' ')
+        score_pair = review.split("\n")[0]
+        score_pair = score_pair.replace(",", " ")
+        sp = score_pair.split(" ")
         if len(sp) == 2:
             return [float(sp[0]), float(sp[1])]
         else:
@@ -129,31 +138,49 @@ def _llava_parse_score(review):
 
 
 def _llava_summarize(reviews):
-    import numpy as np
     from collections import defaultdict
+
+    import numpy as np
 
     scores = defaultdict(list)
     for review in reviews:
-        if 'category' in review:
-            scores[review['category']].append(review['tuple'])
-            scores['all'].append(review['tuple'])
+        if "category" in review:
+            scores[review["category"]].append(review["tuple"])
+            scores["all"].append(review["tuple"])
     lines = []
     for k, v in sorted(scores.items()):
         stats = np.asarray(v).mean(0).tolist()
         stats = [round(x, 3) for x in stats]
-        lines.append(f"{k} {round(stats[1]/stats[0]*100, 1)} {round(stats[0] * 10, 1)} {round(stats[1] * 10, 1)}")
+        lines.append(f"{k} {round(stats[1] / stats[0] * 100, 1)} {round(stats[0] * 10, 1)} {round(stats[1] * 10, 1)}")
     return lines
 
 
 def test_evaluate_prints_what_llavas_summarize_gpt_review_prints():
-    replies = ["8 7\nGood.", "9 0", "8, 7", "7.5 8.5\nx", "Assistant 1: 9\nAssistant 2: 4", "10 3", "6 6 ",
-               "0 4", "9,8\nclose", "", "8.3 7.1", "7 9\r\nbetter", "10 10", "5 2", "9 1\nshort"]
+    replies = [
+        "8 7\nGood.",
+        "9 0",
+        "8, 7",
+        "7.5 8.5\nx",
+        "Assistant 1: 9\nAssistant 2: 4",
+        "10 3",
+        "6 6 ",
+        "0 4",
+        "9,8\nclose",
+        "",
+        "8.3 7.1",
+        "7 9\r\nbetter",
+        "10 10",
+        "5 2",
+        "9 1\nshort",
+    ]
     categories = ["llava_bench_conv", "llava_bench_detail", "llava_bench_complex"] * 5  # in-the-wild review names
     items = _items(categories)
     metrics, samples = llavabench.evaluate(items, ["a"] * len(items), replies)
 
-    reviews = [{"question_id": i, "category": c, "tuple": _llava_parse_score(r)}
-               for i, (c, r) in enumerate(zip(categories, replies))]
+    reviews = [
+        {"question_id": i, "category": c, "tuple": _llava_parse_score(r)}
+        for i, (c, r) in enumerate(zip(categories, replies))
+    ]
     assert [s["tuple"] for s in samples] == [[float(x) for x in r["tuple"]] for r in reviews]
     ours = [f"{k} {d['relative']} {d['reference']} {d['model']}" for k, d in sorted(metrics["details"].items())]
     assert ours == _llava_summarize(reviews)
@@ -164,8 +191,11 @@ def test_evaluate_prints_what_llavas_summarize_gpt_review_prints():
 
 def test_categories_shown_as_table3_columns():
     assert [llavabench.column_name(c) for c in ("conv", "complex", "detail")] == ["Con", "CR", "DD"]
-    assert [llavabench.column_name(c) for c in ("llava_bench_conv", "llava_bench_complex", "llava_bench_detail")] \
-        == ["Con", "CR", "DD"]
+    assert [llavabench.column_name(c) for c in ("llava_bench_conv", "llava_bench_complex", "llava_bench_detail")] == [
+        "Con",
+        "CR",
+        "DD",
+    ]
     assert llavabench.column_name("ocr") == "ocr"  # a category the paper has not: its own name
     metrics, _ = llavabench.evaluate(_items(["ocr", "detail", "conv"]), ["a"] * 3, ["8 4"] * 3)
     assert report.table_columns(metrics) == ["Con", "DD", "ocr", "AVG"]
@@ -211,8 +241,22 @@ class _Scripted:
 
 
 def test_cli_run_student_then_judge(tmp_path):
-    args = cli.parse_args(["--checkpoint", "ckpt/iter_2", "--benchmark", "llavabench", "--data", str(QUESTIONS),
-                           "--answers", str(ANSWERS), "--context", str(CONTEXT), "--out", str(tmp_path)])
+    args = cli.parse_args(
+        [
+            "--checkpoint",
+            "ckpt/iter_2",
+            "--benchmark",
+            "llavabench",
+            "--data",
+            str(QUESTIONS),
+            "--answers",
+            str(ANSWERS),
+            "--context",
+            str(CONTEXT),
+            "--out",
+            str(tmp_path),
+        ]
+    )
     student = _Scripted(["It is red.", "A red square.", "For a lesson."])
     judge = _Scripted(["9 9", "8 4", "nonsense"])
     payload = cli.run(args, generator=student, judge=judge)
@@ -226,18 +270,44 @@ def test_cli_run_student_then_judge(tmp_path):
     table = (tmp_path / report.TABLE_FILE).read_text()
     assert "| Model | Con | CR | DD | AVG |" in table and "| iter_2 | 100.0 | 100.0 | 50.0 | 75.0 |" in table
     # ... which is why the table says so right under it.
-    assert ("- unparsed: 1 (averaged in as scores (-1, -1), as LLaVA's summarize_gpt_review.py does); "
-            "by column: CR 1\n- unparsed_readable: 0\n") in table
+    assert (
+        "- unparsed: 1 (averaged in as scores (-1, -1), as LLaVA's summarize_gpt_review.py does); "
+        "by column: CR 1\n- unparsed_readable: 0\n"
+    ) in table
     lines = (tmp_path / report.SAMPLES_FILE).read_text().splitlines()
     assert json.loads(lines[2])["judge_reply"] == "nonsense"
 
 
 def test_cli_llavabench_needs_answers_and_judge(tmp_path):
-    args = cli.parse_args(["--checkpoint", "c", "--benchmark", "llavabench", "--data", str(QUESTIONS),
-                           "--answers", str(ANSWERS), "--out", str(tmp_path)])
+    args = cli.parse_args(
+        [
+            "--checkpoint",
+            "c",
+            "--benchmark",
+            "llavabench",
+            "--data",
+            str(QUESTIONS),
+            "--answers",
+            str(ANSWERS),
+            "--out",
+            str(tmp_path),
+        ]
+    )
     with pytest.raises(SystemExit, match="needs a judge"):
         cli.run(args, generator=_Scripted([]))
-    args = cli.parse_args(["--checkpoint", "c", "--benchmark", "llavabench", "--data", str(QUESTIONS),
-                           "--judge-url", "http://127.0.0.1:9/v1", "--out", str(tmp_path)])
+    args = cli.parse_args(
+        [
+            "--checkpoint",
+            "c",
+            "--benchmark",
+            "llavabench",
+            "--data",
+            str(QUESTIONS),
+            "--judge-url",
+            "http://127.0.0.1:9/v1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     with pytest.raises(SystemExit, match="needs --answers"):
         cli.run(args, generator=_Scripted([]))

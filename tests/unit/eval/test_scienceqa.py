@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mmdc.eval import report, scienceqa
+from mmdc.eval import scienceqa
 from mmdc.eval.scienceqa import ANSWER_SUFFIX, parse_answer
 
 ASSETS = Path(__file__).parents[2] / "assets" / "eval" / "scienceqa"
@@ -49,13 +49,13 @@ def _llava_pred_idx(pred_text, choices, options=("A", "B", "C", "D", "E")):
     elif len(pred_text) >= 3 and pred_text[0] in options and pred_text[1:3] == ". ":
         answer = pred_text[0]
     else:
-        pattern = re.compile(r'The answer is ([A-Z]).')
+        pattern = re.compile(r"The answer is ([A-Z]).")
         res = pattern.findall(pred_text)
         if len(res) == 1:
             answer = res[0]  # 'A', 'B', ...
         else:
             answer = "FAILED"
-    if answer in options[:len(choices)]:
+    if answer in options[: len(choices)]:
         return options.index(answer)
     else:
         return -1
@@ -63,10 +63,33 @@ def _llava_pred_idx(pred_text, choices, options=("A", "B", "C", "D", "E")):
 
 @pytest.mark.parametrize("n_choices", [2, 3, 4, 5])
 def test_parse_answer_picks_what_llava_picks(n_choices):
-    replies = ["A", "B", "C", "D", "E", "F", " B \n", "A. x", "E. x", "F. x", "B.", "B.x", "The answer is C.",
-               "The answer is D!", "The answer is E", "The answer is Z.", "so The answer is B. or The answer is A.",
-               "The answer is A. The answer is A.", "a", "", "FAILED", "Answer: B", "(B)", "B) x",
-               "B. The answer is C."]
+    replies = [
+        "A",
+        "B",
+        "C",
+        "D",
+        "E",
+        "F",
+        " B \n",
+        "A. x",
+        "E. x",
+        "F. x",
+        "B.",
+        "B.x",
+        "The answer is C.",
+        "The answer is D!",
+        "The answer is E",
+        "The answer is Z.",
+        "so The answer is B. or The answer is A.",
+        "The answer is A. The answer is A.",
+        "a",
+        "",
+        "FAILED",
+        "Answer: B",
+        "(B)",
+        "B) x",
+        "B. The answer is C.",
+    ]
     for reply in replies:
         parsed = parse_answer(reply, n_choices)
         ours = scienceqa.OPTIONS.index(parsed) if parsed is not None else -1
@@ -81,7 +104,10 @@ def test_parse_answer_rejects_bad_arguments():
 
 
 def test_build_prompt_removes_image_token_and_appends_instruction():
-    assert scienceqa.build_prompt("<image>\nContext: N/A\nQ?\nA. x\nB. y") == f"Context: N/A\nQ?\nA. x\nB. y\n{ANSWER_SUFFIX}"
+    assert (
+        scienceqa.build_prompt("<image>\nContext: N/A\nQ?\nA. x\nB. y")
+        == f"Context: N/A\nQ?\nA. x\nB. y\n{ANSWER_SUFFIX}"
+    )
 
 
 def test_load_with_official_metadata_keeps_test_split():
@@ -105,15 +131,34 @@ def test_load_without_metadata_reads_answer_and_options_from_the_file():
 
 def test_load_errors_name_file_and_record(tmp_path):
     bad = tmp_path / "sqa.json"
-    bad.write_text(json.dumps([{"id": "9", "conversations": [{"from": "human", "value": "Q?\nA. x\nB. y"},
-                                                               {"from": "gpt", "value": "no idea"}]}]))
+    bad.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "9",
+                    "conversations": [
+                        {"from": "human", "value": "Q?\nA. x\nB. y"},
+                        {"from": "gpt", "value": "no idea"},
+                    ],
+                }
+            ]
+        )
+    )
     with pytest.raises(ValueError, match=r"sqa.json: record '9' has no readable answer"):
         scienceqa.load(bad)
     with pytest.raises(KeyError, match=r"no problem '9'"):
         scienceqa.load(bad, problems=PROBLEMS)
     conflicting = tmp_path / "conflict.json"
-    conflicting.write_text(json.dumps([{"id": "1", "conversations": [{"from": "human", "value": "Q?\nA. x\nB. y"},
-                                                                      {"from": "gpt", "value": "A"}]}]))
+    conflicting.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "1",
+                    "conversations": [{"from": "human", "value": "Q?\nA. x\nB. y"}, {"from": "gpt", "value": "A"}],
+                }
+            ]
+        )
+    )
     with pytest.raises(ValueError, match="answers A but .*problems.json says B"):
         scienceqa.load(conflicting, problems=PROBLEMS)
     with pytest.raises(KeyError, match="no split 'dev'"):
@@ -129,8 +174,18 @@ def test_evaluate_table1_columns_hand_checked():
     outputs = ["B", "The answer is A.", "C", "square"]
     metrics, samples = scienceqa.evaluate(items, outputs)
     assert metrics == {
-        "Avg": 50.0, "NAT": 50.0, "SOC": 100.0, "LAN": 0.0, "TXT": 50.0, "IMG": 50.0, "NO": 0.0,
-        "G1-6": 50.0, "G7-12": 50.0, "n": 4, "correct": 2, "failed": 2,
+        "Avg": 50.0,
+        "NAT": 50.0,
+        "SOC": 100.0,
+        "LAN": 0.0,
+        "TXT": 50.0,
+        "IMG": 50.0,
+        "NO": 0.0,
+        "G1-6": 50.0,
+        "G7-12": 50.0,
+        "n": 4,
+        "correct": 2,
+        "failed": 2,
     }
     assert list(metrics)[:9] == list(scienceqa.COLUMNS)
     assert [s["parsed"] for s in samples] == ["B", "A", None, None]

@@ -33,8 +33,19 @@ def test_dimension_names_are_not_hard_coded(tmp_path):
     assert dimensions == ["Dim 1", "Dim 3", "Dim 4", "Dim 5"]
 
 
-@pytest.mark.parametrize("reply, expected", [("A", "A"), (" D\n", "D"), ("A.", None), ("A. red", None),
-                                             ("The answer is A.", None), ("E", None), ("a", None), ("", None)])
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ("A", "A"),
+        (" D\n", "D"),
+        ("A.", None),
+        ("A. red", None),
+        ("The answer is A.", None),
+        ("E", None),
+        ("a", None),
+        ("", None),
+    ],
+)
 def test_parse_answer_is_llava_exact_letter(reply, expected):
     assert seed.parse_answer(reply) == expected
 
@@ -43,8 +54,16 @@ def test_evaluate_per_dimension_and_micro_average_hand_checked():
     items, dimensions = seed.load(DATA)
     # 101 SU right; 102 IA wrong letter; 103 IA right; 104 IC failed; 105 IL right.
     metrics, samples = seed.evaluate(items, ["A", "C", "A", "one", "C"], dimensions)
-    assert metrics == {"Scene Understanding": 100.0, "Instance Attributes": 50.0, "Instance Location": 100.0,
-                       "Instances Counting": 0.0, "Avg": 60.0, "n": 5, "correct": 3, "failed": 1}
+    assert metrics == {
+        "Scene Understanding": 100.0,
+        "Instance Attributes": 50.0,
+        "Instance Location": 100.0,
+        "Instances Counting": 0.0,
+        "Avg": 60.0,
+        "n": 5,
+        "correct": 3,
+        "failed": 1,
+    }
     assert samples[1]["parsed"] == "C" and not samples[1]["correct"] and not samples[1]["failed"]
     assert samples[3]["failed"]
     # Micro average (LLaVA's total correct / total), not the mean of the dimensions (62.5 here).
@@ -81,8 +100,20 @@ class _Scripted:
 
 
 def test_cli_run_wires_prompts_images_seeds_and_report(tmp_path):
-    args = cli.parse_args(["--checkpoint", "ckpt/iter_1", "--benchmark", "seed", "--data", str(DATA),
-                           "--out", str(tmp_path), "--batch-size", "2"])
+    args = cli.parse_args(
+        [
+            "--checkpoint",
+            "ckpt/iter_1",
+            "--benchmark",
+            "seed",
+            "--data",
+            str(DATA),
+            "--out",
+            str(tmp_path),
+            "--batch-size",
+            "2",
+        ]
+    )
     gen = _Scripted(["A", "C", "A", "one", "C"])
     payload = cli.run(args, generator=gen)
     assert payload["metrics"]["Avg"] == 60.0 and payload["meta"]["temperature"] == 0.1  # paper 4.1.3
@@ -93,7 +124,9 @@ def test_cli_run_wires_prompts_images_seeds_and_report(tmp_path):
     assert text_part["text"] == seed.load(DATA)[0][0].prompt
     assert len({r["seed"] for r in gen.requests}) == 5
     table = (tmp_path / report.TABLE_FILE).read_text()
-    assert "| Model | Scene Understanding | Instance Attributes | Instance Location | Instances Counting | Avg |" in table
+    assert (
+        "| Model | Scene Understanding | Instance Attributes | Instance Location | Instances Counting | Avg |" in table
+    )
     assert "| iter_1 | 100.00 | 50.00 | 100.00 | 0.00 | 60.00 |" in table
 
 

@@ -23,8 +23,9 @@ from mmdc.train.assembly import assemble_llava, check_llava_dims, freeze_for_sta
 # config.json excerpts of the paper's parts (openai/clip-vit-large-patch14, lmsys/vicuna-7b-v1.1)
 VIT_L14 = {"hidden_size": 1024, "image_size": 224, "patch_size": 14, "num_hidden_layers": 24}
 VICUNA_7B = {"hidden_size": 4096, "max_position_embeddings": 2048, "vocab_size": 32000}
-VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-              patch_size=8)
+VISION = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+)
 
 
 def test_paper_dims_vit_l14_vicuna_7b():
@@ -57,8 +58,12 @@ def _lm_tokenizer() -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(["USER: what is in the image? ASSISTANT: a cat."] * 5, trainer=trainer)
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
@@ -69,13 +74,28 @@ def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("parts")
     torch.manual_seed(0)
     tokenizer = _lm_tokenizer()
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256))
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=256,
+        )
+    )
     lm.save_pretrained(root / "lm")
     tokenizer.save_pretrained(root / "lm")
     CLIPVisionModel(CLIPVisionConfig(**VISION)).save_pretrained(root / "vision")
-    clip_text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     vocab_size=64, bos_token_id=0, eos_token_id=1)
+    clip_text = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=64,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     CLIPModel(CLIPConfig(vision_config=VISION, text_config=clip_text)).save_pretrained(root / "clip")
     return root
 

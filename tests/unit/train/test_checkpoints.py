@@ -19,8 +19,10 @@ from mmdc.train.checkpoints import (
 
 
 def test_train_state_lives_beside_the_output_dir(tmp_path):
-    assert train_state_dir(tmp_path / "checkpoints" / "student" / "iter_1") == (
-        tmp_path / "checkpoints" / "student" / "iter_1.train_state").resolve()
+    assert (
+        train_state_dir(tmp_path / "checkpoints" / "student" / "iter_1")
+        == (tmp_path / "checkpoints" / "student" / "iter_1.train_state").resolve()
+    )
     assert read_train_state(tmp_path / "out") is None
 
 
@@ -67,7 +69,10 @@ def test_forced_changes_that_touch_training_restart_it():
 
 
 def test_forced_changes_elsewhere_keep_the_saved_training_state():
-    assert stale_training_keys(["eval.benchmarks", "pipeline.batch_size", "run.iterations", "engines.teacher.replicas"]) == []
+    assert (
+        stale_training_keys(["eval.benchmarks", "pipeline.batch_size", "run.iterations", "engines.teacher.replicas"])
+        == []
+    )
     assert stale_training_keys([]) == []
 
 

@@ -28,9 +28,15 @@ WORDS = "SYS USER ASSISTANT : ? . what color is the square how big it red small 
 
 
 def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
     )
 
@@ -49,8 +55,9 @@ def bpe_tok() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(["SYS USER: what color is the square? ASSISTANT: the square is red."] * 5, trainer)
     return _wrap(tok)
 
@@ -84,7 +91,7 @@ def test_two_turn_mask_token_by_token(word_tok, position):
     assert _tokens(word_tok, enc["input_ids"]) == tokens
     assert [label != IGNORE_INDEX for label in enc["labels"]] == flags
     # supervised labels are the input ids themselves (the model shifts internally)
-    assert all(l == i for l, i in zip(enc["labels"], enc["input_ids"]) if l != IGNORE_INDEX)
+    assert all(label == i for label, i in zip(enc["labels"], enc["input_ids"]) if label != IGNORE_INDEX)
     assert enc["attention_mask"] == [1] * len(tokens)
 
 
@@ -99,8 +106,7 @@ def test_ids_equal_the_serving_chat_template(bpe_tok, position):
     from mmdc.train.templates import CHAT_TEMPLATE, to_messages
 
     turns = list(zip(ROW["questions"], ROW["answers"]))
-    text = bpe_tok.apply_chat_template(to_messages(None, turns, position), chat_template=CHAT_TEMPLATE,
-                                       tokenize=False)
+    text = bpe_tok.apply_chat_template(to_messages(None, turns, position), chat_template=CHAT_TEMPLATE, tokenize=False)
     expected = bpe_tok(text.replace("<image>", "<image>" * N_IMG))["input_ids"]
     enc = F.encode_conversation(bpe_tok, ROW, position, 4096, image_seq_length=N_IMG)
     assert enc["input_ids"] == expected
@@ -108,8 +114,10 @@ def test_ids_equal_the_serving_chat_template(bpe_tok, position):
 
 def test_bpe_ids_equal_serving_tokenization_and_answers_are_supervised(bpe_tok):
     enc = F.encode_conversation(bpe_tok, ROW, "before", 512, image_seq_length=N_IMG, system="SYS")
-    text = ("SYS USER: " + "<image>" * N_IMG + "\nwhat color is the square? ASSISTANT: the square is red.</s>"
-            "USER: how big is it? ASSISTANT: it is small.</s>")
+    text = (
+        "SYS USER: " + "<image>" * N_IMG + "\nwhat color is the square? ASSISTANT: the square is red.</s>"
+        "USER: how big is it? ASSISTANT: it is small.</s>"
+    )
     assert enc["input_ids"] == bpe_tok(text)["input_ids"]  # same ids the engine sees for this text
     runs, current = [], []
     for i, label in zip(enc["input_ids"], enc["labels"]):
@@ -130,7 +138,7 @@ def test_truncation_inside_second_answer_keeps_partial_supervision(word_tok):
     enc = F.encode_conversation(word_tok, ROW, "before", cut, image_seq_length=N_IMG, system="SYS")
     assert len(enc["input_ids"]) == cut
     assert _tokens(word_tok, enc["input_ids"]) == tokens[:cut]
-    assert [l != IGNORE_INDEX for l in enc["labels"]] == flags[:cut]
+    assert [label != IGNORE_INDEX for label in enc["labels"]] == flags[:cut]
 
 
 @pytest.mark.parametrize("cut", [3, 6, 14])  # inside prefix, inside image tokens, right before answer 1
@@ -140,8 +148,12 @@ def test_truncation_without_supervision_raises_and_is_counted(word_tok, cut):
     with pytest.raises(NoSupervisedTokens, match="img-1"):
         F.encode_conversation(word_tok, ROW, "before", cut, image_seq_length=N_IMG, system="SYS")
     other = dict(ROW, conversation_id="img-2")
-    result = F.encode_rows([ROW, other], lambda r: F.encode_conversation(
-        word_tok, r, "before", cut if r["conversation_id"] == "img-1" else 512, image_seq_length=N_IMG, system="SYS"))
+    result = F.encode_rows(
+        [ROW, other],
+        lambda r: F.encode_conversation(
+            word_tok, r, "before", cut if r["conversation_id"] == "img-1" else 512, image_seq_length=N_IMG, system="SYS"
+        ),
+    )
     assert result.dropped == ["img-1"]
     assert len(result.samples) == 1
 
@@ -150,7 +162,7 @@ def test_first_answer_token_alone_survives(word_tok):
     tokens, _ = _expected("before")
     cut = tokens.index("the", tokens.index("ASSISTANT")) + 1
     enc = F.encode_conversation(word_tok, ROW, "before", cut, image_seq_length=N_IMG, system="SYS")
-    assert sum(l != IGNORE_INDEX for l in enc["labels"]) == 1
+    assert sum(label != IGNORE_INDEX for label in enc["labels"]) == 1
 
 
 def test_malformed_rows_name_the_conversation(word_tok):
@@ -160,14 +172,15 @@ def test_malformed_rows_name_the_conversation(word_tok):
     with pytest.raises(ValueError, match="img-1.*no turns"):
         F.encode_conversation(word_tok, dict(ROW, questions=[], answers=[]), "before", 512, image_seq_length=N_IMG)
     with pytest.raises(ValueError, match="exactly one"):  # a question that still carries <image>
-        F.encode_conversation(word_tok, dict(ROW, questions=["<image> what?", "x"]), "before", 512,
-                              image_seq_length=N_IMG)
+        F.encode_conversation(
+            word_tok, dict(ROW, questions=["<image> what?", "x"]), "before", 512, image_seq_length=N_IMG
+        )
 
 
 def test_caption_format(word_tok):
     enc = F.encode_caption(word_tok, "a red square.", 64, image_seq_length=N_IMG, sample_id="cap-1")
     assert _tokens(word_tok, enc["input_ids"]) == ["<s>"] + ["<image>"] * N_IMG + "a red square . </s>".split()
-    assert [l != IGNORE_INDEX for l in enc["labels"]] == [False] * (1 + N_IMG) + [True] * 5
+    assert [label != IGNORE_INDEX for label in enc["labels"]] == [False] * (1 + N_IMG) + [True] * 5
     with pytest.raises(NoSupervisedTokens, match="cap-1"):
         F.encode_caption(word_tok, "a red square.", 1 + N_IMG, image_seq_length=N_IMG, sample_id="cap-1")
     with pytest.raises(ValueError, match="cap-2.*empty"):
@@ -207,8 +220,13 @@ def test_image_seq_length_matches_llava_processor(word_tok):
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    proc = LlavaProcessor(image_processor=ip, tokenizer=word_tok, patch_size=16, num_additional_image_tokens=1,
-                          vision_feature_select_strategy="default")
+    proc = LlavaProcessor(
+        image_processor=ip,
+        tokenizer=word_tok,
+        patch_size=16,
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy="default",
+    )
     n = F.image_seq_length_of(proc)
     assert n == 4
     ids = proc(images=Image.new("RGB", (40, 40)), text="<image>", return_tensors="pt")["input_ids"][0].tolist()

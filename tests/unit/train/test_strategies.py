@@ -36,10 +36,18 @@ def test_ddp_state_round_trip_continues_like_an_uninterrupted_run(process_group,
     import torch
 
     process_group("gloo")
-    cfg = TrainConfig(strategy="ddp", lr=0.05, warmup_ratio=0.25, lr_schedule="cosine", num_workers=1,
-                      micro_batch_size=1, global_batch_size=2)
-    batches = [{"x": torch.randn(2, 4, generator=torch.Generator().manual_seed(i)), "y": torch.ones(2, 1)}
-               for i in range(8)]
+    cfg = TrainConfig(
+        strategy="ddp",
+        lr=0.05,
+        warmup_ratio=0.25,
+        lr_schedule="cosine",
+        num_workers=1,
+        micro_batch_size=1,
+        global_batch_size=2,
+    )
+    batches = [
+        {"x": torch.randn(2, 4, generator=torch.Generator().manual_seed(i)), "y": torch.ones(2, 1)} for i in range(8)
+    ]
 
     def strategy():
         model = _TinyLM.make(seed=0)

@@ -16,7 +16,7 @@ from mmdc.train.templates import (
     to_messages,
 )
 
-QUESTIONS = ["What is in the image?", "What color is the cat's collar?", "Why might it be \"sleepy\"? {x}"]
+QUESTIONS = ["What is in the image?", "What color is the cat's collar?", 'Why might it be "sleepy"? {x}']
 ANSWERS = ["A cat on a sofa.", "It is red.\nBright red.", "It is late: the lamp is on."]
 
 
@@ -55,7 +55,7 @@ def test_render_turns_equals_jinja(n_turns, image_position, system):
 @pytest.mark.parametrize("n_turns", [1, 2, 3])
 @pytest.mark.parametrize("image_position", ["before", "after"])
 def test_generation_prompt_equals_jinja(n_turns, image_position):
-    turns = list(zip(QUESTIONS[:n_turns], ANSWERS[:n_turns - 1] + [None]))
+    turns = list(zip(QUESTIONS[:n_turns], ANSWERS[: n_turns - 1] + [None]))
     segments = render_turns(None, turns, image_position, add_generation_prompt=True)
     text = "".join(s.text for s in segments)
     assert text == jinja(to_messages(None, turns, image_position), add_generation_prompt=True)
@@ -76,8 +76,10 @@ def test_image_only_in_first_turn_and_system_empty():
 @pytest.mark.parametrize(
     "content, expected",
     [
-        ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,xx"}}, {"type": "text", "text": "Hi"}],
-         "<image>\nHi"),
+        (
+            [{"type": "image_url", "image_url": {"url": "data:image/png;base64,xx"}}, {"type": "text", "text": "Hi"}],
+            "<image>\nHi",
+        ),
         ([{"type": "text", "text": "Hi"}, {"type": "image", "url": "x.png"}], "Hi\n<image>"),
         ([{"type": "image"}], "<image>"),
         ([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "ab"),

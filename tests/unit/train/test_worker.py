@@ -21,7 +21,7 @@ class _ArrowShard:
 
         assert batch_format == "pyarrow"
         for i in range(0, len(self.rows), batch_size):
-            yield pa.Table.from_pylist(self.rows[i:i + batch_size])
+            yield pa.Table.from_pylist(self.rows[i : i + batch_size])
 
 
 class _TokenFeeder:
@@ -52,10 +52,13 @@ def _token_model():
     return Model()
 
 
-@pytest.mark.parametrize("backend", [
-    "gloo",
-    pytest.param("nccl", marks=pytest.mark.gpu),  # NCCL has no CPU tensors: the collectives must follow the device
-])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "gloo",
+        pytest.param("nccl", marks=pytest.mark.gpu),  # NCCL has no CPU tensors: the collectives must follow the device
+    ],
+)
 def test_loop_runs_its_collectives_on_the_workers_device(backend, process_group, monkeypatch, tmp_path):
     import ray.train
     import torch
@@ -69,12 +72,29 @@ def test_loop_runs_its_collectives_on_the_workers_device(backend, process_group,
     reports: list[dict] = []
     monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: _ArrowShard(rows))
     monkeypatch.setattr(ray.train, "report", reports.append)
-    cfg = TrainConfig(strategy="ddp", lr=0.05, num_workers=1, micro_batch_size=2, global_batch_size=2, epochs=2,
-                      checkpoint_every_steps=0)
+    cfg = TrainConfig(
+        strategy="ddp",
+        lr=0.05,
+        num_workers=1,
+        micro_batch_size=2,
+        global_batch_size=2,
+        epochs=2,
+        checkpoint_every_steps=0,
+    )
     stepped: list[int] = []
-    job = TrainJob(stage="tune", init_checkpoint="unused", output_dir=str(tmp_path / "out"), train=cfg, seed=0,
-                   total_steps=8, grad_accum=1, state_dir=str(tmp_path / "state"), fingerprint={}, run_name="t",
-                   on_step=stepped.append)
+    job = TrainJob(
+        stage="tune",
+        init_checkpoint="unused",
+        output_dir=str(tmp_path / "out"),
+        train=cfg,
+        seed=0,
+        total_steps=8,
+        grad_accum=1,
+        state_dir=str(tmp_path / "state"),
+        fingerprint={},
+        run_name="t",
+        on_step=stepped.append,
+    )
     process_group(backend)
     model = _token_model().to(device)
     optimizer, scheduler = optimizer_and_schedule(model, cfg, total_steps=8)

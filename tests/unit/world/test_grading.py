@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from mmdc.world import grading as world_eval, scenes as world
-from mmdc.world.scenes import QuestionSpec, Scene, SceneObject
 from mmdc.eval import harness, scienceqa
+from mmdc.world import grading as world_eval
+from mmdc.world import scenes as world
+from mmdc.world.scenes import QuestionSpec, Scene, SceneObject
 
 
 @pytest.fixture(scope="module")
@@ -58,29 +59,43 @@ def test_evaluate_grades_free_text_per_family(world_dir):
 
 
 def test_family_metrics_hand_checked():
-    samples = [{"family": "exist", "correct": True}, {"family": "exist", "correct": False},
-               {"family": "count", "correct": True}]
+    samples = [
+        {"family": "exist", "correct": True},
+        {"family": "exist", "correct": False},
+        {"family": "count", "correct": True},
+    ]
     out = world_eval.family_metrics(samples)
-    assert out == {"Avg": 66.67, "exist": 50.0, "color": None, "count": 100.0, "spatial": None, "compare": None,
-                   "describe": None}
+    assert out == {
+        "Avg": 66.67,
+        "exist": 50.0,
+        "color": None,
+        "count": 100.0,
+        "spatial": None,
+        "compare": None,
+        "describe": None,
+    }
 
 
-SCENE = Scene("s", [SceneObject("circle", "red", "large", 10, 10), SceneObject("square", "blue", "small", 40, 40)],
-              "white")
+SCENE = Scene(
+    "s", [SceneObject("circle", "red", "large", 10, 10), SceneObject("square", "blue", "small", 40, 40)], "white"
+)
 
 
-@pytest.mark.parametrize("spec, right", [
-    (QuestionSpec("exist", shape="circle", color="red"), "Yes"),
-    (QuestionSpec("exist", shape="triangle", color="red"), "No"),
-    (QuestionSpec("color", shape="square"), "blue"),
-    (QuestionSpec("count"), "2"),
-    (QuestionSpec("count", color="green"), "0"),
-    (QuestionSpec("spatial", shape="circle", other="square", relation="above"), "Yes"),
-    (QuestionSpec("spatial", shape="circle", other="square", relation="right"), "No"),
-    (QuestionSpec("compare", shape="square", other="circle"), "The circle"),
-    (QuestionSpec("describe"), "A large red circle and a small blue square on a white background."),
-    (QuestionSpec("color", shape="triangle"), "There is no triangle in the image."),  # absent shape
-])
+@pytest.mark.parametrize(
+    "spec, right",
+    [
+        (QuestionSpec("exist", shape="circle", color="red"), "Yes"),
+        (QuestionSpec("exist", shape="triangle", color="red"), "No"),
+        (QuestionSpec("color", shape="square"), "blue"),
+        (QuestionSpec("count"), "2"),
+        (QuestionSpec("count", color="green"), "0"),
+        (QuestionSpec("spatial", shape="circle", other="square", relation="above"), "Yes"),
+        (QuestionSpec("spatial", shape="circle", other="square", relation="right"), "No"),
+        (QuestionSpec("compare", shape="square", other="circle"), "The circle"),
+        (QuestionSpec("describe"), "A large red circle and a small blue square on a white background."),
+        (QuestionSpec("color", shape="triangle"), "There is no triangle in the image."),  # absent shape
+    ],
+)
 def test_options_hold_exactly_one_right_answer(spec, right):
     options, index = world_eval.options_for(SCENE, spec, random.Random(0))
     assert options[index] == right
@@ -138,11 +153,27 @@ def test_cli_evaluates_a_world_folder(world_dir, tmp_path):
             return [{"text": "B"} for _ in requests]
 
     gen = Truthful()
-    args = cli.parse_args(["--checkpoint", "ckpt/iter_1", "--benchmark", "world_mc", "--data", str(world_dir),
-                           "--out", str(tmp_path), "--limit", "10", "--role", "teacher"])
+    args = cli.parse_args(
+        [
+            "--checkpoint",
+            "ckpt/iter_1",
+            "--benchmark",
+            "world_mc",
+            "--data",
+            str(world_dir),
+            "--out",
+            str(tmp_path),
+            "--limit",
+            "10",
+            "--role",
+            "teacher",
+        ]
+    )
     payload = cli.run(args, generator=gen)
     assert payload["metrics"]["n"] == 10 and payload["meta"]["role"] == "teacher"
     assert gen.requests[0]["messages"][0]["role"] == "system"  # the teacher's Table 6 prompt
-    assert (tmp_path / "questions.json").is_file() and "| Model | Avg | exist |" in (tmp_path / report.TABLE_FILE).read_text()
+    assert (tmp_path / "questions.json").is_file() and "| Model | Avg | exist |" in (
+        tmp_path / report.TABLE_FILE
+    ).read_text()
     expected = sum(i.answer == "B" for i in scienceqa.load(tmp_path / "questions.json")[:10]) * 10.0
     assert payload["metrics"]["Avg"] == expected

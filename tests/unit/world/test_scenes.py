@@ -78,7 +78,7 @@ def test_paraphrases_of_one_family_are_rouge_distinct():
         for spec in all_specs(family):
             texts = [render_question(spec, i) for i in range(len(templates_for(spec)))]
             for i, a in enumerate(texts):
-                for b in texts[i + 1:]:
+                for b in texts[i + 1 :]:
                     assert scorer.score(a, b)["rougeL"].fmeasure < 0.7, (a, b)
 
 
@@ -88,7 +88,10 @@ def test_scene_relations_by_hand():
     assert ("triangle", "below", "circle") in SCENE.relations()
     assert describe(SCENE).startswith("A large red circle, a small red triangle")  # objects left to right
     assert families_for(Scene("one", [SceneObject("circle", "red", "small", 30, 30)], "gray")) == [
-        "exist", "color", "count", "describe",
+        "exist",
+        "color",
+        "count",
+        "describe",
     ]
 
 
@@ -102,14 +105,20 @@ def test_scene_relations_by_hand():
         (QuestionSpec("count", color="red"), "There are 2 red shapes."),
         (QuestionSpec("count", color="blue"), "There is 1 blue shape."),
         (QuestionSpec("count", color="green"), "There are no green shapes."),
-        (QuestionSpec("spatial", shape="circle", other="square", relation="left"),
-         "Yes, the circle is to the left of the square."),
-        (QuestionSpec("spatial", shape="square", other="triangle", relation="above"),
-         "No, the square is below the triangle."),
+        (
+            QuestionSpec("spatial", shape="circle", other="square", relation="left"),
+            "Yes, the circle is to the left of the square.",
+        ),
+        (
+            QuestionSpec("spatial", shape="square", other="triangle", relation="above"),
+            "No, the square is below the triangle.",
+        ),
         (QuestionSpec("compare", shape="square", other="circle"), "The circle is larger than the square."),
         (QuestionSpec("compare", shape="square", other="triangle"), "The square and the triangle are the same size."),
-        (QuestionSpec("describe"),
-         "A large red circle, a small red triangle and a small blue square on a white background."),
+        (
+            QuestionSpec("describe"),
+            "A large red circle, a small red triangle and a small blue square on a white background.",
+        ),
     ],
 )
 def test_canonical_answers_by_hand(spec, expected):
@@ -121,20 +130,37 @@ def test_canonical_answers_by_hand(spec, expected):
     "spec, right, wrong",
     [
         (QuestionSpec("exist", shape="circle", color="red"), ["yes", "YES, there is one!"], ["No.", "There is.", ""]),
-        (QuestionSpec("color", shape="square"), ["blue", "It's BLUE."], ["red", "It is blue and red.", "I don't know."]),
+        (
+            QuestionSpec("color", shape="square"),
+            ["blue", "It's BLUE."],
+            ["red", "It is blue and red.", "I don't know."],
+        ),
         (QuestionSpec("count"), ["3", "three shapes", "No, there are 3."], ["There are 2 shapes.", "many"]),
         (QuestionSpec("count", color="green"), ["none", "There are no green shapes.", "0"], ["One.", "yes"]),
-        (QuestionSpec("spatial", shape="circle", other="square", relation="right"),
-         ["No.", "no, it is to the left"], ["Yes, the circle is to the right of the square."]),
-        (QuestionSpec("compare", shape="square", other="circle"),
-         ["The circle.", "the square is smaller than the circle", "The circle is the bigger one."],
-         ["The square is larger than the circle.", "They are the same size.", "the circle is smaller"]),
-        (QuestionSpec("compare", shape="square", other="triangle"),
-         ["They are equally big.", "same size"], ["The square is larger than the triangle."]),
-        (QuestionSpec("describe"),
-         ["A red circle, a red triangle and a blue square.", "blue square, large red circle, small red triangle"],
-         ["A red circle and a blue square.", "A small red circle, a red triangle and a blue square.",
-          "A red circle, a red triangle, a blue square and a green square."]),
+        (
+            QuestionSpec("spatial", shape="circle", other="square", relation="right"),
+            ["No.", "no, it is to the left"],
+            ["Yes, the circle is to the right of the square."],
+        ),
+        (
+            QuestionSpec("compare", shape="square", other="circle"),
+            ["The circle.", "the square is smaller than the circle", "The circle is the bigger one."],
+            ["The square is larger than the circle.", "They are the same size.", "the circle is smaller"],
+        ),
+        (
+            QuestionSpec("compare", shape="square", other="triangle"),
+            ["They are equally big.", "same size"],
+            ["The square is larger than the triangle."],
+        ),
+        (
+            QuestionSpec("describe"),
+            ["A red circle, a red triangle and a blue square.", "blue square, large red circle, small red triangle"],
+            [
+                "A red circle and a blue square.",
+                "A small red circle, a red triangle and a blue square.",
+                "A red circle, a red triangle, a blue square and a green square.",
+            ],
+        ),
     ],
 )
 def test_check_answer_strict_about_fact(spec, right, wrong):
@@ -145,8 +171,9 @@ def test_check_answer_strict_about_fact(spec, right, wrong):
 
 
 def test_questions_about_absent_shapes():
-    scene = Scene("two", [SceneObject("circle", "green", "small", 15, 15),
-                          SceneObject("square", "red", "large", 45, 45)], "beige")
+    scene = Scene(
+        "two", [SceneObject("circle", "green", "small", 15, 15), SceneObject("square", "red", "large", 45, 45)], "beige"
+    )
     spec = parse_question("Which color does the triangle have?")
     assert answer(scene, spec) == "There is no triangle in the image."
     assert check_answer(scene, spec, "There isn't a triangle.")
@@ -201,8 +228,8 @@ def _digest(root: Path) -> str:
 
 def test_generate_world_is_deterministic_and_llava_format(tmp_path):
     first = generate_world(tmp_path / "a", num_images=12, questions_per_image=4, seed=7, test_images=5)
-    second = generate_world(tmp_path / "b", num_images=12, questions_per_image=4, seed=7, test_images=5)
-    other = generate_world(tmp_path / "c", num_images=12, questions_per_image=4, seed=8, test_images=5)
+    generate_world(tmp_path / "b", num_images=12, questions_per_image=4, seed=7, test_images=5)
+    generate_world(tmp_path / "c", num_images=12, questions_per_image=4, seed=8, test_images=5)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
 

@@ -8,11 +8,11 @@ import random
 import pytest
 
 from mmdc import roles
-from mmdc.world import scenes as world
 from mmdc.data.augment import contains_answer, is_one_sentence, rouge_l_f, tokenize
-from mmdc.world.scenes import QuestionSpec, Scene, SceneObject
-from mmdc.world import teacher as wt
 from mmdc.train.templates import render_messages, render_turns
+from mmdc.world import scenes as world
+from mmdc.world import teacher as wt
+from mmdc.world.scenes import QuestionSpec, Scene, SceneObject
 
 SCENES = wt.training_scenes(40, seed=0)
 
@@ -76,7 +76,9 @@ def test_hand_checked_wrong_answers():
     assert wt._plausible_wrong(scene, above, rng) == ("Yes, the square is above the circle.", "wrong")
     assert wt._plausible_wrong(scene, QuestionSpec("exist", shape="circle", color="red"), rng) == ("No.", "wrong")
     text, _ = wt._plausible_wrong(scene, QuestionSpec("color", shape="triangle"), rng)  # absent shape: claims a colour
-    assert text.startswith("The triangle is ") and not world.check_answer(scene, QuestionSpec("color", shape="triangle"), text)
+    assert text.startswith("The triangle is ") and not world.check_answer(
+        scene, QuestionSpec("color", shape="triangle"), text
+    )
 
 
 def test_referee_targets_reflect_correctness_in_both_orders_and_parse():
@@ -159,7 +161,10 @@ def test_examples_render_exactly_as_the_engine_renders_the_request():
     for ex in (wt.teacher_example(scene, rng), wt.referee_examples(scene, rng)[0], wt.augmentor_example(scene, rng)):
         served_messages = [
             {"role": "system", "content": ex.system},
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": ex.user}]},
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": ex.user}],
+            },
         ]
         served = render_messages(served_messages, add_generation_prompt=True)
         trained = "".join(s.text for s in render_turns(ex.system, [(ex.user.strip(), ex.target.strip())], "before"))
@@ -238,10 +243,10 @@ def test_a_fingerprint_read_back_from_its_file_still_matches(tmp_path):
 
 
 def test_tokenizer_is_the_students(tmp_path):
-    """The teacher's tokenizer is trained exactly as ensure_tiny_models trains the student's (same texts -> same BPE)."""
+    """The teacher's tokenizer is trained as ensure_tiny_models trains the student's (same texts -> same BPE)."""
     from transformers import AutoTokenizer
 
-    from mmdc.world.tiny import train_tokenizer, ensure_tiny_models
+    from mmdc.world.tiny import ensure_tiny_models, train_tokenizer
 
     texts = world.world_corpus(num_scenes=10)
     student = AutoTokenizer.from_pretrained(ensure_tiny_models(tmp_path, texts, seed=0)["student"])
@@ -260,7 +265,7 @@ def test_perception_targets_match_the_scene():
     assert t["count"] == 1 and t["background"] == list(world.BACKGROUNDS).index("white")
     assert list(t["present"]) == [1, 1, 0]
     assert tuple(t["xy"][circle]) == pytest.approx((15 / 64, 20 / 64))
-    centre = t["local"][:, 3 + len(colors):]  # [P, shapes]
+    centre = t["local"][:, 3 + len(colors) :]  # [P, shapes]
     assert centre[1 * 4 + 0, circle] == 1 and centre[3 * 4 + 2, square] == 1 and centre.sum() == 2
     cover = t["local"][:, :3]
     assert cover[1 * 4 + 0, circle] == 1 and cover[:, triangle].sum() == 0 and cover[0 * 4 + 3].sum() == 0

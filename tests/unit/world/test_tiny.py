@@ -13,9 +13,9 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from mmdc.train.templates import CHAT_TEMPLATE, DEFAULT_SYSTEM
 from mmdc.world.tiny import (
-    SUBDIR,
     FINGERPRINT_FILE,
     STUDENT_SPEC,
+    SUBDIR,
     TEACHER_SPEC,
     TinySpec,
     build_tiny_llava,
@@ -89,14 +89,18 @@ def test_reload_and_generate_from_chat_template(models):
         prompt = processor.apply_chat_template(_messages(), add_generation_prompt=True)
         assert prompt.endswith("What is in the image? ASSISTANT:")
         images = [Image.new("RGB", (80, 50), (200, 10, 10)), Image.new("RGB", (30, 90), (0, 0, 255))]
-        batch = processor(images=images, text=[prompt, prompt.replace("image?", "picture, please?")],
-                          return_tensors="pt", padding=True)
+        batch = processor(
+            images=images,
+            text=[prompt, prompt.replace("image?", "picture, please?")],
+            return_tensors="pt",
+            padding=True,
+        )
         # the processor expands <image> to exactly the model's image_seq_length
         assert ((batch["input_ids"] == model.config.image_token_id).sum(dim=1) == 16).all()
         assert batch["pixel_values"].shape == (2, 3, 64, 64)
         with torch.no_grad():
             out = model.generate(**batch, max_new_tokens=8, do_sample=True, temperature=0.5)
-        new = out[:, batch["input_ids"].shape[1]:]  # [batch, new]
+        new = out[:, batch["input_ids"].shape[1] :]  # [batch, new]
         assert 1 <= new.shape[1] <= 8
         suppressed = set(model.generation_config.suppress_tokens)
         assert suppressed == {0, 1, 3, 4} and not suppressed & set(new.flatten().tolist())
@@ -111,7 +115,7 @@ def test_generation_stops_at_stop_token(models):
     prompt = processor.apply_chat_template(_messages(), add_generation_prompt=True)
     batch = processor(images=Image.new("RGB", (64, 64)), text=prompt, return_tensors="pt")
     out = model.generate(**batch, max_new_tokens=10, do_sample=False)
-    assert out[0, batch["input_ids"].shape[1]:].tolist() == [2]
+    assert out[0, batch["input_ids"].shape[1] :].tolist() == [2]
 
 
 def test_linear_projector_is_one_matrix(models):
@@ -123,8 +127,16 @@ def test_linear_projector_is_one_matrix(models):
 
 
 def test_mlp2x_gelu_projector(tmp_path, tokenizer):
-    spec = TinySpec(text_hidden=32, text_layers=1, text_heads=2, text_intermediate=64, vision_hidden=16,
-                    vision_heads=2, projector="mlp2x_gelu", vocab_size=512)
+    spec = TinySpec(
+        text_hidden=32,
+        text_layers=1,
+        text_heads=2,
+        text_intermediate=64,
+        vision_hidden=16,
+        vision_heads=2,
+        projector="mlp2x_gelu",
+        vocab_size=512,
+    )
     model = LlavaForConditionalGeneration.from_pretrained(build_tiny_llava(tmp_path / "m", spec, tokenizer, seed=0))
     assert model.config.projector_hidden_act == "gelu"
     assert not torch.equal(model.model.multi_modal_projector.linear_2.weight, torch.eye(32))
@@ -144,8 +156,15 @@ def _weights(path: str) -> dict[str, torch.Tensor]:
 
 
 def test_ensure_reuses_and_rebuilds(tmp_path):
-    small = TinySpec(text_hidden=32, text_layers=1, text_heads=2, text_intermediate=64, vision_hidden=16,
-                     vision_heads=2, vocab_size=400)
+    small = TinySpec(
+        text_hidden=32,
+        text_layers=1,
+        text_heads=2,
+        text_intermediate=64,
+        vision_hidden=16,
+        vision_heads=2,
+        vocab_size=400,
+    )
     kwargs = dict(teacher_spec=small, student_spec=small)
     paths = ensure_tiny_models(tmp_path, TEXTS, seed=1, **kwargs)
     root = tmp_path / SUBDIR
@@ -207,11 +226,14 @@ def test_student_with_teacher_vision_takes_the_tower_and_keeps_its_own_lm(models
 
     out = student_with_teacher_vision(models["student"], models["teacher"], tmp_path)
     assert student_with_teacher_vision(models["student"], models["teacher"], tmp_path) == out  # cached
-    made, student, teacher = (LlavaForConditionalGeneration.from_pretrained(p)
-                              for p in (out, models["student"], models["teacher"]))
+    made, student, teacher = (
+        LlavaForConditionalGeneration.from_pretrained(p) for p in (out, models["student"], models["teacher"])
+    )
     for name, w in made.model.vision_tower.state_dict().items():
         assert torch.equal(w, teacher.model.vision_tower.state_dict()[name]), name
     for name, w in made.model.language_model.state_dict().items():
         assert torch.equal(w, student.model.language_model.state_dict()[name]), name
-    assert not torch.equal(student.model.vision_tower.state_dict()["embeddings.patch_embedding.weight"],
-                           teacher.model.vision_tower.state_dict()["embeddings.patch_embedding.weight"])
+    assert not torch.equal(
+        student.model.vision_tower.state_dict()["embeddings.patch_embedding.weight"],
+        teacher.model.vision_tower.state_dict()["embeddings.patch_embedding.weight"],
+    )
