@@ -23,6 +23,7 @@ and a test can check one part at a time.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -184,8 +185,24 @@ class TrainerMemory:
         return max(self.steady.total, self.load, self.save)
 
 
+class _NoCpuAcceleratorHint(logging.Filter):
+    """Drops DeepSpeed's import-time "Setting accelerator to CPU" warning: planning on a machine without a
+    GPU is the point here, and DeepSpeed prints it on stdout, in the middle of the plan."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+def _quiet_deepspeed_import() -> None:
+    """Install the filter on DeepSpeed's logger ("DeepSpeed") before its first import; a no-op afterwards."""
+    logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _NoCpuAcceleratorHint) for f in logger.filters):
+        logger.addFilter(_NoCpuAcceleratorHint())
+
+
 def deepspeed_defaults() -> dict[str, int]:
     """DeepSpeed's default bucket sizes (elements), which apply since our DeepSpeed config sets none."""
+    _quiet_deepspeed_import()
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     zero = DeepSpeedZeroConfig()
@@ -205,6 +222,7 @@ def model_states(trainable: int, largest_layer: int, strategy: str, zero_stage: 
     per_node = workers / nodes
     if strategy == "ddp":
         return 20 * trainable, 0, "DDP: fp32 weights, grads, AdamW moments and gradient buckets (20 B/param)"
+    _quiet_deepspeed_import()
     if zero_stage == 3:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
