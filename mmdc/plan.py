@@ -25,19 +25,42 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from mmdc.sizing.gpus import GPUS
 
-    p = argparse.ArgumentParser(prog="python -m mmdc.plan", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m mmdc.plan",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name} when present)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set tune.zero_stage=2 (repeatable)")
-    p.add_argument("--gpu", default=None, metavar="KIND",
-                   help=f"GPU kind: {', '.join(GPUS)} (default: none, for a config that asks for no GPUs)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set tune.zero_stage=2 (repeatable)",
+    )
+    p.add_argument(
+        "--gpu",
+        default=None,
+        metavar="KIND",
+        help=f"GPU kind: {', '.join(GPUS)} (default: none, for a config that asks for no GPUs)",
+    )
     p.add_argument("--gpus", type=int, default=None, help="GPUs in the cluster (default: the largest phase's need)")
-    p.add_argument("--model-config", dest="model_configs", action="append", default=[], metavar="ID=PATH",
-                   help="config.json (or a folder with one) for a model id the plan cannot size offline (repeatable)")
-    p.add_argument("--rows", type=int, default=None,
-                   help="instructions in D_sin for the time estimate (default: data.max_instructions, else the "
-                        "paper's 220K or the synthetic world's size)")
+    p.add_argument(
+        "--model-config",
+        dest="model_configs",
+        action="append",
+        default=[],
+        metavar="ID=PATH",
+        help="config.json (or a folder with one) for a model id the plan cannot size offline (repeatable)",
+    )
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=None,
+        help="instructions in D_sin for the time estimate (default: data.max_instructions, else the "
+        "paper's 220K or the synthetic world's size)",
+    )
     p.add_argument("--captions", type=int, default=None, help="stage 1 caption pairs (default: LLaVA-Pretrain's 558K)")
     return p.parse_args(argv)
 
@@ -62,8 +85,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         model_configs[model_id] = path
     try:
-        plan = check(cfg, args.gpu, args.gpus, model_configs=model_configs, rows=args.rows, captions=args.captions,
-                     config_name=config or "the built-in defaults")
+        plan = check(
+            cfg,
+            args.gpu,
+            args.gpus,
+            model_configs=model_configs,
+            rows=args.rows,
+            captions=args.captions,
+            config_name=config or "the built-in defaults",
+        )
     except ValueError as err:  # an unknown --gpu kind
         print(f"mmdc plan: {err}", file=sys.stderr)
         return 2

@@ -25,9 +25,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 # --------------------------------------------------------------------------------------------
 # Published config.json values (the keys that decide sizes), keyed by Hugging Face id
@@ -35,30 +36,62 @@ from typing import Any, Mapping
 
 # openai/clip-vit-large-patch14{,-336} config.json "vision_config" (the student and LLaVA-1.5 use
 # only the vision tower); CLIP's checkpoints are stored in fp32.
-_CLIP_L14 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
-             "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 224, "patch_size": 14,
-             "projection_dim": 768}
+_CLIP_L14 = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 224,
+    "patch_size": 14,
+    "projection_dim": 768,
+}
 _CLIP_L14_336 = {**_CLIP_L14, "image_size": 336}
 # LLaMA-7B (huggyllama/llama-7b, lmsys/vicuna-7b-v1.1 config.json): 4096 wide, 32 layers, 32 heads.
-_LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-             "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
-             "max_position_embeddings": 2048, "tie_word_embeddings": False, "torch_dtype": "float16"}
-_LLAMA_13B = {**_LLAMA_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
-              "num_attention_heads": 40, "num_key_value_heads": 40}
+_LLAMA_7B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+}
+_LLAMA_13B = {
+    **_LLAMA_7B,
+    "hidden_size": 5120,
+    "intermediate_size": 13824,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 40,
+}
 
 
 def _llava(text: Mapping[str, Any]) -> dict[str, Any]:
     """llava-hf/llava-1.5-*-hf config.json: CLIP ViT-L/14-336 + mlp2x_gelu projector + Vicuna v1.5 (vocab 32064)."""
-    return {"model_type": "llava", "projector_hidden_act": "gelu", "image_token_index": 32000,
-            "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "image_seq_length": 576,
-            "torch_dtype": "float16", "vision_config": dict(_CLIP_L14_336),
-            "text_config": {**text, "max_position_embeddings": 4096, "vocab_size": 32064}}
+    return {
+        "model_type": "llava",
+        "projector_hidden_act": "gelu",
+        "image_token_index": 32000,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "image_seq_length": 576,
+        "torch_dtype": "float16",
+        "vision_config": dict(_CLIP_L14_336),
+        "text_config": {**text, "max_position_embeddings": 4096, "vocab_size": 32064},
+    }
 
 
 PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
     "openai/clip-vit-large-patch14": {"model_type": "clip", "torch_dtype": "float32", "vision_config": _CLIP_L14},
-    "openai/clip-vit-large-patch14-336": {"model_type": "clip", "torch_dtype": "float32",
-                                          "vision_config": _CLIP_L14_336},
+    "openai/clip-vit-large-patch14-336": {
+        "model_type": "clip",
+        "torch_dtype": "float32",
+        "vision_config": _CLIP_L14_336,
+    },
     "huggyllama/llama-7b": _LLAMA_7B,
     "lmsys/vicuna-7b-v1.1": _LLAMA_7B,
     "lmsys/vicuna-7b-v1.3": _LLAMA_7B,
@@ -83,12 +116,27 @@ PUBLISHED_PARAMS: dict[str, tuple[float, str]] = {
 
 # TinySpec values of TEACHER_SPEC and STUDENT_SPEC (tests/unit/sizing/test_architectures.py keeps them equal).
 # vocab_size is the BPE target: a built model has len(tokenizer) <= this, so its count can only be lower.
-TINY_TEACHER = {"image_size": 64, "patch_size": 16, "vision_hidden": 64, "vision_layers": 3, "vision_heads": 2,
-                "text_hidden": 256, "text_layers": 4, "text_heads": 4, "text_intermediate": 512,
-                "vocab_size": 2048, "projector": "linear", "max_position_embeddings": 2048}
+TINY_TEACHER = {
+    "image_size": 64,
+    "patch_size": 16,
+    "vision_hidden": 64,
+    "vision_layers": 3,
+    "vision_heads": 2,
+    "text_hidden": 256,
+    "text_layers": 4,
+    "text_heads": 4,
+    "text_intermediate": 512,
+    "vocab_size": 2048,
+    "projector": "linear",
+    "max_position_embeddings": 2048,
+}
 TINY_STUDENT = {**TINY_TEACHER, "text_hidden": 128, "text_layers": 2, "text_heads": 2, "text_intermediate": 256}
-TINY_MODELS = {"tiny:teacher": TINY_TEACHER, "tiny:teacher-short": TINY_TEACHER,
-               "tiny:random-teacher": TINY_TEACHER, "tiny:student": TINY_STUDENT}
+TINY_MODELS = {
+    "tiny:teacher": TINY_TEACHER,
+    "tiny:teacher-short": TINY_TEACHER,
+    "tiny:random-teacher": TINY_TEACHER,
+    "tiny:student": TINY_STUDENT,
+}
 
 PROJECTOR_ACT = {"linear": "linear", "mlp2x_gelu": "gelu"}  # as mmdc/train/assembly.py PROJECTOR_ACT
 
@@ -98,17 +146,33 @@ def tiny_config(spec: Mapping[str, Any], vocab_size: int | None = None) -> dict[
     vocab = int(vocab_size or spec["vocab_size"])
     grid = spec["image_size"] // spec["patch_size"]
     return {
-        "model_type": "llava", "projector_hidden_act": PROJECTOR_ACT[spec["projector"]], "image_token_index": 4,
-        "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "image_seq_length": grid * grid,
+        "model_type": "llava",
+        "projector_hidden_act": PROJECTOR_ACT[spec["projector"]],
+        "image_token_index": 4,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "image_seq_length": grid * grid,
         "torch_dtype": "float32",
-        "vision_config": {"model_type": "clip_vision_model", "hidden_size": spec["vision_hidden"],
-                          "intermediate_size": 4 * spec["vision_hidden"], "projection_dim": spec["vision_hidden"],
-                          "num_hidden_layers": spec["vision_layers"], "num_attention_heads": spec["vision_heads"],
-                          "image_size": spec["image_size"], "patch_size": spec["patch_size"]},
-        "text_config": {"model_type": "llama", "vocab_size": vocab, "hidden_size": spec["text_hidden"],
-                        "intermediate_size": spec["text_intermediate"], "num_hidden_layers": spec["text_layers"],
-                        "num_attention_heads": spec["text_heads"],
-                        "max_position_embeddings": spec["max_position_embeddings"], "tie_word_embeddings": False},
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": spec["vision_hidden"],
+            "intermediate_size": 4 * spec["vision_hidden"],
+            "projection_dim": spec["vision_hidden"],
+            "num_hidden_layers": spec["vision_layers"],
+            "num_attention_heads": spec["vision_heads"],
+            "image_size": spec["image_size"],
+            "patch_size": spec["patch_size"],
+        },
+        "text_config": {
+            "model_type": "llama",
+            "vocab_size": vocab,
+            "hidden_size": spec["text_hidden"],
+            "intermediate_size": spec["text_intermediate"],
+            "num_hidden_layers": spec["text_layers"],
+            "num_attention_heads": spec["text_heads"],
+            "max_position_embeddings": spec["max_position_embeddings"],
+            "tie_word_embeddings": False,
+        },
     }
 
 
@@ -237,10 +301,15 @@ def _measure(tree_json: str) -> dict[str, Any]:
     text = config.text_config if kind == "llava" else config
     heads = int(text.num_attention_heads)
     out["text"] = TextDims(
-        hidden=int(text.hidden_size), intermediate=int(text.intermediate_size), layers=int(text.num_hidden_layers),
-        heads=heads, kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
-        head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // heads), vocab=int(text.vocab_size),
-        max_positions=int(getattr(text, "max_position_embeddings", 0) or 0))
+        hidden=int(text.hidden_size),
+        intermediate=int(text.intermediate_size),
+        layers=int(text.num_hidden_layers),
+        heads=heads,
+        kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+        head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // heads),
+        vocab=int(text.vocab_size),
+        max_positions=int(getattr(text, "max_position_embeddings", 0) or 0),
+    )
     if kind == "llama":
         out["language"] = out["total"]
         return out
@@ -249,12 +318,18 @@ def _measure(tree_json: str) -> dict[str, Any]:
     grid = int(vision.image_size) // int(vision.patch_size)
     linear = config.projector_hidden_act == "linear"
     out.update(
-        vision=count(model.model.vision_tower), projector=count(projector),
+        vision=count(model.model.vision_tower),
+        projector=count(projector),
         projector_trainable=count(projector.linear_1) if linear else count(projector),
         language=count(model.model.language_model) + count(model.lm_head),
-        vision_hidden=int(vision.hidden_size), vision_intermediate=int(vision.intermediate_size),
-        vision_layers=int(vision.num_hidden_layers), image_size=int(vision.image_size),
-        patch_size=int(vision.patch_size), image_tokens=grid * grid, projector_act=str(config.projector_hidden_act))
+        vision_hidden=int(vision.hidden_size),
+        vision_intermediate=int(vision.intermediate_size),
+        vision_layers=int(vision.num_hidden_layers),
+        image_size=int(vision.image_size),
+        patch_size=int(vision.patch_size),
+        image_tokens=grid * grid,
+        projector_act=str(config.projector_hidden_act),
+    )
     return out
 
 
@@ -299,8 +374,10 @@ def config_tree(spec: str, model_configs: Mapping[str, str] | None = None) -> tu
         return PUBLISHED_CONFIGS[spec], "published config.json values (mmdc/sizing/architectures.py)"
     if spec.startswith("tiny:"):
         raise ModelNotFound(f"unknown tiny model {spec!r} (known: {', '.join(TINY_MODELS)})")
-    raise ModelNotFound(f"cannot size {spec!r} offline: not a local folder with config.json and not in the "
-                        f"published table; pass --model-config {spec}=PATH/TO/config.json")
+    raise ModelNotFound(
+        f"cannot size {spec!r} offline: not a local folder with config.json and not in the "
+        f"published table; pass --model-config {spec}=PATH/TO/config.json"
+    )
 
 
 def resolve(spec: str, model_configs: Mapping[str, str] | None = None) -> Architecture:
@@ -309,8 +386,9 @@ def resolve(spec: str, model_configs: Mapping[str, str] | None = None) -> Archit
     return measure(spec, source, tree)
 
 
-def assemble(vision_tower: str, language_model: str, projector: str,
-             model_configs: Mapping[str, str] | None = None) -> Architecture:
+def assemble(
+    vision_tower: str, language_model: str, projector: str, model_configs: Mapping[str, str] | None = None
+) -> Architecture:
     """Size the student that ``models.student_init: assemble`` builds (mmdc/train/assembly.py)."""
     vision_tree, vision_source = config_tree(vision_tower, model_configs)
     text_tree, text_source = config_tree(language_model, model_configs)
@@ -323,11 +401,19 @@ def assemble(vision_tower: str, language_model: str, projector: str,
     # and LM head row, assuming the tokenizer is as long as the vocabulary (true of LLaMA / Vicuna).
     text = {**text_tree, "vocab_size": int(text_tree.get("vocab_size", 32000)) + 1}
     grid = int(vision["image_size"]) // int(vision["patch_size"])
-    tree = {"model_type": "llava", "projector_hidden_act": PROJECTOR_ACT[projector],
-            "image_token_index": text["vocab_size"] - 1, "vision_feature_layer": -2,
-            "vision_feature_select_strategy": "default", "image_seq_length": grid * grid,
-            "torch_dtype": "float32",  # assemble_llava's default dtype: the saved student is fp32
-            "vision_config": {**vision, "model_type": "clip_vision_model"}, "text_config": text}
-    source = (f"assembled: {vision_tower} [{vision_source}] + {projector} projector + "
-              f"{language_model} [{text_source}], vocab +1 for <image>")
+    tree = {
+        "model_type": "llava",
+        "projector_hidden_act": PROJECTOR_ACT[projector],
+        "image_token_index": text["vocab_size"] - 1,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "image_seq_length": grid * grid,
+        "torch_dtype": "float32",  # assemble_llava's default dtype: the saved student is fp32
+        "vision_config": {**vision, "model_type": "clip_vision_model"},
+        "text_config": text,
+    }
+    source = (
+        f"assembled: {vision_tower} [{vision_source}] + {projector} projector + "
+        f"{language_model} [{text_source}], vocab +1 for <image>"
+    )
     return measure("assemble", source, tree)

@@ -58,22 +58,27 @@ class Gpu:
         return self.capability >= MIN_CAPABILITY[feature]
 
     def describe(self) -> str:
-        return (f"{self.label}, compute capability {self.capability:.1f}, {self.memory_bytes / GIB:.1f} GiB "
-                f"({self.usable_bytes / GIB:.1f} usable)")
+        return (
+            f"{self.label}, compute capability {self.capability:.1f}, {self.memory_bytes / GIB:.1f} GiB "
+            f"({self.usable_bytes / GIB:.1f} usable)"
+        )
 
 
-GPUS: dict[str, Gpu] = {g.name: g for g in (
-    Gpu("v100-16gb", "NVIDIA V100 SXM2 16 GB", 16160, 7.0, 900, 125, 15.7, "V100"),
-    Gpu("v100-32gb", "NVIDIA V100 SXM2 32 GB", 32510, 7.0, 900, 125, 15.7, "V100"),
-    Gpu("t4", "NVIDIA T4 16 GB", 15360, 7.5, 320, 65, 8.1, "T4"),
-    Gpu("a10g", "NVIDIA A10G 24 GB (AWS g5)", 23028, 8.6, 600, 70, 35, "A10G"),
-    Gpu("l4", "NVIDIA L4 24 GB", 23034, 8.9, 300, 121, 30.3, "L4"),
-    Gpu("l40s", "NVIDIA L40S 48 GB", 46068, 8.9, 864, 362, 91.6, "L40S"),
-    Gpu("a100-40gb", "NVIDIA A100 SXM4 40 GB", 40960, 8.0, 1555, 312, 19.5, "A100"),
-    Gpu("a100-80gb", "NVIDIA A100 SXM4 80 GB", 81920, 8.0, 2039, 312, 19.5, "A100"),
-    Gpu("h100-80gb", "NVIDIA H100 SXM5 80 GB", 81559, 9.0, 3350, 989, 67, "H100"),
-    Gpu("h200", "NVIDIA H200 SXM 141 GB", 143771, 9.0, 4800, 989, 67, "H200"),
-)}
+GPUS: dict[str, Gpu] = {
+    g.name: g
+    for g in (
+        Gpu("v100-16gb", "NVIDIA V100 SXM2 16 GB", 16160, 7.0, 900, 125, 15.7, "V100"),
+        Gpu("v100-32gb", "NVIDIA V100 SXM2 32 GB", 32510, 7.0, 900, 125, 15.7, "V100"),
+        Gpu("t4", "NVIDIA T4 16 GB", 15360, 7.5, 320, 65, 8.1, "T4"),
+        Gpu("a10g", "NVIDIA A10G 24 GB (AWS g5)", 23028, 8.6, 600, 70, 35, "A10G"),
+        Gpu("l4", "NVIDIA L4 24 GB", 23034, 8.9, 300, 121, 30.3, "L4"),
+        Gpu("l40s", "NVIDIA L40S 48 GB", 46068, 8.9, 864, 362, 91.6, "L40S"),
+        Gpu("a100-40gb", "NVIDIA A100 SXM4 40 GB", 40960, 8.0, 1555, 312, 19.5, "A100"),
+        Gpu("a100-80gb", "NVIDIA A100 SXM4 80 GB", 81920, 8.0, 2039, 312, 19.5, "A100"),
+        Gpu("h100-80gb", "NVIDIA H100 SXM5 80 GB", 81559, 9.0, 3350, 989, 67, "H100"),
+        Gpu("h200", "NVIDIA H200 SXM 141 GB", 143771, 9.0, 4800, 989, 67, "H200"),
+    )
+}
 ALIASES = {"v100": "v100-32gb", "a100": "a100-80gb", "h100": "h100-80gb", "h200-141gb": "h200"}
 
 

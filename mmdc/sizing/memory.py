@@ -53,10 +53,12 @@ VLLM_RUNTIME_GIB = 1.5
 CPU_PROCESS_RUNTIME_GIB = 0.45
 
 
-def on_cpu(mem: "Memory") -> "Memory":
+def on_cpu(mem: Memory) -> Memory:
     """``mem`` for a process on the CPU: its parts plus the interpreter and libraries' resident memory."""
-    return Memory((*mem.parts, Part("process runtime", int(CPU_PROCESS_RUNTIME_GIB * GIB), "python + torch + "
-                                    "transformers")), mem.notes)
+    return Memory(
+        (*mem.parts, Part("process runtime", int(CPU_PROCESS_RUNTIME_GIB * GIB), "python + torch + transformers")),
+        mem.notes,
+    )
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,15 @@ def kv_cache_bytes(arch: Architecture, tokens: int, dtype: str, tensor_parallel:
     return tokens * arch.text.kv_bytes_per_token * dtype_bytes(dtype) // max(tensor_parallel, 1)
 
 
-def hf_engine(arch: Architecture, dtype: str, batch: int, prompt_tokens: int, new_tokens: int,
-              attention: str = "sdpa", score: bool = False) -> Memory:
+def hf_engine(
+    arch: Architecture,
+    dtype: str,
+    batch: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    attention: str = "sdpa",
+    score: bool = False,
+) -> Memory:
     """One hf replica (the whole model on one device) generating ``batch`` rows at once.
 
     ``prompt_tokens`` includes the image tokens. ``score``: likelihood requests, one teacher-forced
@@ -121,8 +130,11 @@ def hf_engine(arch: Architecture, dtype: str, batch: int, prompt_tokens: int, ne
     seq = prompt_tokens + new_tokens
     parts = [
         Part("weights", arch.total * a, f"{arch.total / 1e9:.2f}B x {a} B ({dtype})"),
-        Part("KV cache", batch * kv_cache_bytes(arch, seq, dtype),
-             f"{batch} x {seq} tokens x {t.kv_bytes_per_token * a / 2**20:.2f} MiB/token"),
+        Part(
+            "KV cache",
+            batch * kv_cache_bytes(arch, seq, dtype),
+            f"{batch} x {seq} tokens x {t.kv_bytes_per_token * a / 2**20:.2f} MiB/token",
+        ),
         # one decoder layer's prefill peak: residual + normed stream (2h) and the MLP's gate, up and product (3i)
         Part("prefill activations", batch * prompt_tokens * (2 * t.hidden + 3 * t.intermediate) * a),
     ]
@@ -132,8 +144,13 @@ def hf_engine(arch: Architecture, dtype: str, batch: int, prompt_tokens: int, ne
         patches = arch.image_tokens + 1
         parts.append(Part("vision tower", batch * patches * (2 * arch.vision_hidden + arch.vision_intermediate) * a))
     logits_positions = prompt_tokens + new_tokens if score else 1
-    parts.append(Part("logits", batch * logits_positions * t.vocab * (a + 8 if score else 4),
-                      "every position (likelihood scoring)" if score else "last position"))
+    parts.append(
+        Part(
+            "logits",
+            batch * logits_positions * t.vocab * (a + 8 if score else 4),
+            "every position (likelihood scoring)" if score else "last position",
+        )
+    )
     return Memory(tuple(parts))
 
 
@@ -146,15 +163,24 @@ class VllmMemory:
     kv_tokens: int  # tokens the KV cache holds (all sequences together)
 
 
-def vllm_engine(arch: Architecture, dtype: str, tensor_parallel: int, gpu_memory: int,
-                gpu_memory_utilization: float, max_num_seqs: int) -> VllmMemory:
+def vllm_engine(
+    arch: Architecture,
+    dtype: str,
+    tensor_parallel: int,
+    gpu_memory: int,
+    gpu_memory_utilization: float,
+    max_num_seqs: int,
+) -> VllmMemory:
     """One GPU of a vLLM replica with ``tensor_parallel`` GPUs on a GPU with ``gpu_memory`` bytes."""
     t, a, tp = arch.text, dtype_bytes(dtype), max(tensor_parallel, 1)
     budget = int(gpu_memory_utilization * gpu_memory)
     fixed = [
         Part("weights", arch.total * a // tp, f"{arch.total / 1e9:.2f}B x {a} B ({dtype}) / {tp} GPU"),
-        Part("activation peak", VLLM_PROFILE_TOKENS * (2 * t.hidden + 3 * t.intermediate // tp) * a
-             + max_num_seqs * t.vocab * 4, f"profile run over {VLLM_PROFILE_TOKENS} tokens + sampler logits"),
+        Part(
+            "activation peak",
+            VLLM_PROFILE_TOKENS * (2 * t.hidden + 3 * t.intermediate // tp) * a + max_num_seqs * t.vocab * 4,
+            f"profile run over {VLLM_PROFILE_TOKENS} tokens + sampler logits",
+        ),
         Part("runtime", int(VLLM_RUNTIME_GIB * GIB), "CUDA context, CUDA graphs, NCCL"),
     ]
     kv = budget - sum(p.bytes for p in fixed)
@@ -209,8 +235,15 @@ def deepspeed_defaults() -> dict[str, int]:
     return {"reduce_bucket_size": int(zero.reduce_bucket_size), "prefetch_bucket_size": int(zero.prefetch_bucket_size)}
 
 
-def model_states(trainable: int, largest_layer: int, strategy: str, zero_stage: int, workers: int,
-                 gpus_per_node: int, offload_optimizer: bool) -> tuple[int, int, str]:
+def model_states(
+    trainable: int,
+    largest_layer: int,
+    strategy: str,
+    zero_stage: int,
+    workers: int,
+    gpus_per_node: int,
+    offload_optimizer: bool,
+) -> tuple[int, int, str]:
     """(device bytes, host bytes per node, description) for the trainable parameters' weights, grads and Adam.
 
     ZeRO-2 and ZeRO-3 call DeepSpeed's estimators. ZeRO-0/1 and DDP, for which DeepSpeed has none,
@@ -227,18 +260,37 @@ def model_states(trainable: int, largest_layer: int, strategy: str, zero_stage: 
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-            total_params=trainable, largest_layer_params=largest_layer, num_gpus_per_node=per_node,
-            num_nodes=nodes, cpu_offload=offload_optimizer, cpu_offload_params=False, zero_init=True)
-        return gpu, cpu, (f"DeepSpeed estimate_zero3_model_states_mem_needs({trainable / 1e9:.3g}B trainable, "
-                          f"largest layer {largest_layer / 1e6:.1f}M, {workers} GPUs, "
-                          f"offload_optimizer={offload_optimizer})")
+            total_params=trainable,
+            largest_layer_params=largest_layer,
+            num_gpus_per_node=per_node,
+            num_nodes=nodes,
+            cpu_offload=offload_optimizer,
+            cpu_offload_params=False,
+            zero_init=True,
+        )
+        return (
+            gpu,
+            cpu,
+            (
+                f"DeepSpeed estimate_zero3_model_states_mem_needs({trainable / 1e9:.3g}B trainable, "
+                f"largest layer {largest_layer / 1e6:.1f}M, {workers} GPUs, "
+                f"offload_optimizer={offload_optimizer})"
+            ),
+        )
     if zero_stage == 2:
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
         cpu, gpu = estimate_zero2_model_states_mem_needs(
-            total_params=trainable, num_gpus_per_node=per_node, num_nodes=nodes, cpu_offload=offload_optimizer)
-        return gpu, cpu, (f"DeepSpeed estimate_zero2_model_states_mem_needs({trainable / 1e9:.3g}B trainable, "
-                          f"{workers} GPUs, offload_optimizer={offload_optimizer})")
+            total_params=trainable, num_gpus_per_node=per_node, num_nodes=nodes, cpu_offload=offload_optimizer
+        )
+        return (
+            gpu,
+            cpu,
+            (
+                f"DeepSpeed estimate_zero2_model_states_mem_needs({trainable / 1e9:.3g}B trainable, "
+                f"{workers} GPUs, offload_optimizer={offload_optimizer})"
+            ),
+        )
     if zero_stage == 1:
         return 4 * trainable + 16 * trainable // workers, 0, "ZeRO-1: 16-bit weights + grads, fp32 states / GPUs"
     return 20 * trainable, 0, "ZeRO-0: 16-bit weights + grads and fp32 states on every GPU (20 B/param)"
@@ -264,31 +316,56 @@ def logits_bytes(arch: Architecture, micro_batch: int, seq: int, dtype: str) -> 
     return micro_batch * seq * arch.text.vocab * (dtype_bytes(dtype) + 12)
 
 
-def trainer(arch: Architecture, stage: str, *, strategy: str, zero_stage: int, precision: str, workers: int,
-            micro_batch: int, max_length: int, checkpointing: bool, offload_optimizer: bool = False,
-            lora_targets: tuple[str, ...] = (), lora_r: int = 0, gpus_per_node: int = 8) -> TrainerMemory:
+def trainer(
+    arch: Architecture,
+    stage: str,
+    *,
+    strategy: str,
+    zero_stage: int,
+    precision: str,
+    workers: int,
+    micro_batch: int,
+    max_length: int,
+    checkpointing: bool,
+    offload_optimizer: bool = False,
+    lora_targets: tuple[str, ...] = (),
+    lora_r: int = 0,
+    gpus_per_node: int = 8,
+) -> TrainerMemory:
     """One worker of a ``workers``-wide trainer of ``arch`` in ``stage`` (align or tune)."""
     lora_r = lora_r if stage == "tune" else 0  # the loop ignores LoRA in align
     trainable = arch.trainable(stage, lora_targets, lora_r)
     # With LoRA the whole base model is frozen and peft trains a copy of the projector (modules_to_save).
     frozen = arch.total if lora_r else arch.total - trainable
     weight_bytes = 4 if strategy == "ddp" or precision == "fp32" else 2
-    states, host, how = model_states(trainable, arch.largest_layer, strategy, zero_stage, workers, gpus_per_node,
-                                     offload_optimizer)
+    states, host, how = model_states(
+        trainable, arch.largest_layer, strategy, zero_stage, workers, gpus_per_node, offload_optimizer
+    )
     shard = workers if strategy == "deepspeed" and zero_stage == 3 else 1
-    parts = [Part("model states", states, how),
-             Part("frozen weights", frozen * weight_bytes // shard,
-                  f"{frozen / 1e9:.3g}B x {weight_bytes} B" + (f" / {workers} (ZeRO-3)" if shard > 1 else ""))]
+    parts = [
+        Part("model states", states, how),
+        Part(
+            "frozen weights",
+            frozen * weight_bytes // shard,
+            f"{frozen / 1e9:.3g}B x {weight_bytes} B" + (f" / {workers} (ZeRO-3)" if shard > 1 else ""),
+        ),
+    ]
     if strategy == "ddp" and precision != "fp32":
         parts.append(Part("autocast copies", 2 * arch.total, "16-bit casts of the weights kept for backward"))
-    parts.append(Part("activations", training_activations(arch, micro_batch, max_length, precision, checkpointing),
-                      f"{micro_batch} x {max_length} tokens, checkpointing {'on' if checkpointing else 'off'}"))
+    parts.append(
+        Part(
+            "activations",
+            training_activations(arch, micro_batch, max_length, precision, checkpointing),
+            f"{micro_batch} x {max_length} tokens, checkpointing {'on' if checkpointing else 'off'}",
+        )
+    )
     parts.append(Part("logits + loss", logits_bytes(arch, micro_batch, max_length, precision)))
     if strategy == "deepspeed":
         buckets = deepspeed_defaults()
         if zero_stage == 3:
-            buffers = 2 * (min(buckets["reduce_bucket_size"], trainable)
-                           + min(buckets["prefetch_bucket_size"], arch.total))
+            buffers = 2 * (
+                min(buckets["reduce_bucket_size"], trainable) + min(buckets["prefetch_bucket_size"], arch.total)
+            )
         elif zero_stage in (1, 2):
             buffers = 2 * 2 * min(buckets["reduce_bucket_size"], trainable)  # two 16-bit buckets (overlap_comm)
         else:
@@ -303,9 +380,13 @@ def trainer(arch: Architecture, stage: str, *, strategy: str, zero_stage: int, p
     nodes = max(1, math.ceil(workers / max(gpus_per_node, 1)))
     load_host = math.ceil(workers / nodes) * 4 * arch.total  # from_pretrained in fp32 on every worker of a node
     if host > load_host:
-        reason = ("DeepSpeed's CPU estimate: the offloaded optimizer states" if offload_optimizer
-                  else "DeepSpeed's CPU estimate: fp32 copies at initialisation") + ", with its 1.5x buffer factor"
+        reason = (
+            "DeepSpeed's CPU estimate: the offloaded optimizer states"
+            if offload_optimizer
+            else "DeepSpeed's CPU estimate: fp32 copies at initialisation"
+        ) + ", with its 1.5x buffer factor"
     else:
         reason = f"{math.ceil(workers / nodes)} workers' fp32 copies while loading"
-    return TrainerMemory(steady=steady, load=load, save=save, host_per_node=max(host, load_host), estimator=how,
-                         host_reason=reason)
+    return TrainerMemory(
+        steady=steady, load=load, save=save, host_per_node=max(host, load_host), estimator=how, host_reason=reason
+    )

@@ -115,8 +115,11 @@ def workload(cfg: Config, rows: int | None = None, captions: int | None = None) 
         cache, new = cache + accepted, accepted
     items = {}
     for name in eval_benchmarks(cfg):
-        count = (cfg.data.world.test_images * cfg.data.world.questions_per_image if name.startswith("world")
-                 else EVAL_ITEMS[name])
+        count = (
+            cfg.data.world.test_images * cfg.data.world.questions_per_image
+            if name.startswith("world")
+            else EVAL_ITEMS[name]
+        )
         items[name] = min(count, cfg.eval.limit) if cfg.eval.limit else count
     return Workload(n, source, pairs, qpi, tuple(teach), tuple(tune), tuple(assess), tuple(augment), items)
 
@@ -134,8 +137,17 @@ class Rate:
     batch: int  # sequences decoded together
 
 
-def generation_rate(arch: Architecture, gpu: Gpu, backend: str, dtype_bytes: int, tensor_parallel: int,
-                    batch: int, prompt_tokens: int, reply_tokens: int, max_new_tokens: int) -> Rate:
+def generation_rate(
+    arch: Architecture,
+    gpu: Gpu,
+    backend: str,
+    dtype_bytes: int,
+    tensor_parallel: int,
+    batch: int,
+    prompt_tokens: int,
+    reply_tokens: int,
+    max_new_tokens: int,
+) -> Rate:
     """Rows per second of one replica answering prompts of ``prompt_tokens`` with ``reply_tokens`` on average.
 
     ``batch``: sequences in flight (hf: max_batch_size; vLLM: max_num_seqs, limited by its KV cache).
@@ -159,13 +171,28 @@ def scoring_rate(arch: Architecture, gpu: Gpu, dtype_bytes: int, batch: int, tok
     """Likelihood requests (hf): one teacher-forced forward pass per row, compute-bound like a prefill."""
     peak = (gpu.tflops_16 if dtype_bytes == 2 else gpu.tflops_32) * 1e12
     row_s = (2 * (arch.total - arch.vision) * tokens + 2 * arch.vision * (arch.image_tokens + 1)) / (
-        peak * PREFILL_MFU["hf"])
+        peak * PREFILL_MFU["hf"]
+    )
     return Rate(1 / row_s, 0.0, batch)
 
 
-def training_seconds(arch: Architecture, gpu: Gpu, stage: str, samples: float, tokens_per_sample: float, *,
-                     workers: int, strategy: str, zero_stage: int, precision: str, checkpointing: bool,
-                     lora: bool, trainable: int, global_batch: int, offload_optimizer: bool) -> float:
+def training_seconds(
+    arch: Architecture,
+    gpu: Gpu,
+    stage: str,
+    samples: float,
+    tokens_per_sample: float,
+    *,
+    workers: int,
+    strategy: str,
+    zero_stage: int,
+    precision: str,
+    checkpointing: bool,
+    lora: bool,
+    trainable: int,
+    global_batch: int,
+    offload_optimizer: bool,
+) -> float:
     """Seconds for one pass over ``samples`` samples of ``tokens_per_sample`` tokens."""
     lm = arch.total - arch.vision
     weight_grads = stage == "tune" and not lora  # align and LoRA: activation gradients through a frozen LM

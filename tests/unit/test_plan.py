@@ -16,15 +16,41 @@ V100_HF = {
     "data": {"source": "llava", "instructions": "/data/llava_instruct_80k.json"},
     "models": {"teacher": "llava-hf/llava-1.5-13b-hf", "student_init": "assemble"},
     "engines": {
-        "teacher": {"backend": "hf", "replicas": 4, "num_gpus": 1, "max_batch_size": 2, "dtype": "float16",
-                    "attention": "sdpa"},
-        "student": {"backend": "hf", "replicas": 2, "num_gpus": 1, "max_batch_size": 8, "dtype": "float16",
-                    "attention": "sdpa"},
+        "teacher": {
+            "backend": "hf",
+            "replicas": 4,
+            "num_gpus": 1,
+            "max_batch_size": 2,
+            "dtype": "float16",
+            "attention": "sdpa",
+        },
+        "student": {
+            "backend": "hf",
+            "replicas": 2,
+            "num_gpus": 1,
+            "max_batch_size": 8,
+            "dtype": "float16",
+            "attention": "sdpa",
+        },
     },
-    "align": {"num_workers": 6, "gpus_per_worker": 1, "global_batch_size": 96, "micro_batch_size": 8,
-              "precision": "fp16", "gradient_checkpointing": True},
-    "tune": {"num_workers": 6, "gpus_per_worker": 1, "global_batch_size": 96, "micro_batch_size": 4,
-             "precision": "fp16", "gradient_checkpointing": True, "zero_stage": 3, "offload_optimizer": True},
+    "align": {
+        "num_workers": 6,
+        "gpus_per_worker": 1,
+        "global_batch_size": 96,
+        "micro_batch_size": 8,
+        "precision": "fp16",
+        "gradient_checkpointing": True,
+    },
+    "tune": {
+        "num_workers": 6,
+        "gpus_per_worker": 1,
+        "global_batch_size": 96,
+        "micro_batch_size": 4,
+        "precision": "fp16",
+        "gradient_checkpointing": True,
+        "zero_stage": 3,
+        "offload_optimizer": True,
+    },
     "pipeline": {"concurrency": 6},
     "eval": {"enabled": False},
 }
@@ -47,8 +73,20 @@ def test_a_fitting_config_prints_every_phase_and_exits_0(v100_config, capsys):
 
 
 def test_zero_2_on_v100_is_refused_with_one_line_naming_phase_and_key(v100_config, capsys):
-    code = main(["--config", v100_config, "--gpu", "v100-32gb", "--gpus", "6",
-                 "--set", "tune.zero_stage=2", "--set", "tune.offload_optimizer=false"])
+    code = main(
+        [
+            "--config",
+            v100_config,
+            "--gpu",
+            "v100-32gb",
+            "--gpus",
+            "6",
+            "--set",
+            "tune.zero_stage=2",
+            "--set",
+            "tune.offload_optimizer=false",
+        ]
+    )
     assert code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     problems = [line for line in lines if line.startswith("mmdc plan: ")]

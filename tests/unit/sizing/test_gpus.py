@@ -7,9 +7,20 @@ import pytest
 from mmdc.sizing.gpus import GPUS, accelerator_matches, get_gpu
 
 
-@pytest.mark.parametrize("name, capability", [("v100-32gb", 7.0), ("v100-16gb", 7.0), ("t4", 7.5),
-                                              ("a100-40gb", 8.0), ("a100-80gb", 8.0), ("h100-80gb", 9.0),
-                                              ("h200", 9.0), ("l4", 8.9), ("a10g", 8.6)])
+@pytest.mark.parametrize(
+    "name, capability",
+    [
+        ("v100-32gb", 7.0),
+        ("v100-16gb", 7.0),
+        ("t4", 7.5),
+        ("a100-40gb", 8.0),
+        ("a100-80gb", 8.0),
+        ("h100-80gb", 9.0),
+        ("h200", 9.0),
+        ("l4", 8.9),
+        ("a10g", 8.6),
+    ],
+)
 def test_compute_capabilities(name, capability):
     assert GPUS[name].capability == capability
 

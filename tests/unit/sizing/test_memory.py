@@ -34,14 +34,22 @@ def test_deepspeed_estimates_of_issue_25():
 def test_deepspeed_estimator_is_called_with_our_arguments():
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(10**9, 10**8, num_gpus_per_node=4, num_nodes=2,
-                                                        cpu_offload=True, cpu_offload_params=False, zero_init=True)
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+        10**9, 10**8, num_gpus_per_node=4, num_nodes=2, cpu_offload=True, cpu_offload_params=False, zero_init=True
+    )
     assert memory.model_states(10**9, 10**8, "deepspeed", 3, 8, 4, True)[:2] == (gpu, cpu)
 
 
 def test_offload_and_lora_shrink_the_model_states(student):
-    args = dict(strategy="deepspeed", zero_stage=3, precision="fp16", workers=6, micro_batch=4, max_length=2048,
-                checkpointing=True)
+    args = dict(
+        strategy="deepspeed",
+        zero_stage=3,
+        precision="fp16",
+        workers=6,
+        micro_batch=4,
+        max_length=2048,
+        checkpointing=True,
+    )
     full = memory.trainer(student, "tune", **args)
     offload = memory.trainer(student, "tune", offload_optimizer=True, **args)
     lora = memory.trainer(student, "tune", lora_targets=("q_proj", "v_proj"), lora_r=16, **args)
@@ -54,16 +62,34 @@ def test_offload_and_lora_shrink_the_model_states(student):
 
 
 def test_zero2_keeps_frozen_weights_whole_and_align_trains_the_projector_only(student):
-    align = memory.trainer(student, "align", strategy="deepspeed", zero_stage=2, precision="fp16", workers=6,
-                           micro_batch=8, max_length=2048, checkpointing=True)
+    align = memory.trainer(
+        student,
+        "align",
+        strategy="deepspeed",
+        zero_stage=2,
+        precision="fp16",
+        workers=6,
+        micro_batch=8,
+        max_length=2048,
+        checkpointing=True,
+    )
     assert align.steady.get("frozen weights") == (student.total - student.trainable("align")) * 2
     assert align.steady.get("model states") < 0.1 * GIB
     assert align.save == 0  # only ZeRO-3 gathers on save
 
 
 def test_current_loader_and_zero3_save_peaks(student):
-    tm = memory.trainer(student, "tune", strategy="deepspeed", zero_stage=3, precision="fp16", workers=6,
-                        micro_batch=4, max_length=2048, checkpointing=True)
+    tm = memory.trainer(
+        student,
+        "tune",
+        strategy="deepspeed",
+        zero_stage=3,
+        precision="fp16",
+        workers=6,
+        micro_batch=4,
+        max_length=2048,
+        checkpointing=True,
+    )
     assert tm.load == memory.WORKER_LOAD_BYTES_PER_PARAM * student.total  # fp32 on the device before DeepSpeed
     expected = tm.steady.total - tm.steady.get("activations") - tm.steady.get("logits + loss") + 2 * student.total
     assert tm.save == expected
@@ -81,8 +107,17 @@ def test_activations_with_and_without_checkpointing(student):
 
 
 def test_ddp_holds_fp32_weights_and_autocast_copies(student):
-    tm = memory.trainer(student, "align", strategy="ddp", zero_stage=0, precision="fp16", workers=2, micro_batch=1,
-                        max_length=512, checkpointing=True)
+    tm = memory.trainer(
+        student,
+        "align",
+        strategy="ddp",
+        zero_stage=0,
+        precision="fp16",
+        workers=2,
+        micro_batch=1,
+        max_length=512,
+        checkpointing=True,
+    )
     assert tm.steady.get("frozen weights") == (student.total - student.trainable("align")) * 4
     assert tm.steady.get("autocast copies") == 2 * student.total
     assert tm.steady.get("DeepSpeed buffers") == 0

@@ -14,24 +14,52 @@ from mmdc.config import config_from_dict, load_config
 from mmdc.sizing import check
 from mmdc.sizing.gpus import get_gpu
 
-TRAIN = {"strategy": "deepspeed", "num_workers": 6, "cpus_per_worker": 4, "gpus_per_worker": 1,
-         "global_batch_size": 96, "precision": "fp16", "gradient_checkpointing": True, "max_length": 2048}
+TRAIN = {
+    "strategy": "deepspeed",
+    "num_workers": 6,
+    "cpus_per_worker": 4,
+    "gpus_per_worker": 1,
+    "global_batch_size": 96,
+    "precision": "fp16",
+    "gradient_checkpointing": True,
+    "max_length": 2048,
+}
 
 
 def paper_v100(**sections) -> dict:
     """The paper's 6 x V100 setup on the hf backend: fp16, SDPA, DeepSpeed ZeRO-3 with optimizer offload."""
     tree = {
         "data": {"source": "llava", "instructions": "/data/llava_instruct_80k.json"},
-        "models": {"teacher": "llava-hf/llava-1.5-13b-hf", "student_init": "assemble",
-                   "vision_tower": "openai/clip-vit-large-patch14", "language_model": "lmsys/vicuna-7b-v1.1"},
-        "engines": {
-            "teacher": {"backend": "hf", "replicas": 4, "num_gpus": 1, "max_batch_size": 2, "dtype": "float16",
-                        "attention": "sdpa"},
-            "student": {"backend": "hf", "replicas": 2, "num_gpus": 1, "max_batch_size": 8, "dtype": "float16",
-                        "attention": "sdpa"},
+        "models": {
+            "teacher": "llava-hf/llava-1.5-13b-hf",
+            "student_init": "assemble",
+            "vision_tower": "openai/clip-vit-large-patch14",
+            "language_model": "lmsys/vicuna-7b-v1.1",
         },
-        "roles": {"teacher": {"max_new_tokens": 512}, "referee": {"max_new_tokens": 128},
-                  "augmentor": {"max_new_tokens": 96}, "student": {"max_new_tokens": 512}},
+        "engines": {
+            "teacher": {
+                "backend": "hf",
+                "replicas": 4,
+                "num_gpus": 1,
+                "max_batch_size": 2,
+                "dtype": "float16",
+                "attention": "sdpa",
+            },
+            "student": {
+                "backend": "hf",
+                "replicas": 2,
+                "num_gpus": 1,
+                "max_batch_size": 8,
+                "dtype": "float16",
+                "attention": "sdpa",
+            },
+        },
+        "roles": {
+            "teacher": {"max_new_tokens": 512},
+            "referee": {"max_new_tokens": 128},
+            "augmentor": {"max_new_tokens": 96},
+            "student": {"max_new_tokens": 512},
+        },
         "align": {**TRAIN, "zero_stage": 2, "micro_batch_size": 8, "lr": 2e-3},
         "tune": {**TRAIN, "zero_stage": 3, "micro_batch_size": 4, "offload_optimizer": True},
         "pipeline": {"concurrency": 6},
@@ -74,15 +102,19 @@ def test_the_zero_3_save_of_the_current_loop_is_refused_without_offload():
 
 
 def test_vllm_on_volta_is_one_line_for_every_phase():
-    engines = {"teacher": {"backend": "vllm", "replicas": 2, "num_gpus": 2, "tensor_parallel_size": 2,
-                           "max_batch_size": 32}}
+    engines = {
+        "teacher": {"backend": "vllm", "replicas": 2, "num_gpus": 2, "tensor_parallel_size": 2, "max_batch_size": 32}
+    }
     plan = check(config_from_dict(paper_v100(engines=engines)), "v100-32gb", 6)
     vllm = [p for p in plan.problems if p.key == "engines.teacher.backend"]
     assert len(vllm) == 1
     assert vllm[0].phase.startswith("teach, ") and "backend hf" in vllm[0].message
     # the same engine passes on an A100 (compute capability 8.0)
-    assert [p for p in check(config_from_dict(paper_v100(engines=engines)), "a100-80gb", 6).problems
-            if p.key == "engines.teacher.backend"] == []
+    assert [
+        p
+        for p in check(config_from_dict(paper_v100(engines=engines)), "a100-80gb", 6).problems
+        if p.key == "engines.teacher.backend"
+    ] == []
 
 
 def test_bf16_needs_ampere():
@@ -103,8 +135,16 @@ def test_too_few_gpus_and_too_much_memory():
 
 
 def test_vllm_kv_cache_and_max_model_len():
-    engines = {"teacher": {"backend": "vllm", "replicas": 4, "num_gpus": 1, "tensor_parallel_size": 1,
-                           "max_batch_size": 32, "max_model_len": 4096}}
+    engines = {
+        "teacher": {
+            "backend": "vllm",
+            "replicas": 4,
+            "num_gpus": 1,
+            "tensor_parallel_size": 1,
+            "max_batch_size": 32,
+            "max_model_len": 4096,
+        }
+    }
     plan = check(config_from_dict(paper_v100(engines=engines)), "l4", 6)  # 24.9 GiB of weights on 22.5 GiB
     assert any(p.key == "engines.teacher.tensor_parallel_size" for p in plan.problems)
     engines["teacher"].update(num_gpus=2, tensor_parallel_size=2, replicas=2, max_model_len=1024)
@@ -144,8 +184,13 @@ def test_sizing_imports_only_the_config_and_third_party_libraries():
     root = Path(__file__).resolve().parents[3] / "mmdc" / "sizing"
     for path in root.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for name in names:
                 if name == "mmdc" or name.startswith("mmdc."):
                     assert name == "mmdc.config" or name.startswith("mmdc.sizing"), f"{path.name} imports {name}"

@@ -24,8 +24,7 @@ def test_world_workload_follows_refresh():
 
 
 def test_replace_random_rows_and_limits():
-    cfg = load_config(None, ["calibration.pool_update=replace", "calibration.selection=random",
-                             "eval.limit=5"])
+    cfg = load_config(None, ["calibration.pool_update=replace", "calibration.selection=random", "eval.limit=5"])
     w = timing.workload(cfg, rows=1000, captions=50)
     assert (w.instructions, w.source, w.captions) == (1000, "--rows", 50)
     assert w.tune[1] == 1000 + round(round(1000 * cfg.calibration.random_fraction) * timing.ACCEPTED_FRACTION)
@@ -37,8 +36,15 @@ def test_paper_scale_defaults():
     cfg = load_config(None, ["data.source=llava", "data.instructions=x.json", "eval.enabled=false"])
     w = timing.workload(cfg)
     assert w.instructions == timing.PAPER_INSTRUCTIONS and w.captions == timing.LLAVA_PRETRAIN_PAIRS
-    assert timing.workload(load_config(None, ["data.source=llava", "data.instructions=x.json", "eval.enabled=false",
-                                              "data.max_instructions=5000"])).instructions == 5000
+    assert (
+        timing.workload(
+            load_config(
+                None,
+                ["data.source=llava", "data.instructions=x.json", "eval.enabled=false", "data.max_instructions=5000"],
+            )
+        ).instructions
+        == 5000
+    )
 
 
 def test_decode_is_memory_bound_and_vllm_is_faster():
@@ -62,8 +68,16 @@ def one_prefill(arch, gpu):
 def test_training_seconds_is_six_n_t():
     student = assemble("openai/clip-vit-large-patch14", "lmsys/vicuna-7b-v1.1", "linear")
     v100 = get_gpu("v100-32gb")
-    args = dict(workers=6, strategy="deepspeed", zero_stage=2, precision="fp16", lora=False, trainable=1,
-                global_batch=96, offload_optimizer=False)
+    args = dict(
+        workers=6,
+        strategy="deepspeed",
+        zero_stage=2,
+        precision="fp16",
+        lora=False,
+        trainable=1,
+        global_batch=96,
+        offload_optimizer=False,
+    )
     plain = timing.training_seconds(student, v100, "tune", 1000, 800, checkpointing=False, **args)
     lm = student.total - student.vision
     flops = 1000 * (6 * lm * 800 + 2 * student.vision * 257)
@@ -87,8 +101,11 @@ def test_role_prompt_tokens_match_table_6():
         from mmdc import roles
     except ImportError:  # before the floors refactor
         from mmdc.actors import roles
-    texts = {"teacher": roles.TEACHER_SYSTEM + roles.TEACHER_USER, "referee": roles.REFEREE_SYSTEM + roles.REFEREE_USER,
-             "augmentor": roles.AUGMENTOR_SYSTEM + roles.AUGMENTOR_USER}
+    texts = {
+        "teacher": roles.TEACHER_SYSTEM + roles.TEACHER_USER,
+        "referee": roles.REFEREE_SYSTEM + roles.REFEREE_USER,
+        "augmentor": roles.AUGMENTOR_SYSTEM + roles.AUGMENTOR_USER,
+    }
     for role, text in texts.items():
         words = len(text.split())
         assert 1.2 * words <= timing.ROLE_PROMPT_TOKENS[role] <= 1.7 * words, role
