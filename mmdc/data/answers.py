@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +138,19 @@ class AnswerStore:
             self.folder / f"{name}.parquet", pa.Table.from_pandas(new.sort_values(KEY_COLUMN), preserve_index=False)
         )
         return new.set_index(KEY_COLUMN)
+
+    def answer(
+        self, rows: pd.DataFrame, ask: Callable[[pd.DataFrame], pd.DataFrame], name: str
+    ) -> tuple[pd.DataFrame, dict[str, int]]:
+        """``rows`` with ``cache_key`` and ``teacher_answer``; only the keys never stored before go to ``ask``
+        (which returns them with ``teacher_answer`` and ``teacher_tokens``) and are stored as ``name``."""
+        keyed = self.with_keys(rows)
+        stored = self.load()
+        misses = keyed[~keyed[KEY_COLUMN].isin(stored.index)]
+        stats = {"cache_hits": len(keyed) - len(misses), "cache_misses": len(misses)}
+        if len(misses):
+            new = self.add(ask(misses), name)
+            stats["generated_tokens"] = int(new["teacher_tokens"].sum())
+            stored = pd.concat([stored, new])  # misses are new keys: no re-read of the store
+        keyed["teacher_answer"] = keyed[KEY_COLUMN].map(stored["teacher_answer"])
+        return keyed, stats

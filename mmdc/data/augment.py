@@ -256,3 +256,16 @@ def candidate_rows(replies: pd.DataFrame, iteration: int) -> pd.DataFrame:
         for r in replies.sort_values("instruction_id").itertuples()
     ]
     return pd.DataFrame(rows, columns=[*POOL_COLUMNS, "augmentor_reply"])
+
+
+def accept_candidates(
+    replies: pd.DataFrame,
+    tuning: pd.DataFrame,
+    cache: pd.DataFrame,
+    iteration: int,
+    threshold: float = ROUGE_L_THRESHOLD,
+) -> pd.DataFrame:
+    """The augmentor's replies as candidate pool rows, each checked against every question of its image in both
+    pools (``validate_candidates``): the generated file's rows, with ``accepted`` and ``reject_reason``."""
+    existing = pd.concat([tuning, cache])[["instruction_id", "image_id", "question"]].drop_duplicates("instruction_id")
+    return validate_candidates(candidate_rows(replies, iteration), existing, threshold=threshold)

@@ -220,3 +220,24 @@ def random_selection(cache: pd.DataFrame, fraction: float, seed: int, iteration:
             "hard": pd.array([hard[str(i)] for i in rows["instruction_id"]], dtype="boolean"),
         }
     )[list(ASSESSMENT_COLUMNS)]
+
+
+def hard_counts(assessment: pd.DataFrame) -> dict[str, Any]:
+    """hard / easy / unscored counts and the hard ratio among scored rows, for an assessment's phase record."""
+    flags = assessment["hard"].astype("boolean")  # nullable: <NA> = unscored
+    hard, easy = int(flags.eq(True).sum()), int(flags.eq(False).sum())
+    return {
+        "rows": len(assessment),
+        "hard": hard,
+        "easy": easy,
+        "unscored": len(assessment) - hard - easy,
+        "hard_ratio": round(hard / (hard + easy), 4) if hard + easy else None,
+    }
+
+
+def hard_parents(cache: pd.DataFrame, assessment: pd.DataFrame) -> pd.DataFrame:
+    """The cache-pool rows assessed hard (the augmentor's parents), by instruction id."""
+    hard = assessment["hard"].astype("boolean").eq(True).fillna(False)
+    return cache[cache["instruction_id"].isin(set(assessment.loc[hard, "instruction_id"]))].sort_values(
+        "instruction_id"
+    )

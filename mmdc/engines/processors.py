@@ -29,12 +29,12 @@ import pyarrow.parquet as pq
 import ray
 
 from mmdc import roles
-from mmdc.config import EngineConfig, PipelineConfig, SamplingConfig
+from mmdc.config import EngineConfig, PipelineConfig, SamplingConfig, to_dict
 from mmdc.data.augment import contains_answer, is_one_sentence
 from mmdc.data.blocks import dataset_from_table, read_folder, resume_partial, write_blocks
 from mmdc.data.calibration import likelihood_reply, likelihood_score
 from mmdc.data.images import resolve_image, to_data_url
-from mmdc.engines.backends import make_client, retry_policy
+from mmdc.engines.backends import deployment_name, make_client, retry_policy
 from mmdc.engines.protocol import call_with_retries
 
 
@@ -264,6 +264,35 @@ class ProcessorSpec:
     cls: type
     kwargs: dict[str, Any] = field(default_factory=dict)
     scope: str = field(default_factory=lambda: f"processors-{uuid.uuid4().hex}")
+
+
+def processor_spec(
+    cls: type,
+    app_name: str,
+    engine: EngineConfig,
+    model_path: str,
+    sampling: Any,
+    *,
+    run_seed: int,
+    image_root: str | None,
+    scope: str,
+    **extra: Any,
+) -> ProcessorSpec:
+    """The spec of a ``cls`` processor that asks the engine ``app_name`` (serving ``model_path``) for one role.
+
+    ``sampling`` is the role's ``SamplingConfig``; ``extra`` are the processor's own keyword arguments.
+    """
+    kwargs = {
+        "app_name": app_name,
+        "deployment": deployment_name(model_path),
+        "sampling": to_dict(sampling),
+        "run_seed": run_seed,
+        "image_root": image_root,
+        "timeout_s": engine.request_timeout_s,
+        "engine": to_dict(engine),
+        **extra,
+    }
+    return ProcessorSpec(cls, kwargs, scope=scope)
 
 
 # Processor objects made in this worker process, by (class, constructor kwargs, scope); see ``run_processor``.

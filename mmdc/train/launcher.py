@@ -165,6 +165,35 @@ def train_student(
     return TrainResult(checkpoint_dir=str(out), metrics=json.loads((out / SUMMARY_FILE).read_text()))
 
 
+def train_or_reuse(
+    output: Path,
+    dataset: Callable[[], ray.data.Dataset],
+    *,
+    restart: bool,
+    announce: Callable[[str], None],
+    before_start: Callable[[], None] = lambda: None,
+    **train_kwargs: Any,
+) -> dict[str, Any]:
+    """``train_student`` into ``output`` after a crash as well as before one: the summary of the training.
+
+    A checkpoint an earlier attempt finished (it crashed before committing its phase) is reused; an interrupted
+    one resumes from its last saved state; ``restart`` (a forced change to what training depends on) discards
+    both. ``dataset`` is a thunk, so nothing is read when the checkpoint is reused; ``before_start`` runs just
+    before the trainer starts (the driver waits there for the trainer's resources).
+    """
+    stage = train_kwargs["stage"]
+    if restart and output.exists():
+        announce(f"{stage}: discarding {output.name}, made before a forced change of what training depends on")
+        shutil.rmtree(output)
+    if (output / SUMMARY_FILE).exists():
+        announce(f"{stage}: reusing {output.name}, finished by an earlier attempt")
+        return json.loads((output / SUMMARY_FILE).read_text())
+    shutil.rmtree(output, ignore_errors=True)  # an empty folder left behind would be refused
+    rows = dataset()
+    before_start()
+    return train_student(output_dir=str(output), dataset=rows, resume=not restart, **train_kwargs).metrics
+
+
 def _ordered_ingest() -> Any:
     """Ray Train data config whose shards see the same rows in the same order on every run (for resume).
 

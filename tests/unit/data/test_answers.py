@@ -81,3 +81,21 @@ def test_model_fingerprint_follows_the_weights(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"b" * 10)
     assert model_fingerprint(str(tmp_path)) != before
     assert model_fingerprint("org/some-hub-id") == model_fingerprint("org/some-hub-id")
+
+
+def test_answer_asks_only_for_what_was_never_stored(tmp_path):
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "blue.png")
+    store = AnswerStore(tmp_path / "answers", "fp", {"temperature": 0.5}, 0, str(tmp_path))
+    rows = pd.DataFrame({"instruction_id": ["a", "b"], "image": ["blue.png"] * 2, "question": ["colour?", "shape?"]})
+    asked: list[list[str]] = []
+
+    def ask(misses: pd.DataFrame) -> pd.DataFrame:
+        asked.append(misses["instruction_id"].tolist())
+        return misses.assign(teacher_answer=[f"answer {i}" for i in misses["instruction_id"]], teacher_tokens=2)
+
+    first, stats = store.answer(rows.iloc[:1], ask, "iter_1_teach")
+    assert stats == {"cache_hits": 0, "cache_misses": 1, "generated_tokens": 2}
+    both, stats = store.answer(rows, ask, "iter_1_assess")
+    assert asked == [["a"], ["b"]] and stats["cache_hits"] == 1 and stats["cache_misses"] == 1
+    assert both["teacher_answer"].tolist() == ["answer a", "answer b"]
+    assert sorted(p.name for p in (tmp_path / "answers").iterdir()) == ["iter_1_assess.parquet", "iter_1_teach.parquet"]

@@ -183,3 +183,34 @@ def test_bad_input():
         validate_candidates(pd.DataFrame({"question": []}), _existing([]))
     with pytest.raises(ValueError, match="appears twice"):
         validate_candidates(_candidates([("c", "i", "q?"), ("c", "i", "r?")]), _existing([]))
+
+
+def test_accept_candidates_checks_replies_against_both_pools_with_lineage():
+    from mmdc.data.augment import accept_candidates
+    from mmdc.data.schema import generated_instruction_id
+
+    pool = pd.DataFrame(
+        {
+            "instruction_id": ["p1", "p2"],
+            "image_id": ["img", "img"],
+            "question": ["What colour is the circle?", "How many squares are there?"],
+        }
+    )
+    replies = pd.DataFrame(
+        {
+            "instruction_id": ["p2", "p1"],
+            "image_id": ["img", "img"],
+            "image": ["img.png"] * 2,
+            "candidate": ["How many squares are there?", "Which shape is the largest one in the picture?"],
+            "attempt": [0, 1],
+            "source_id": ["s", "s"],
+            "augmentor_reply": ["r2", "r1"],
+        }
+    )
+    checked = accept_candidates(replies, pool, pool, iteration=2)
+    assert checked["parent_id"].tolist() == ["p1", "p2"]  # parent id order
+    assert checked["instruction_id"].tolist() == [
+        generated_instruction_id("p1", 2, 1),
+        generated_instruction_id("p2", 2, 0),
+    ]
+    assert checked["accepted"].tolist() == [True, False]  # p2's candidate repeats a question of its image

@@ -185,3 +185,13 @@ def test_likelihood_reply_reads_back_as_a_referee_reply():
 
     assert parse_referee(likelihood_reply(8.4312, 1.0)) == (8.43, 1.0)
     assert combine_orders(likelihood_reply(9, 2), likelihood_reply(2, 9))["score_student"] == 2.0
+
+
+def test_hard_counts_and_parents_read_a_nullable_hard_column():
+    from mmdc.data.calibration import hard_counts, hard_parents
+
+    assessment = pd.DataFrame({"instruction_id": ["a", "b", "c", "d"], "hard": [True, False, None, True]})
+    assert hard_counts(assessment) == {"rows": 4, "hard": 2, "easy": 1, "unscored": 1, "hard_ratio": round(2 / 3, 4)}
+    cache = pd.DataFrame({"instruction_id": ["d", "c", "b", "a"], "question": ["qd", "qc", "qb", "qa"]})
+    assert hard_parents(cache, assessment)["instruction_id"].tolist() == ["a", "d"]  # unscored is not hard
+    assert hard_counts(assessment.iloc[2:3])["hard_ratio"] is None  # nothing scored: no ratio, not 0
