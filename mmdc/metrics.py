@@ -8,7 +8,7 @@ read them from there. ``cluster/grafana/mmdc-dashboard.json`` is a dashboard for
 
 The driver calls two functions:
 
-    publish_phase(record, run="paper-20250101")   # the record that Driver.phase() logs, after each phase
+    publish_phase(record, run="paper-20250101")   # the record PhaseLog.run() logs, after each phase
     publish_state(iteration, phase, run=...)      # when a phase starts: "what is running now" gauges
 
 Metric objects are created lazily, on the first publish inside a connected Ray process (the driver
@@ -166,7 +166,7 @@ class MmdcMetrics:
 
     # ---------------------------------------------------------------- public
     def publish_phase(self, record: Mapping[str, Any]) -> None:
-        """Update the metrics from one completed phase's record (``Driver.phase`` keys).
+        """Update the metrics from one completed phase's record (``PhaseLog.run`` keys).
 
         Records without a ``phase`` (deploy / release events in metrics.jsonl) are ignored.
         """

@@ -40,11 +40,9 @@ def _split(table: pa.Table, n: int) -> list[pa.Table]:
 def write_blocks(ds: ray.data.Dataset, folder: Path) -> None:
     """Stream ``ds`` into ``folder``, one Parquet file per output block, written by this process.
 
-    Not ``Dataset.write_parquet``: its write tasks start fresh worker processes during the phase
-    (pyarrow imports and all), which on a small machine take CPU from the engine replicas that are
-    still generating; measured on 2 cores, they added ~1.2 s after the last batch and made the
-    generation itself ~35% slower (benchmarks/results/engine_throughput.md). Each file is written
-    under a temporary name and renamed, so a crash leaves only whole files behind.
+    Not ``Dataset.write_parquet``: its write tasks start fresh worker processes during the phase, which
+    take CPU from the engine replicas still generating (benchmarks/results/engine_throughput.md). Each
+    file is written under a temporary name and renamed, so a crash leaves only whole files behind.
     """
     folder.mkdir(parents=True, exist_ok=True)
     attempt = os.urandom(4).hex()  # a resumed phase adds files beside the kept ones, never over them

@@ -1,64 +1,10 @@
 """Stage 1 caption-pair filter by noun phrases (paper 3.2, after LLaVA's CC3M filter).
 
-The alignment stage trains only the projector W on image-caption pairs
-(CC3M / SBU / LAION style). The paper does not train on all of them: it keeps
-a subset that covers every common concept without drowning in the most
-frequent ones. The recipe (paper 3.2, SPEC.md "Stage 1" item 1):
-
-1. extract the noun phrases of every caption with spaCy;
-2. count every noun phrase over the whole corpus;
-3. skip phrases seen fewer than ``min_count`` (3) times;
-4. walk the phrases from the lowest *remaining frequency* up, adding the pairs
-   that contain each phrase to the candidate pool;
-5. a phrase seen more than ``max_per_phrase`` (100) times contributes a random
-   ``max_per_phrase`` of its pairs.
-
-Two functions split the work so that the algorithm is testable without spaCy:
-:func:`extract_noun_phrases` (spaCy, the expensive part, ``nlp.pipe`` with
-``n_process`` workers) and :func:`filter_pairs` (pure python over lists of
-phrases). :func:`filter_caption_pairs` chains them over ``{id, image,
-caption}`` records.
-
-Choices where the paper (and LLaVA) leave things open
------------------------------------------------------
-*Counting.* A phrase's count is the number of **pairs** whose caption contains
-it (document frequency): "a blue car next to a blue car" counts "blue car"
-once. This makes "seen more than 100 times" and "100 of its pairs" the same
-unit.
-
-*Remaining frequency.* Read as: the number of the phrase's pairs **not yet in
-the candidate pool**. It starts at the phrase's count and drops by one each
-time one of its pairs is added to the pool on behalf of another phrase. The
-walk always takes next the unprocessed phrase with the smallest current
-remaining frequency (ties: phrase text, ascending, by Python string order), so
-rare concepts pick their pairs first and a frequent phrase whose pairs were
-mostly brought in by rarer phrases adds few or none of its own. The static
-reading (sort once by corpus count) would make "remaining" meaningless.
-
-*The cap.* When a phrase's turn comes, its remaining pairs (those not yet in
-the pool) are all added if there are at most ``max_per_phrase`` of them;
-otherwise a random ``max_per_phrase`` of them are. Consequence, tested: every
-kept phrase ends with at least ``min(count, max_per_phrase)`` of its pairs in
-the pool, and no phrase adds more than ``max_per_phrase`` pairs itself.
-
-*Randomness.* Each phrase samples with its own ``random.Random`` seeded from
-``sha1(f"{seed}:{phrase}")``, so the result is a function of (phrases, seed)
-only: stable across processes and Python versions (no ``hash()``), and one
-phrase's sample does not depend on how many draws other phrases made.
-
-*Output order.* Kept pair indices are returned in the order they entered the
-pool (phrase by phrase in walk order; within a phrase by ascending index).
-
-*Normalising phrases.* spaCy's ``doc.noun_chunks`` are lower-cased; leading
-determiners and possessive/wh- determiners (Penn tags DT, PDT, PRP$, WDT,
-WP$: "a", "the", "all the", "his", "whose") and punctuation/space tokens at
-either edge are stripped, quote marks inside are dropped, and whitespace is
-collapsed to single spaces. So "A donut shop", "the donut shop" and "his
-donut shop" are one concept, "donut shop". Chunks whose head is a pronoun
-("it", "each", "these") name no concept and are dropped. Each caption yields
-its distinct phrases in order of first appearance. Adjectives, numbers and
-possessives ("two people", "red car's wheel") are kept: LLaVA's filter
-counted concept-attribute combinations, which is why rare ones are skipped.
+Extract every caption's noun phrases with spaCy (``extract_noun_phrases``), count them per pair over the corpus,
+drop those seen fewer than ``min_count`` times, and walk the rest from the lowest remaining frequency up, each
+adding its pairs (a random ``max_per_phrase`` of them at most) to the kept set (``filter_pairs``, pure python).
+The readings of what the paper leaves open (what counts, what "remaining" means, the cap, seeding, phrase
+normalisation) are in docs/nounphrase_filter.md and held by tests/unit/data/test_nounphrase.py.
 """
 
 from __future__ import annotations

@@ -1,43 +1,12 @@
-"""A competent tiny teacher for the synthetic world: trained locally, so the embedded default calibrates for real.
+"""The world teacher: the tiny teacher trained on the synthetic world for its three Table 6 jobs.
 
-A randomly initialised tiny LLaVA proves only plumbing: its referee never
-replies in a parseable format, so nothing is scored, nothing is hard and
-nothing is augmented. This module trains the tiny teacher on the world's own
-ground truth (``mmdc.world.scenes``) to do its three jobs through the paper's
-Table 6 prompts:
-
-- teacher: answer a question about the image (target: ``world.answer``);
-- referee: score two answers (target: the paper's sentence "The scores for
-  Assistant 1 and 2 are X and Y, respectively.", X/Y from each answer's
-  correctness, both orders);
-- augmentor: write a new question of the same family about the same image in
-  a different template (ROUGE-L < 0.7 against the given one).
-
-Every example is rendered exactly as the engine renders the request at
-inference: system and user text come from ``mmdc.roles.*_messages``
-(one source of truth for the prompts), the image part comes first (so
-``image_position="before"``), and the text is tokenized by
-``mmdc.train.formatting.encode_conversation``, which the formatting tests keep
-equal to the serving chat template.
-
-Vision first: a tiny CLIP tower trained from scratch only by the LM loss learns
-the reply formats long before it sees (the version-1 teacher answered colour
-questions at chance). So the build has two stages. Stage 1 trains the vision
-tower and projector alone on dense perception targets read off the scene's
-ground truth (``perception_targets``: per image token, which shapes and
-colours cover its patch and whose centre lies in it; and, for the whole
-scene, each shape's colour, size and position, the background and the object
-count), through a linear head on the image tokens the LM sees. Stage 2 trains
-everything on the three jobs with the perception loss kept on as an auxiliary
-term. The head is thrown away; the saved model is a plain LLaVA.
-
-The training world is private: its scenes come from their own random stream
-(``"mmdc-world-teacher:{seed}"``), never from a run's data or the world's
-held-out test split, so the benchmark in ``benchmarks/research/teacher_quality.py``
-measures generalisation. One process, all parameters trainable (the vision
-tower starts random too), AdamW with warmup + cosine in each stage.
-
-Run::
+A random tiny LLaVA proves only plumbing (its referee never replies in a parseable format), so the embedded
+default trains one locally on the world's ground truth: answer (``world.answer``), referee (the paper's score
+sentence from each answer's correctness, both orders) and augmentor (a new question of the same family in
+another template), every example rendered exactly as the engine renders it. Vision first: the tower and
+projector learn dense perception targets, then everything learns the three jobs. Its private training world
+never overlaps a run's data or the test split. Design and history: docs/world_teacher.md; measured quality:
+benchmarks/results/teacher_quality.md.
 
     python -m mmdc.world.teacher --out /tmp/world_teacher [--schedule short] [--seed 0] [--set FIELD=VALUE ...]
 """
@@ -537,7 +506,7 @@ def perception_accuracy(logits, targets: dict) -> dict[str, float]:
 
 
 def default_tokenizer_texts() -> list[str]:
-    """The texts the run's shared tiny tokenizer is trained on (mirrors Driver.resolve_model).
+    """The texts the run's shared tiny tokenizer is trained on (mirrors mmdc.world.models.resolve).
 
     The Table 6 prompts are added by ``tiny.tokenizer_corpus`` itself.
     """
