@@ -57,12 +57,17 @@ def pip_args(command: str, cwd: Path) -> list[list[str]]:
 
 
 def launcher_checks(path: Path) -> list[tuple[str, list[str], bool]]:
+    """One resolution per node type: setup_commands + head_setup_commands on the head; on a worker type,
+    setup_commands + its own worker_setup_commands (or the top-level ones when it has none), as Ray runs them."""
     cfg = yaml.safe_load(path.read_text())
+    nodes = {"head": cfg.get("head_setup_commands", [])}
+    for name, node in cfg["available_node_types"].items():
+        if name != cfg["head_node_type"]:
+            nodes[f"worker {name}"] = node.get("worker_setup_commands") or cfg.get("worker_setup_commands", [])
     checks = []
-    for node, key in (("head", "head_setup_commands"), ("worker", "worker_setup_commands")):
-        args = [a for c in cfg.get("setup_commands", []) + cfg.get(key, []) for a in sum(pip_args(c, root), [])]
-        if args:
-            checks.append((f"cluster/{path.name} {node}", args, True))
+    for node, commands in nodes.items():
+        args = [a for c in cfg.get("setup_commands", []) + commands for a in sum(pip_args(c, root), [])]
+        checks.append((f"cluster/{path.name} {node}", args, True))
     return checks
 
 
@@ -81,6 +86,11 @@ for path in sorted((root / "cluster").glob("*.yaml")):
 
 rows, failed = [], []
 for name, args, should_resolve in checks:
+    if not args:
+        failed.append(name)
+        print(f"FAIL {name}: installs nothing", flush=True)
+        rows.append(f"| **FAIL** | {name} | | installs nothing |")
+        continue
     report = work / "report.json"
     report.unlink(missing_ok=True)
     cmd = [*pip, "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report), *args]
