@@ -4,8 +4,10 @@ transformers picks an attention function per model from ``attn_implementation``;
 ``eager`` and the flash-attention kernels, but not xformers. xformers matters on the paper's
 hardware: FlashAttention 2 needs Ampere or newer, and on a V100 xformers' CUTLASS kernels are the
 fused attention that exists. So we register an ``xformers`` implementation with transformers'
-``AttentionInterface`` (and reuse the SDPA mask builder for it, since both take the same masks) and
-let ``attention: auto`` choose it when xformers imports and the model runs on CUDA.
+``AttentionInterface`` (and reuse the SDPA mask builder for it, since both take the same masks).
+Whether an installed xformers has kernels for a GPU is a property of its build, so it is never
+assumed: ``attention: auto`` picks xformers only after a tiny test call of it on the engine's device,
+in the engine's dtype, matched SDPA (``xformers_test_call``), and SDPA otherwise, logging why.
 
 Layouts: transformers hands attention functions ``[batch, heads, seq, dim]`` tensors and expects
 ``[batch, seq, heads, dim]`` back; xformers takes and returns ``[batch, seq, heads, dim]``.
@@ -14,39 +16,85 @@ Layouts: transformers hands attention functions ``[batch, heads, seq, dim]`` ten
 from __future__ import annotations
 
 import importlib.util
+import logging
+from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
 
+from mmdc.engines.capability import Device, current_device, one_line, refuse
+
 Attention = Literal["auto", "sdpa", "eager", "xformers"]
 XFORMERS = "xformers"
+
+log = logging.getLogger("mmdc.engines")
 
 
 def xformers_available() -> bool:
     return importlib.util.find_spec("xformers") is not None
 
 
-def resolve_attention(requested: Attention, device: str) -> str:
-    """The ``attn_implementation`` to load a model with.
+def resolve_attention(
+    requested: Attention,
+    device: str,
+    dtype: torch.dtype = torch.float32,
+    head_dims: Iterable[int] = (8,),
+    key: str = "engine",
+    gpu: Device | None = None,
+) -> str:
+    """The ``attn_implementation`` to load a model with, on ``device`` in ``dtype``.
 
-    ``auto``: xformers on CUDA when installed (the ``gpu`` extra), else SDPA. Asking for xformers
-    explicitly where it cannot run is an error, not a silent fallback: the user chose it.
+    ``auto``: xformers when it is installed, the model is on CUDA and a test call of its kernel at the
+    model's head sizes ``head_dims`` succeeds there; else SDPA, with a log line saying why. Asking for
+    xformers explicitly where it cannot run is an ``EngineRefused`` naming ``<key>.attention``, not a
+    silent fallback: the user chose it. ``gpu`` names the device in messages (default: asked from torch).
     """
-    if requested == "auto":
-        requested = XFORMERS if device.startswith("cuda") and xformers_available() else "sdpa"
-    elif requested == XFORMERS:
-        if not xformers_available():
-            raise RuntimeError(
-                'engine attention "xformers" needs xformers: pip install "mmdc[gpu]" (or set attention: sdpa)'
-            )
-        if not device.startswith("cuda"):
-            raise RuntimeError(
-                f'engine attention "xformers" needs a CUDA device, the model is on {device!r} '
-                "(set attention: sdpa or auto)"
-            )
-    if requested == XFORMERS:
+    if requested not in ("auto", XFORMERS):
+        return requested
+    if not xformers_available():
+        why = 'xformers is not installed (pip install "mmdc[xformers]")'
+    elif not device.startswith("cuda"):
+        why = "xformers has no CPU kernels"
+    else:
+        why = xformers_test_call(device, dtype, head_dims)
+    if why is None:
         register_xformers()
-    return requested
+        return XFORMERS
+    where = gpu or current_device(device)
+    if requested == XFORMERS:
+        raise refuse(f"{key}.attention", XFORMERS, where, why, "sdpa")
+    (log.warning if device.startswith("cuda") and xformers_available() else log.info)(
+        "%s.attention=auto: sdpa on %s, since %s", key, where.describe(), why
+    )
+    return "sdpa"
+
+
+def xformers_test_call(device: str, dtype: torch.dtype, head_dims: Iterable[int] = (8,)) -> str | None:
+    """Why xformers cannot serve attention on ``device`` in ``dtype`` (one line), or None when it can.
+
+    Calls our adapter (``xformers_attention_forward``, so the very kernels the engine will use) on
+    query/key/value of ``[1, 1, 4, head_dim]`` ``[batch, heads, seq, dim]``, once causal without a mask
+    (xformers' causal bias) and once with a boolean mask (an additive bias tensor), and compares both with
+    PyTorch's SDPA in float32.
+    """
+    tolerance = 1e-3 if dtype == torch.float32 else 3e-2
+    try:
+        register_xformers()
+        module = SimpleNamespace(is_causal=True, num_key_value_groups=1)
+        causal = torch.ones(4, 4, dtype=torch.bool, device=device).tril()[None, None]  # [1, 1, q, k]
+        gen = torch.Generator().manual_seed(0)
+        for dim in sorted(set(head_dims)):
+            q, k, v = (torch.randn(1, 1, 4, dim, generator=gen).to(device, dtype) for _ in range(3))
+            want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+            for mask in (None, causal):
+                out, _ = xformers_attention_forward(module, q, k, v, mask)  # [1, 4, 1, dim]
+                error = (out.transpose(1, 2).float() - want).abs().max().item()
+                if not error <= tolerance:  # also catches NaN
+                    return f"its test call (head dim {dim}) differs from SDPA by {error:.3g}"
+    except Exception as err:  # noqa: BLE001 - e.g. "No operator found for memory_efficient_attention_forward"
+        return f"its test call failed: {type(err).__name__}: {one_line(str(err))}"
+    return None
 
 
 def register_xformers() -> None:

@@ -11,6 +11,7 @@ the same protocol (``mmdc.engines.protocol``), so roles never know which one the
 Two functions carry the backend choice, each a table lookup, not an if-else tower:
 
     app = build_engine_app(engine_cfg, model_path)   # a Serve app for hf / vllm; None for openai
+    deploy_app(app, name)                            # serve.run; a device refusal comes back as its one line
     client = make_client(engine_cfg, app_name, deployment, timeout_s)   # inside a Ray Data processor
 
 backend   deployed as                                   reached by
@@ -27,6 +28,7 @@ from pathlib import Path
 from ray import serve
 
 from mmdc.config import EngineConfig
+from mmdc.engines.capability import EngineRefused, refusal_in
 from mmdc.engines.hf import build_hf_app
 from mmdc.engines.openai import OpenAIChatClient
 from mmdc.engines.protocol import EngineClient, RetryPolicy
@@ -42,23 +44,50 @@ def deployment_name(model: str) -> str:
     return "hf-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", stem)[:60]
 
 
-def _build_vllm_app(engine: EngineConfig, model_path: str, name: str):
+def _build_vllm_app(engine: EngineConfig, model_path: str, name: str, engine_name: str | None = None):
     from mmdc.engines.vllm import build_vllm_app  # the module is light; ray.serve.llm loads inside
 
-    return build_vllm_app(engine, model_path, name)
+    return build_vllm_app(engine, model_path, name, engine_name)
 
 
 _APP_BUILDERS = {"hf": build_hf_app, "vllm": _build_vllm_app}
 
 
-def build_engine_app(engine: EngineConfig, model_path: str) -> serve.Application | None:
+def build_engine_app(engine: EngineConfig, model_path: str, engine_name: str | None = None) -> serve.Application | None:
     """Serve application for one engine config (builder pattern of Ray's LLM library).
 
     The ingress deployment is named ``deployment_name(model_path)`` for every backend. ``None``
-    for ``openai``: an external endpoint has nothing to deploy.
+    for ``openai``: an external endpoint has nothing to deploy. An engine whose device cannot run its
+    backend, dtype or attention kernel fails at deploy with a one-line ``EngineRefused`` naming
+    ``engines.<engine_name>.<key>`` (default name: the Serve app's; see capability.py and ``refusal_in``).
     """
     builder = _APP_BUILDERS.get(engine.backend)
-    return builder(engine, model_path, deployment_name(model_path)) if builder else None
+    return builder(engine, model_path, deployment_name(model_path), engine_name) if builder else None
+
+
+def deploy_app(app: serve.Application, name: str, route_prefix: str | None = None) -> None:
+    """``serve.run(app, name=name, route_prefix=route_prefix)``; a replica's ``EngineRefused`` comes back as itself.
+
+    Serve reports an app whose replicas fail in ``__init__`` as "Deploying application <name> failed: Failed to
+    update the deployments [...]": the replica's error is only in the deployment's status message, as a
+    traceback. This finds the refusal's one line there and raises it alone; any other failure is re-raised.
+    """
+    try:
+        serve.run(app, name=name, route_prefix=route_prefix)
+    except RuntimeError as err:
+        line = refusal_in(err) or _refusal_in_status(name)
+        if line is None:
+            raise
+        raise EngineRefused(line) from None
+
+
+def _refusal_in_status(name: str) -> str | None:
+    try:
+        app = serve.status().applications.get(name)
+    except Exception:  # noqa: BLE001 - no status to read: nothing more to say than serve.run did
+        return None
+    messages = [app.message] + [d.message for d in app.deployments.values()] if app else []
+    return next((line for m in messages if m and (line := refusal_in(RuntimeError(m)))), None)
 
 
 def make_client(engine: EngineConfig, app_name: str, deployment: str, timeout_s: float) -> EngineClient:
@@ -82,4 +111,4 @@ def retry_policy(engine: EngineConfig) -> RetryPolicy:
     return RetryPolicy(max_retries=engine.max_retries, backoff_s=engine.retry_backoff_s)
 
 
-__all__ = ["build_engine_app", "deployment_name", "make_client", "retry_policy"]
+__all__ = ["build_engine_app", "deploy_app", "deployment_name", "make_client", "retry_policy"]

@@ -1,7 +1,9 @@
 """The hf backend: transformers ``generate`` over a LLaVA-family checkpoint, in a Serve deployment.
 
-Works on CPU and GPU (fp16 on V100; SDPA attention, or xformers on GPUs where it is installed: see
-attention.py). ``HFEngine`` answers two request shapes:
+Works on CPU and GPU (fp16 on V100; SDPA attention, or xformers on GPUs where a test call of it
+succeeds: see attention.py). A replica checks its device before it loads the model and refuses, in
+one line naming the key to change, a dtype or kernel the device cannot run (capability.py).
+``HFEngine`` answers two request shapes:
 
 - ``generate_batch(requests)``: one Serve call per Ray Data batch (``request_mode: batch``, the
   default), split here into forward batches of ``max_batch_size`` rows. On 2 cores one call per
@@ -85,6 +87,26 @@ def _to_hf_messages(messages: list[dict]) -> tuple[list[dict], list[Any]]:
     return converted, images
 
 
+def _checkpoint_dtype(config):
+    """The dtype ``dtype: auto`` loads a checkpoint in: its config's (else its language model's)."""
+    import torch
+
+    for cfg in (config, getattr(config, "text_config", None)):
+        value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+        if value is not None:
+            return value if isinstance(value, torch.dtype) else getattr(torch, str(value).removeprefix("torch."))
+    return torch.float32
+
+
+def _head_dims(config) -> set[int]:
+    """Attention head sizes of the language model and the vision tower: what the attention test call runs at."""
+    dims = set()
+    for cfg in (getattr(config, "text_config", None), getattr(config, "vision_config", None)):
+        if cfg is not None and getattr(cfg, "num_attention_heads", None):
+            dims.add(int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads))
+    return dims or {64}
+
+
 class HFGenerator:
     """transformers ``generate`` over a LLaVA-family checkpoint, batched, reproducible per row.
 
@@ -99,21 +121,26 @@ class HFGenerator:
         device: str | None = None,
         max_batch_size: int = 16,
         attention: str = "auto",
+        engine_key: str = "engine",
     ):
+        """``engine_key`` (``engines.<name>``) names the config keys in a refusal (capability.py): the
+        device is checked for the dtype, and the attention kernel tried on it, before the model loads."""
         import torch
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
         from mmdc.engines.attention import resolve_attention
+        from mmdc.engines.capability import check_engine, current_device
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}[
-            dtype
-        ]
+        config = AutoConfig.from_pretrained(model_path)
+        run_dtype = _checkpoint_dtype(config) if dtype == "auto" else getattr(torch, dtype)
+        gpu = current_device(self.device)
+        check_engine(engine_key, "hf", str(run_dtype).removeprefix("torch."), gpu)
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.processor.tokenizer.padding_side = "left"  # decoder-only batched generation
-        self.attention = resolve_attention(attention, self.device)  # SDPA; xformers on CUDA when installed
+        self.attention = resolve_attention(attention, self.device, run_dtype, _head_dims(config), engine_key, gpu)
         self.model = LlavaForConditionalGeneration.from_pretrained(
-            model_path, dtype=torch_dtype, attn_implementation=self.attention
+            model_path, dtype="auto" if dtype == "auto" else run_dtype, attn_implementation=self.attention
         )
         self.model.to(self.device).eval()
         self.max_batch_size = max_batch_size
@@ -265,11 +292,18 @@ class HFEngine:
         num_threads: int,
         batch_wait_timeout_s: float = 0.05,
         attention: str = "auto",
+        engine_key: str | None = None,
     ):
+        """``engine_key``: ``engines.<name>`` for refusals (default: ``engines.<this Serve app's name>``)."""
         import torch
 
+        from mmdc.engines.capability import replica_engine_key
+
         torch.set_num_threads(max(1, num_threads))
-        self.generator = HFGenerator(model_path, dtype=dtype, max_batch_size=max_batch_size, attention=attention)
+        key = engine_key or replica_engine_key()
+        self.generator = HFGenerator(
+            model_path, dtype=dtype, max_batch_size=max_batch_size, attention=attention, engine_key=key
+        )
         self.model_path = model_path
         self.answered = 0  # rows this replica has answered (info(): progress, and which replica did the work)
         # @serve.batch takes its limits at decoration time; the engine config sets them per deployment.
@@ -339,8 +373,10 @@ class HFEngine:
         }
 
 
-def build_hf_app(engine: EngineConfig, model_path: str, name: str) -> serve.Application:
+def build_hf_app(engine: EngineConfig, model_path: str, name: str, engine_name: str | None = None) -> serve.Application:
     """Serve application for an hf engine: ``engine.replicas`` replicas, each on its CPUs/GPUs.
+
+    ``engine_name`` (its key under ``engines``) names the keys in a replica's refusal; default: the app's name.
 
     Batch mode: one request at a time per replica (``max_ongoing_requests=1``). A request is a
     whole Ray Data batch, long next to the turnaround between two batches, and Serve's router can
@@ -364,4 +400,12 @@ def build_hf_app(engine: EngineConfig, model_path: str, name: str) -> serve.Appl
         num_replicas=engine.replicas,
         max_ongoing_requests=ongoing,
         ray_actor_options=actor_options,
-    ).bind(model_path, engine.dtype, engine.max_batch_size, threads, engine.batch_wait_timeout_s, engine.attention)
+    ).bind(
+        model_path,
+        engine.dtype,
+        engine.max_batch_size,
+        threads,
+        engine.batch_wait_timeout_s,
+        engine.attention,
+        f"engines.{engine_name}" if engine_name else None,
+    )

@@ -1,8 +1,9 @@
 """The vllm backend: an HF-format LLaVA checkpoint served by vLLM through ``ray.serve.llm``.
 
-GPU only, and optional: ``pip install "mmdc[gpu]"`` on a CUDA machine (brings ``ray[llm]``, which
-pins a matching vLLM). Nothing here imports vLLM or ``ray.serve.llm`` until an app is built, so the
-rest of mmdc (and this module's config building, which is unit-tested) works without them.
+GPU only (compute capability >= 7.5), and optional: ``pip install "mmdc[vllm]"`` on a CUDA machine
+(brings ``ray[llm]``, which pins a matching vLLM). Nothing here imports vLLM or ``ray.serve.llm``
+until an app is built, so the rest of mmdc (and this module's config building, which is unit-tested)
+works without them.
 
 Shape of the app (one per engine, e.g. ``teacher``):
 
@@ -16,11 +17,11 @@ driver's ``serve.run(app, route_prefix=None)`` unchanged). It turns each row int
 wants many single requests in flight, not pre-formed batches. Images travel as data URLs, which
 vLLM's chat API reads itself.
 
-How to run it (6 x V100 32 GB, LLaVA-1.5-13B teacher in fp16 on 2 GPUs per replica, as
-``configs/paper.yaml`` sets it):
+How to run it (8 x A100 80 GB, the LLaVA-1.5-13B teacher in bf16, as ``configs/paper-a100.yaml``
+sets it; a V100 is refused, in one line, before vLLM starts: capability.py):
 
-    pip install "mmdc[gpu]"
-    python -m mmdc.run --config configs/paper.yaml
+    pip install "mmdc[vllm]"
+    python -m mmdc.run --config configs/paper-a100.yaml
 
 The student stays on ``hf``: vLLM's LLaVA expects the llava-hf layout and projector, which the
 paper's linear-projector student does not have (``mmdc/train/assembly.py``).
@@ -29,13 +30,17 @@ paper's linear-projector student does not have (``mmdc/train/assembly.py``).
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from mmdc.config import EngineConfig
+from mmdc.engines.capability import accelerator_device, check_engine, node_device, replica_engine_key
 from mmdc.engines.openai import chat_body, parse_chat_completion
 from mmdc.engines.protocol import EngineHTTPError
 
-INSTALL_HINT = 'the vllm engine backend needs vLLM and ray[llm]: pip install "mmdc[gpu]" on a CUDA machine'
+log = logging.getLogger("mmdc.engines")
+
+INSTALL_HINT = 'the vllm engine backend needs vLLM and ray[llm]: pip install "mmdc[vllm]" on a CUDA machine'
 
 
 def vllm_llm_config(engine: EngineConfig, model_path: str) -> dict[str, Any]:
@@ -67,6 +72,28 @@ def vllm_llm_config(engine: EngineConfig, model_path: str) -> dict[str, Any]:
     return config
 
 
+def error_reply(reply: Any) -> EngineHTTPError | None:
+    """The ``EngineHTTPError`` an error reply of ``LLMServer.chat`` stands for, or None for any other reply.
+
+    Recognised by its shape, not by one class: vLLM's ``ErrorResponse`` (``error: ErrorInfo(message, type,
+    code)``) is subclassed by ray.llm's internal ``ErrorResponse``, which the public
+    ``ray.serve.llm.openai_api_models.ErrorResponse`` subclasses again, and ``LLMServer`` yields the internal
+    one: an ``isinstance`` test against the public class misses every error. ``error.code`` is the HTTP
+    status (500 where it is not a number), so 429 and 5xx are retried and other 4xx are not (protocol.py).
+    """
+    error = _field(reply, "error")
+    shaped = isinstance(reply, dict) or any(c.__name__ == "ErrorResponse" for c in type(reply).__mro__)
+    if error is None or not shaped:
+        return None
+    code, kind, message = _field(error, "code"), _field(error, "type"), _field(error, "message")
+    status = int(code) if isinstance(code, int) or (isinstance(code, str) and code.isdigit()) else 500
+    return EngineHTTPError(status, f"{kind}: {message}" if kind else str(message if message is not None else error))
+
+
+def _field(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
 class VLLMChat:
     """Ingress that speaks our protocol and forwards each row to ``LLMServer.chat`` (a Serve deployment
     once ``build_vllm_app`` wraps it; a plain class here so importing this module needs no Ray)."""
@@ -75,13 +102,17 @@ class VLLMChat:
         self.llm = llm.options(stream=True)  # LLMServer.chat is an async generator
         self.model_id = model_id
 
-    async def generate(self, request: dict) -> dict:
-        from ray.serve.llm.openai_api_models import ChatCompletionRequest, ErrorResponse
+    def chat_request(self, body: dict) -> Any:
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
-        body = ChatCompletionRequest(**chat_body(request, self.model_id))
-        async for reply in self.llm.chat.remote(body):  # non-streaming: one ChatCompletionResponse
-            if isinstance(reply, ErrorResponse):  # 4xx: the request's fault (not retried); 5xx: retried
-                raise EngineHTTPError(int(reply.error.code or 500), str(reply.error.message))
+        return ChatCompletionRequest(**body)
+
+    async def generate(self, request: dict) -> dict:
+        body = self.chat_request(chat_body(request, self.model_id))
+        async for reply in self.llm.chat.remote(body):  # non-streaming: one ChatCompletionResponse or ErrorResponse
+            err = error_reply(reply)
+            if err is not None:  # 4xx: the request's fault (not retried); 429, 5xx: retried
+                raise err
             return parse_chat_completion(reply.model_dump())
         raise EngineHTTPError(502, "vLLM returned no reply")
 
@@ -90,10 +121,44 @@ class VLLMChat:
         return list(await asyncio.gather(*(self.generate(r) for r in requests), return_exceptions=True))
 
 
-def build_vllm_app(engine: EngineConfig, model_path: str, name: str):
-    """``VLLMChat`` (named ``name``) over an ``LLMServer`` deployment built from ``vllm_llm_config``."""
+def check_vllm_replica(engine_key: str, dtype: str) -> None:
+    """In the vLLM replica, before vLLM starts: refuse (one line) a node GPU vLLM or ``dtype`` cannot run on.
+
+    The replica holds no GPU of its own (its placement group's bundles hold them, on the same node), so
+    the GPU kind is the node's Ray label: asking torch would open a CUDA context in the process vLLM
+    starts from, holding memory on one of vLLM's GPUs.
+    """
+    device = node_device()
+    if device is None:
+        log.info("%s: the node's GPU kind is unknown to mmdc; vLLM starts unchecked", engine_key)
+        return
+    check_engine(engine_key, "vllm", dtype, device)
+
+
+def checked_llm_server(engine_name: str | None, dtype: str) -> type:
+    """``ray.serve.llm``'s ``LLMServer`` with ``check_vllm_replica`` run first in its constructor."""
+    from ray.serve.llm.deployment import LLMServer
+
+    class CheckedLLMServer(LLMServer):
+        async def __init__(self, llm_config, **kwargs):
+            check_vllm_replica(f"engines.{engine_name}" if engine_name else replica_engine_key(), dtype)
+            await super().__init__(llm_config, **kwargs)
+
+    return CheckedLLMServer
+
+
+def build_vllm_app(engine: EngineConfig, model_path: str, name: str, engine_name: str | None = None):
+    """``VLLMChat`` (named ``name``) over an ``LLMServer`` deployment built from ``vllm_llm_config``.
+
+    With ``accelerator_type`` set, the GPU kind is known here, so a GPU vLLM or the dtype cannot run on is
+    refused before anything is deployed; every replica checks its node again when it starts.
+    ``engine_name`` is the engine's key under ``engines`` (default: the Serve app's name, in the replica).
+    """
     import importlib.util
 
+    gpu = accelerator_device(engine.accelerator_type) if engine.accelerator_type else None
+    if gpu is not None:
+        check_engine(f"engines.{engine_name or '<name>'}", "vllm", engine.dtype, gpu)
     if importlib.util.find_spec("vllm") is None:  # fail fast, before ray.serve.llm's heavy imports
         raise ImportError(f"{INSTALL_HINT} (vllm is not installed)")
     try:
@@ -103,7 +168,9 @@ def build_vllm_app(engine: EngineConfig, model_path: str, name: str):
     from ray import serve
 
     llm_config = LLMConfig(**vllm_llm_config(engine, model_path))
-    llm = build_llm_deployment(llm_config, name_prefix=f"{name}-vllm:")
+    llm = build_llm_deployment(
+        llm_config, name_prefix=f"{name}-vllm:", deployment_cls=checked_llm_server(engine_name, engine.dtype)
+    )
     ingress = serve.deployment(
         VLLMChat,
         name=name,

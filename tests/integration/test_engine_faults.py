@@ -9,6 +9,9 @@ The kill is not timed against the phase: the replica holds one request (its firs
 answered) until it is killed, and says which actor it is in a marker file, so the kill always
 lands on rows in flight. (A replica works on one batch at a time, so ``HFEngine.info`` queues
 behind the clients' requests and cannot tell the test when one is in flight.)
+
+A replica that refuses its device (bf16 on a V100 its torch is told it has): the deploy fails with the
+replica's one-line refusal, not with Serve's "failed to update the deployments".
 """
 
 from __future__ import annotations
@@ -140,3 +143,40 @@ def test_a_replica_killed_mid_phase_loses_and_repeats_no_row(ray_cluster, tmp_pa
         for q, img, i in zip(sample["question"], sample["image"], sample["instruction_id"])
     ]
     assert [o["text"] for o in gen.generate(reqs)] == sample["teacher_answer"].tolist()
+
+
+class V100Engine(HFEngine.func_or_class):
+    """The hf engine in a replica whose torch reports a V100 (compute capability 7.0): no GPU needed to be refused."""
+
+    def __init__(self, *args):
+        import torch
+
+        torch.cuda.is_available = lambda: True
+        torch.cuda.current_device = lambda: 0
+        torch.cuda.get_device_name = lambda index=None: "Tesla V100-SXM2-32GB"
+        torch.cuda.get_device_capability = lambda index=None: (7, 0)
+        super().__init__(*args)
+
+
+def test_an_engine_its_gpu_cannot_run_fails_at_deploy_with_its_one_line(ray_cluster, tiny_student):
+    """bf16 on a V100: every replica start is refused before the model loads, so the deploy fails; Serve's own
+    error says only that the deployment failed, and ``deploy_app`` raises the replica's line instead, whole."""
+    from ray import cloudpickle, serve
+
+    from mmdc.engines.backends import deploy_app, deployment_name
+    from mmdc.engines.capability import EngineRefused
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    serve.start(proxy_location="Disabled")
+    app = serve.deployment(V100Engine).options(
+        name=deployment_name(tiny_student), num_replicas=1, ray_actor_options={"num_cpus": 1}
+    )
+    try:
+        with pytest.raises(EngineRefused) as refused:
+            deploy_app(app.bind(tiny_student, "bfloat16", 4, 1), "student")
+    finally:
+        serve.delete("student")
+    assert str(refused.value) == (
+        "engines.student.dtype=bfloat16 cannot run on GPU Tesla V100-SXM2-32GB (compute capability 7.0): bf16 "
+        "needs compute capability >= 8.0; set engines.student.dtype=float16"
+    )

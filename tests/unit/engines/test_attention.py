@@ -1,13 +1,15 @@
-"""mmdc/engines/attention.py: which kernel an engine loads with, and that the xformers adapter gives
-transformers' own SDPA results (layouts, padding masks, causal prefill, KV-cache decoding, grouped-query heads).
+"""mmdc/engines/attention.py: which kernel an engine loads with (xformers only after its test call succeeds),
+the one-line refusal of an explicit xformers that cannot run, and that the xformers adapter gives transformers'
+own SDPA results (layouts, padding masks, causal prefill, KV-cache decoding, grouped-query heads).
 
-xformers has no CPU kernels, so the adapter runs here against a stand-in ``xformers.ops`` that does
-attention by the textbook formula on xformers' ``[batch, seq, heads, dim]`` layout. The real kernel is
-exercised only on a GPU (not in CI).
+xformers has no CPU kernels, so the adapter and its test call run here against a stand-in ``xformers.ops``
+that does attention by the textbook formula on xformers' ``[batch, seq, heads, dim]`` layout; a GPU is named
+by a ``Device``, not asked from torch. The real kernel is exercised only on a GPU (not in CI).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import types
@@ -16,7 +18,10 @@ import pytest
 import torch
 
 from mmdc.engines import attention
-from mmdc.engines.attention import register_xformers, resolve_attention
+from mmdc.engines.attention import register_xformers, resolve_attention, xformers_test_call
+from mmdc.engines.capability import Device, EngineRefused
+
+V100 = Device("Tesla V100-SXM2-32GB", (7, 0))
 
 
 class _LowerTriangularMask:
@@ -49,25 +54,79 @@ def fake_xformers(monkeypatch):
     register_xformers()
 
 
-def test_auto_is_sdpa_on_cpu_and_without_xformers(monkeypatch):
+def test_auto_is_sdpa_on_cpu_and_without_xformers(monkeypatch, caplog):
     monkeypatch.setattr(attention, "xformers_available", lambda: True)
-    assert resolve_attention("auto", "cpu") == "sdpa"
+    with caplog.at_level(logging.INFO, logger="mmdc.engines"):
+        assert resolve_attention("auto", "cpu", key="engines.student") == "sdpa"
+    assert "engines.student.attention=auto: sdpa on the CPU, since xformers has no CPU kernels" in caplog.text
     monkeypatch.setattr(attention, "xformers_available", lambda: False)
-    assert resolve_attention("auto", "cuda") == "sdpa"
+    assert resolve_attention("auto", "cuda", gpu=V100) == "sdpa"
     assert resolve_attention("eager", "cuda:0") == "eager"
+    assert resolve_attention("sdpa", "cuda:0") == "sdpa"
 
 
-def test_auto_picks_xformers_on_cuda_when_installed(fake_xformers):
-    assert resolve_attention("auto", "cuda:0") == "xformers"
+def test_auto_picks_xformers_only_after_its_test_call_succeeds(fake_xformers, monkeypatch, caplog):
+    calls = []
+
+    def test_call(device, dtype, head_dims):
+        calls.append((device, dtype, sorted(head_dims)))
+        return None
+
+    monkeypatch.setattr(attention, "xformers_test_call", test_call)
+    assert resolve_attention("auto", "cuda:0", torch.float16, (128, 64), gpu=V100) == "xformers"
+    assert calls == [("cuda:0", torch.float16, [64, 128])]  # on the engine's device, in its dtype, at its head sizes
+
+    monkeypatch.setattr(
+        attention, "xformers_test_call", lambda *a: "its test call failed: NotImplementedError: No operator found"
+    )
+    with caplog.at_level(logging.INFO, logger="mmdc.engines"):
+        assert resolve_attention("auto", "cuda:0", torch.float16, key="engines.student", gpu=V100) == "sdpa"
+    assert (
+        "engines.student.attention=auto: sdpa on GPU Tesla V100-SXM2-32GB (compute capability 7.0), since its test "
+        "call failed: NotImplementedError: No operator found"
+    ) in caplog.text
 
 
-def test_explicit_xformers_where_it_cannot_run_is_an_error(monkeypatch):
+def test_explicit_xformers_that_cannot_run_is_a_one_line_refusal(fake_xformers, monkeypatch):
+    monkeypatch.setattr(
+        attention, "xformers_test_call", lambda *a: "its test call failed: NotImplementedError: No operator found"
+    )
+    with pytest.raises(EngineRefused) as refused:
+        resolve_attention("xformers", "cuda", torch.float16, key="engines.student", gpu=V100)
+    assert str(refused.value) == (
+        "engines.student.attention=xformers cannot run on GPU Tesla V100-SXM2-32GB (compute capability 7.0): its "
+        "test call failed: NotImplementedError: No operator found; set engines.student.attention=sdpa"
+    )
+    with pytest.raises(EngineRefused, match=r"^engines.student.attention=xformers cannot run on the CPU: xformers "):
+        resolve_attention("xformers", "cpu", key="engines.student")
     monkeypatch.setattr(attention, "xformers_available", lambda: False)
-    with pytest.raises(RuntimeError, match=r'pip install "mmdc\[gpu\]"'):
-        resolve_attention("xformers", "cuda")
-    monkeypatch.setattr(attention, "xformers_available", lambda: True)
-    with pytest.raises(RuntimeError, match="needs a CUDA device.*'cpu'"):
-        resolve_attention("xformers", "cpu")
+    with pytest.raises(EngineRefused, match=r'xformers is not installed \(pip install "mmdc\[xformers\]"\); set '):
+        resolve_attention("xformers", "cuda", gpu=V100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_test_call_passes_a_kernel_that_matches_sdpa(fake_xformers, dtype):
+    assert xformers_test_call("cpu", dtype, (8, 64)) is None
+
+
+def test_the_test_call_names_a_kernel_that_fails_or_is_wrong(fake_xformers, monkeypatch):
+    ops = sys.modules["xformers.ops"]
+
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError(
+            "No operator found for `memory_efficient_attention_forward` with inputs:\n     query : shape=(1, 4, 1, 8)"
+        )
+
+    monkeypatch.setattr(ops, "memory_efficient_attention", no_kernel)
+    why = xformers_test_call("cpu", torch.float16)
+    assert why == (
+        "its test call failed: NotImplementedError: No operator found for `memory_efficient_attention_forward` "
+        "with inputs:"
+    )
+    monkeypatch.setattr(ops, "memory_efficient_attention", lambda q, k, v, **kw: torch.zeros_like(q))
+    assert xformers_test_call("cpu", torch.float16).startswith("its test call (head dim 8) differs from SDPA by ")
+    monkeypatch.setattr(ops, "memory_efficient_attention", lambda q, k, v, **kw: torch.full_like(q, float("nan")))
+    assert "differs from SDPA by nan" in xformers_test_call("cpu", torch.float32)
 
 
 def _tiny_llama(impl: str, kv_heads: int):

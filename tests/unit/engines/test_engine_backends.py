@@ -131,5 +131,47 @@ def test_vllm_app_without_vllm_says_how_to_install():
         pass
     from mmdc.engines.backends import build_engine_app
 
-    with pytest.raises(ImportError, match=r'pip install "mmdc\[gpu\]" on a CUDA machine'):
+    with pytest.raises(ImportError, match=r'pip install "mmdc\[vllm\]" on a CUDA machine'):
         build_engine_app(EngineConfig(backend="vllm", num_gpus=1), "llava-hf/llava-1.5-13b-hf")
+
+
+def test_deploy_app_raises_a_replicas_refusal_as_its_one_line(monkeypatch):
+    """Serve's own error names only the failed deployment; the replica's traceback is in the deployment status."""
+    from types import SimpleNamespace
+
+    from mmdc.engines import backends
+    from mmdc.engines.capability import EngineRefused
+
+    line = (
+        "engines.student.dtype=bfloat16 cannot run on GPU Tesla V100-SXM2-32GB (compute capability 7.0): bf16 "
+        "needs compute capability >= 8.0; set engines.student.dtype=float16"
+    )
+    replica_error = (
+        "The deployment failed to start 3 times in a row. This may be due to a problem with its constructor or "
+        "initial health check failing. See controller logs for details. Error:\n"
+        "ray::ServeReplica:student:hf-student.initialize_and_get_metadata() (pid=1, ip=10.0.0.2)\n"
+        f"mmdc.engines.capability.EngineRefused: {line}\n"
+    )
+    status = SimpleNamespace(
+        applications={
+            "student": SimpleNamespace(
+                message="Failed to update the deployments ['hf-student'].",
+                deployments={"hf-student": SimpleNamespace(message=replica_error)},
+            )
+        }
+    )
+
+    def failing_run(app, name, route_prefix):
+        raise RuntimeError(f"Deploying application {name} failed: Failed to update the deployments ['hf-student'].")
+
+    monkeypatch.setattr(backends.serve, "run", failing_run)
+    monkeypatch.setattr(backends.serve, "status", lambda: status)
+    with pytest.raises(EngineRefused) as refused:
+        backends.deploy_app(object(), "student")
+    assert str(refused.value) == line
+    status.applications["student"].deployments["hf-student"].message = "replica ran out of memory"
+    with pytest.raises(RuntimeError, match="Deploying application other failed") as other:
+        backends.deploy_app(object(), "other")  # no status for it, no refusal: Serve's error as it was
+    assert not isinstance(other.value, EngineRefused)
+    with pytest.raises(RuntimeError, match="Deploying application student failed"):
+        backends.deploy_app(object(), "student")

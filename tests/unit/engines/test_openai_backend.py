@@ -59,19 +59,21 @@ class FakeEndpoint:
                     else:
                         payload = {"error": {"message": f"refused with {status}", "type": "test"}}
                     data = json.dumps(payload).encode()
-                    try:
-                        self.send_response(status)
-                        for k, v in headers.items():
-                            self.send_header(k, v)
-                        self.send_header("Content-Type", "application/json")
-                        self.send_header("Content-Length", str(len(data)))
-                        self.end_headers()
-                        self.wfile.write(data)
-                    except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
-                        pass
                 finally:
+                    # Before the reply leaves: the client may send its next request the moment it has read this
+                    # one, and that request must not find this one still counted.
                     with endpoint.lock:
                         endpoint.in_flight -= 1
+                try:
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+                    pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

@@ -45,6 +45,7 @@ def batch(tmp_path) -> pd.DataFrame:
 def endpoint():
     """A chat-completions server whose reply repeats the question it was asked; the 2nd request gets a 503."""
     seen = []
+    lock = threading.Lock()  # requests arrive on several threads at once
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -52,7 +53,9 @@ def endpoint():
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append(body)
+            with lock:  # which request this is, decided once: counting later could see a third one arrive
+                seen.append(body)
+                n = len(seen)
             text = body["messages"][-1]["content"][-1]["text"]
             status, payload = (
                 200,
@@ -61,7 +64,7 @@ def endpoint():
                     "usage": {"prompt_tokens": 9, "completion_tokens": 3},
                 },
             )
-            if len(seen) == 2:
+            if n == 2:
                 status, payload = 503, {"error": {"message": "overloaded"}}
             data = json.dumps(payload).encode()
             self.send_response(status)
