@@ -279,6 +279,25 @@ class BenchmarkDataConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Paper Table 1: after the last iteration, fine-tune the student on ScienceQA's train split, then score it."""
+
+    enabled: bool = False  # fine-tune the final student and evaluate it (eval/scienceqa/finetuned.json)
+    data: str | None = None  # LLaVA's converted train file, e.g. scienceqa/llava_train_QCM-LEA.json
+    images: str | None = None  # the folder its "image" fields are relative to, e.g. scienceqa/images/train
+    epochs: int = 6  # paper 4.1.3: 6 epochs (the tune section gives everything else: strategy, workers, batch)
+    lr: float = 2e-5  # paper 4.1.3: 2e-5
+    max_new_tokens: int = 1024  # answer length at test time: a QCM-LEA model explains before "The answer is X."
+
+
+@dataclass
+class ScienceQAConfig(BenchmarkDataConfig):
+    """ScienceQA's files, and Table 1's fine-tuning on its train split."""
+
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+@dataclass
 class EvalConfig:
     """Evaluation during a run: the student after stage 1 (iteration 0) and after every iteration, the teacher once."""
 
@@ -290,7 +309,7 @@ class EvalConfig:
     temperature: float | None = None  # null: the paper's test temperature per benchmark (mmdc.eval.harness)
     max_new_tokens: int | None = None  # null: per benchmark (32 for answers and letters, 512 for LLaVA-Bench)
     batch_size: int = 16  # rows per generate request to the engine
-    scienceqa: BenchmarkDataConfig = field(default_factory=BenchmarkDataConfig)  # ScienceQA files
+    scienceqa: ScienceQAConfig = field(default_factory=ScienceQAConfig)  # ScienceQA files (+ Table 1 fine-tune)
     seed: BenchmarkDataConfig = field(default_factory=BenchmarkDataConfig)  # SEED-Bench (image part) files
     llavabench: BenchmarkDataConfig = field(default_factory=BenchmarkDataConfig)  # LLaVA-Bench (COCO) files
 
@@ -574,6 +593,14 @@ def validate_eval(cfg: Config) -> None:
             raise ConfigError(f"eval.benchmarks has '{name}': set eval.{name}.data")
         if name == "llavabench" and not files.answers:
             raise ConfigError("eval.benchmarks has 'llavabench': set eval.llavabench.answers (reference answers)")
+    finetune = e.scienceqa.finetune
+    if finetune.enabled and not (finetune.data and finetune.images and e.scienceqa.data):
+        raise ConfigError(
+            "eval.scienceqa.finetune.enabled needs eval.scienceqa.finetune.data and .images (the train file and its "
+            "image folder) and eval.scienceqa.data (the test file it is scored on)"
+        )
+    if finetune.epochs < 1 or finetune.lr <= 0 or finetune.max_new_tokens < 1:
+        raise ConfigError("eval.scienceqa.finetune: epochs >= 1, lr > 0 and max_new_tokens >= 1 are required")
 
 
 def dump_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -3,7 +3,8 @@
 Two sources, both in the run directory: ``metrics.jsonl`` (one line per phase:
 rows, throughput, hard ratio, acceptance, loss) and ``eval/<benchmark>/*.json``
 (``mmdc.eval.iteration``: the student after each iteration and the teacher as
-the reference). The evaluation comes first, as a table per benchmark and one
+the reference; ``scienceqa/finetuned.json``: Table 1's fine-tuned student,
+``mmdc.eval.finetune``). The evaluation comes first, as a table per benchmark and one
 Figure-4-style plot (accuracy against iteration, one line per column, the
 teacher dashed) in ``plots/eval_per_iteration.png``; then the phase tables.
 
@@ -27,6 +28,7 @@ PHASE_COLUMNS = {
     "teach": ["rows", "conversations", "cache_hits", "cache_misses", "wall_s", "rows_per_s"],
     "tune": ["train_first_loss", "train_final_loss", "train_steps", "train_samples", "wall_s"],
     "assess": ["rows", "hard", "easy", "unscored", "hard_ratio", "cache_hits", "wall_s", "rows_per_s"],
+    "finetune": ["rows", "text_only", "skipped", "train_steps", "train_first_loss", "train_final_loss", "wall_s"],
     "augment": [
         "rows",
         "generated",
@@ -113,6 +115,30 @@ def eval_section(results: dict[str, dict[str, dict]], plot: Path | None = None) 
     return lines
 
 
+def finetuned_section(finetuned: dict | None, zero_shot: dict[str, dict] | None = None) -> list[str]:
+    """Markdown lines: paper Table 1, the fine-tuned student (``eval/scienceqa/finetuned.json``) above the zero-shot
+    student of the last iteration (``zero_shot``: the run's ScienceQA results, when it evaluated ScienceQA)."""
+    from mmdc.eval.iteration import iterations
+    from mmdc.eval.report import count_lines, markdown_table
+
+    if not finetuned:
+        return []
+    setup = finetuned.get("meta", {}).get("finetune", {})
+    rows = [{"model": "fine-tuned on the train split", **finetuned["metrics"]}]
+    last = iterations(zero_shot or {})[-1:]
+    rows += [{"model": f"zero-shot (iteration {k})", **payload["metrics"]} for k, payload in last]
+    return [
+        "## ScienceQA after fine-tuning on its train split (paper Table 1)",
+        "",
+        f"The final student fine-tuned for {setup.get('epochs')} epochs at lr {setup.get('lr')} on "
+        f"`{setup.get('data')}`, then scored on the test split (eval/scienceqa/finetuned.json).",
+        "",
+        markdown_table(finetuned.get("columns", []), rows, label="model", decimals=2),
+        "; ".join(count_lines(finetuned["metrics"])) + ".",
+        "",
+    ]
+
+
 def _value(payload: dict, column: str) -> float:
     value = payload["metrics"].get(column)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
@@ -194,9 +220,13 @@ def _palette(n: int) -> list:
 
 
 def render(
-    metrics: list[dict], title: str, evals: dict[str, dict[str, dict]] | None = None, plot: Path | None = None
+    metrics: list[dict],
+    title: str,
+    evals: dict[str, dict[str, dict]] | None = None,
+    plot: Path | None = None,
+    finetuned: dict | None = None,
 ) -> str:
-    """The whole report.md: prepare/align facts, the evaluation (if any), the per-phase tables."""
+    """The whole report.md: prepare/align facts, the evaluation (if any, and Table 1's fine-tune), the phase tables."""
     lines = [f"# MmDC run `{title}`", ""]
     phases = [m for m in metrics if "phase" in m]
     for m in phases:
@@ -205,6 +235,7 @@ def render(
             lines.append(f"- **{m['phase']}**: {items}")
     lines.append("")
     lines += eval_section(evals or {}, plot)
+    lines += finetuned_section(finetuned, (evals or {}).get("scienceqa"))
     for phase, cols in PHASE_COLUMNS.items():
         rows = [m for m in phases if m["phase"] == phase]
         if not rows:
@@ -226,15 +257,16 @@ def render(
 
 def write_report(run_dir: RunDir) -> Path:
     """Rebuild report.md (and the evaluation plot) from the run directory; returns the report's path."""
+    from mmdc.eval.finetune import finetuned_path
     from mmdc.eval.iteration import load_results
+    from mmdc.eval.report import read_results
 
     evals = load_results(run_dir.root)
     plot = plot_eval(evals, run_dir.root / PLOT_FILE) if evals else None
-    atomic_write_text(
-        run_dir.report,
-        render(run_dir.read_metrics(), run_dir.root.name, evals, plot.relative_to(run_dir.root) if plot else None),
-    )
+    finetuned = read_results(finetuned_path(run_dir.root)) if finetuned_path(run_dir.root).exists() else None
+    plot_link = plot.relative_to(run_dir.root) if plot else None
+    atomic_write_text(run_dir.report, render(run_dir.read_metrics(), run_dir.root.name, evals, plot_link, finetuned))
     return run_dir.report
 
 
-__all__ = ["PLOT_FILE", "eval_section", "plot_eval", "render", "write_report"]
+__all__ = ["PLOT_FILE", "eval_section", "finetuned_section", "plot_eval", "render", "write_report"]

@@ -82,6 +82,27 @@ def resume_config(args: argparse.Namespace):
     return cfg, changed
 
 
+def connect_ray(address: str | None, num_cpus: float | None) -> None:
+    """Join the Ray cluster ``address`` names (else RAY_ADDRESS, as under `ray job submit`) or start a local one.
+
+    A new local cluster unless told otherwise: silently joining whatever `ray start` left behind on this
+    machine (perhaps long dead) is how a laptop run hangs. A process already connected stays connected.
+    """
+    import ray
+
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    local = address == "local" and not ray.is_initialized()
+    info = ray.init(
+        address=address if not ray.is_initialized() else None,
+        num_cpus=num_cpus if local else None,
+        runtime_env={"env_vars": env},
+        ignore_reinit_error=True,
+    )
+    dashboard = getattr(info, "dashboard_url", None)
+    print(f"[mmdc] Ray dashboard: {'http://' + dashboard if dashboard else 'not running'}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
@@ -115,19 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    # A new local cluster unless told otherwise: silently joining whatever `ray start` left
-    # behind on this machine (perhaps long dead) is how a laptop run hangs.
-    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
-    local = address == "local" and not ray.is_initialized()
-    info = ray.init(
-        address=address if not ray.is_initialized() else None,
-        num_cpus=args.num_cpus if local else None,
-        runtime_env={"env_vars": env},
-        ignore_reinit_error=True,
-    )
-    dashboard = getattr(info, "dashboard_url", None)
-    print(f"[mmdc] Ray dashboard: {'http://' + dashboard if dashboard else 'not running'}", flush=True)
+    connect_ray(args.address, args.num_cpus)
 
     from mmdc.actors.driver import Driver
 

@@ -47,6 +47,13 @@ from mmdc.engines.processors import (
     processor_spec,
     run_processors,
 )
+from mmdc.eval.finetune import (
+    CHECKPOINT_DIR,
+    evaluate_finetuned,
+    finetune_scienceqa,
+    finetuned_path,
+    stale_finetune_keys,
+)
 from mmdc.eval.iteration import evaluate_iteration, headline_metrics, needs_judge
 from mmdc.eval.serve import ServeGenerator
 from mmdc.report import write_report
@@ -122,6 +129,7 @@ class Driver:
             self.evaluate(k)  # deploys the new student, which assess needs anyway
             self.assess(k)
             self.augment(k)
+        self.finetune()  # Table 1 (eval.scienceqa.finetune): the final student fine-tuned on ScienceQA's train split
         self.release()
         write_report(self.run_dir)
         self.state["status"] = "finished"
@@ -320,6 +328,34 @@ class Driver:
             )
             record.update(rows=sum(r["metrics"].get("n", 0) for r in results.values()), **headline_metrics(results))
 
+    def finetune(self) -> None:
+        """Paper Table 1: the final student fine-tuned on ScienceQA's train split, then scored on its test split."""
+        k, scienceqa = self.cfg.run.iterations, self.cfg.eval.scienceqa
+        if not (self.cfg.eval.enabled and scienceqa.finetune.enabled) or self.phases.done(k, "finetune"):
+            return
+        with self.phases.run(k, "finetune") as record:
+            self.release()
+            tuned = finetune_scienceqa(
+                self.student,
+                scienceqa.finetune,
+                self.cfg.tune,
+                self.run_dir.root / CHECKPOINT_DIR,
+                seed=self.cfg.run.seed,
+                max_image_pixels=self.cfg.data.max_image_pixels,
+                restart=bool(stale_finetune_keys(self.forced)),
+                announce=announce,
+                before_start=lambda: await_trainer_resources(self.cfg.tune, announce),
+                metrics_path=str(self.run_dir.metrics),
+                run_name=f"{self.run_dir.root.name}-finetune",
+            )
+            self.run_dir.log_skips([{"stage": "finetune", **skip} for skip in tuned.skipped])
+            generator = self.generator("student", role="student", model=tuned.checkpoint)
+            results = evaluate_finetuned(
+                self.cfg.eval, generator, finetuned_path(self.run_dir.root).parent, model=tuned.checkpoint
+            )
+            record.update(tuned.data, **{f"train_{key}": value for key, value in tuned.summary.items()})
+            record.update(scienceqa_finetuned_Avg=results["metrics"].get("Avg"))
+
     # ----------------------------------------------------------------------------- helpers
     def train(self, stage: str, output: Path, dataset: Callable[[], ray.data.Dataset], *, seed: int, run: str) -> dict:
         """One Ray Train job from the current student into ``output`` (reused or resumed after a crash); its summary."""
@@ -365,14 +401,14 @@ class Driver:
             **extra,
         )
 
-    def generator(self, engine: str, role: str) -> ServeGenerator:
-        """An evaluation generator over ``engine``'s current model, deploying it first."""
-        self.deploy(engine)
+    def generator(self, engine: str, role: str, model: str | None = None) -> ServeGenerator:
+        """An evaluation generator over ``engine``'s current model (or ``model``), deploying it first."""
+        self.deploy(engine, model)
         return ServeGenerator(engine, deployment_name(self.deployed[engine]), self.cfg.engines[engine], role=role)
 
-    def deploy(self, engine: str) -> None:
-        """Make ``engine`` serve its current model (no-op when it already does)."""
-        model_path = self.model_of(engine)
+    def deploy(self, engine: str, model: str | None = None) -> None:
+        """Make ``engine`` serve its current model, or ``model`` (no-op when it already does)."""
+        model_path = model or self.model_of(engine)
         if self.deployed.get(engine) == model_path:
             return
         wall_s = deploy_engine(engine, self.cfg.engines[engine], model_path)

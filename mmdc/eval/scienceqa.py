@@ -1,4 +1,4 @@
-"""ScienceQA (paper Table 1): read LLaVA's converted test file, prompt, parse answers, score by category.
+"""ScienceQA (paper Table 1): read LLaVA's converted files, prompt, parse answers, score by category.
 
 Our numbers must be comparable with the paper's Table 1 and with LLaVA's own
 ``llava/eval/eval_science_qa.py``, so this module copies their rules instead of
@@ -17,6 +17,8 @@ inventing friendlier ones:
 Without ``problems.json`` only ``Avg`` is reported: the converted file holds no
 subject or grade. The model and the data never meet here: ``load`` gives items,
 the caller turns prompts into requests, ``evaluate`` scores the raw replies.
+``load_train`` reads the train split as conversation rows for Table 1's fine-tuning
+(``mmdc.eval.finetune``).
 """
 
 from __future__ import annotations
@@ -176,6 +178,103 @@ def load(
     return items
 
 
+@dataclass
+class TrainSet:
+    """ScienceQA's train split as stage 2 conversation rows, and the records left out with their reasons.
+
+    A row is ``{"conversation_id", "image", "questions", "answers"}`` with ``image`` relative to the
+    image folder, or None for a text-only question (about half of ScienceQA: trained without an image,
+    as LLaVA does); the questions carry no ``<image>`` (the trainer places it, paper Eq. 2).
+    """
+
+    rows: list[dict]
+    skipped: list[dict]  # {"path", "index", "id", "reason"}, as ``mmdc.data.llava`` records a skip
+
+    @property
+    def stats(self) -> dict[str, int]:
+        with_image = sum(row["image"] is not None for row in self.rows)
+        return {
+            "rows": len(self.rows),
+            "with_image": with_image,
+            "text_only": len(self.rows) - with_image,
+            "skipped": len(self.skipped),
+        }
+
+
+def _train_turns(record: Any) -> tuple[list[str], list[str]] | str:
+    """(questions, answers) of one converted train record, ``<image>`` removed, or why it cannot be used."""
+    if not isinstance(record, dict) or record.get("id") in (None, ""):
+        return "no 'id'"
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns or len(turns) % 2:
+        return "'conversations' must be a non-empty list of human/gpt pairs"
+    questions, answers = [], []
+    for position, turn in enumerate(turns):
+        expected = "human" if position % 2 == 0 else "gpt"
+        if not isinstance(turn, dict) or turn.get("from") != expected or not isinstance(turn.get("value"), str):
+            return f"conversations[{position}] must be a {expected!r} turn with a string 'value'"
+        text = turn["value"]
+        if expected == "gpt" and IMAGE_TOKEN in text:
+            return f"conversations[{position}]: an answer contains {IMAGE_TOKEN}"
+        text = text.replace(IMAGE_TOKEN, "").strip()
+        if not text:
+            return f"conversations[{position}] is empty"
+        (questions if expected == "human" else answers).append(text)
+    if not record.get("image") and IMAGE_TOKEN in turns[0]["value"]:
+        return f"the first human turn has {IMAGE_TOKEN} but the record names no 'image'"
+    return questions, answers
+
+
+def load_train(data: str | Path, images: str | Path, max_image_pixels: int = 40_000_000) -> TrainSet:
+    """ScienceQA's train split in LLaVA's converted format (``llava_train_QCM-LEA.json``) as conversation rows.
+
+    LLaVA's ``convert_sqa_to_llava.py`` writes ``{"id", "image"?, "conversations"}`` records: the question with
+    context and options in the human turn (``\n<image>`` at its end when there is an image), the lecture,
+    solution and "The answer is X." in the gpt turn. Every image is opened here, before a trainer starts, so a
+    missing or broken one is a recorded skip instead of a crash mid-training; so are malformed records and
+    repeated ids. The file itself must be a JSON list.
+    """
+    from mmdc.data.images import ImageError, load_image, resolve_image
+
+    path = Path(data)
+    records = read_json(path, "ScienceQA train file")
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of {{id, image?, conversations}} records")
+    rows: list[dict] = []
+    skipped: list[dict] = []
+    seen: set[str] = set()
+    for index, record in enumerate(records):
+        turns = _train_turns(record)
+        record_id = record.get("id") if isinstance(record, dict) else None
+        image = (record.get("image") or None) if isinstance(record, dict) else None
+        reason = turns if isinstance(turns, str) else None
+        if reason is None and str(record_id) in seen:
+            reason = f"duplicate id {record_id!r}"
+        if reason is None and image is not None:
+            try:
+                load_image(resolve_image(str(image), str(images)), max_pixels=max_image_pixels)
+            except ImageError as err:
+                reason = str(err)
+        if reason is not None:
+            skipped.append({"path": str(path), "index": index, "id": record_id, "reason": reason})
+            continue
+        seen.add(str(record_id))
+        questions, answers = turns
+        rows.append(
+            {
+                "conversation_id": str(record_id),
+                "image": str(image) if image is not None else None,
+                "questions": questions,
+                "answers": answers,
+            }
+        )
+    if records and not rows:
+        raise ValueError(
+            f"{path}: no usable train record; first problem: record {skipped[0]['index']}: {skipped[0]['reason']}"
+        )
+    return TrainSet(rows, skipped)
+
+
 def _percent(flags: Sequence[bool]) -> float | None:
     """Accuracy in percent with two decimals, None for an empty category (shown as '-')."""
     return round(100.0 * sum(flags) / len(flags), 2) if flags else None
@@ -232,4 +331,15 @@ def evaluate(items: Sequence[ScienceQAItem], outputs: Sequence[str]) -> tuple[di
     return result, samples
 
 
-__all__ = ["ANSWER_SUFFIX", "COLUMNS", "ScienceQAItem", "build_prompt", "evaluate", "load", "metrics", "parse_answer"]
+__all__ = [
+    "ANSWER_SUFFIX",
+    "COLUMNS",
+    "ScienceQAItem",
+    "TrainSet",
+    "build_prompt",
+    "evaluate",
+    "load",
+    "load_train",
+    "metrics",
+    "parse_answer",
+]

@@ -35,6 +35,7 @@ from mmdc.train.templates import IMAGE_TOKEN, STOP_TOKEN, render_turns
 
 IGNORE_INDEX = -100  # label value the loss ignores (torch CrossEntropyLoss default)
 IMAGE_POSITIONS = ("before", "after")
+TEXT_ONLY = "none"  # the image position of a sample without an image (a text-only ScienceQA question)
 
 
 class NoSupervisedTokens(ValueError):
@@ -88,8 +89,12 @@ def _encode_segments(
     image_seq_length: int,
     max_length: int,
     sample_id: str,
+    images: int = 1,
 ) -> dict[str, list[int]]:
-    """Tokenize the joined segments once; label tokens overlapping an answer span; truncate; check."""
+    """Tokenize the joined segments once; label tokens overlapping an answer span; truncate; check.
+
+    ``images``: placeholders the text must hold (1, or 0 for a text-only sample).
+    """
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("encode_* needs a fast (tokenizers-backed) tokenizer: labels come from offset mappings")
     if image_seq_length < 1:
@@ -112,9 +117,10 @@ def _encode_segments(
             answer_spans.append((cursor, cursor + len(text)))
         text_parts.append(text)
         cursor += len(text)
-    if placeholders != 1:
+    if placeholders != images:
         raise ValueError(
-            f"sample {sample_id!r}: expected exactly one {image_token!r} in the text, found {placeholders}"
+            f"sample {sample_id!r}: expected {'exactly one' if images else 'no'} {image_token!r} in the text, "
+            f"found {placeholders}"
         )
     full = "".join(text_parts)
 
@@ -123,10 +129,10 @@ def _encode_segments(
     enc = tokenizer(full, add_special_tokens=add_special, return_offsets_mapping=True)
     input_ids: list[int] = list(enc["input_ids"])
     offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
-    if sum(1 for i in input_ids if i == image_id) != image_seq_length:
+    if sum(1 for i in input_ids if i == image_id) != image_seq_length * images:
         raise ValueError(
             f"sample {sample_id!r}: the tokenizer did not keep {image_token!r} as one token per copy "
-            f"(expected {image_seq_length} image ids)"
+            f"(expected {image_seq_length * images} image ids)"
         )
 
     labels = [IGNORE_INDEX] * len(input_ids)
@@ -172,14 +178,16 @@ def encode_conversation(
 
     ``row`` has ``conversation_id``, ``questions`` and ``answers`` (parallel lists, turn t at index
     t). The image token is placed before or after the first question (``image_position``) and
-    expanded to ``image_seq_length`` ids. Labels are ``-100`` except on answer tokens and the stop
+    expanded to ``image_seq_length`` ids; ``image_position`` ``"none"`` (``TEXT_ONLY``) renders a
+    text-only sample, without any image token. Labels are ``-100`` except on answer tokens and the stop
     token after each answer. Right-truncates to ``max_length``; raises :class:`NoSupervisedTokens`
     when nothing supervised is left, ``ValueError`` naming the conversation on malformed rows.
     """
     sample_id, questions, answers = _check_conversation(row)
-    if image_position not in IMAGE_POSITIONS:
+    if image_position not in (*IMAGE_POSITIONS, TEXT_ONLY):
         raise ValueError(
-            f"conversation {sample_id!r}: image_position must be one of {IMAGE_POSITIONS}, got {image_position!r}"
+            f"conversation {sample_id!r}: image_position must be one of {(*IMAGE_POSITIONS, TEXT_ONLY)}, "
+            f"got {image_position!r}"
         )
     turns = [(q.strip(), a.strip()) for q, a in zip(questions, answers)]
     # system None -> the template's DEFAULT_SYSTEM, exactly as serving renders it
@@ -187,7 +195,8 @@ def encode_conversation(
     image_token = _image_token(tokenizer)
     if image_token != IMAGE_TOKEN:
         raise ValueError(f"the tokenizer's image token {image_token!r} differs from the template's {IMAGE_TOKEN!r}")
-    return _encode_segments(tokenizer, segments, image_token, image_seq_length, max_length, sample_id)
+    images = 0 if image_position == TEXT_ONLY else 1
+    return _encode_segments(tokenizer, segments, image_token, image_seq_length, max_length, sample_id, images)
 
 
 def encode_caption(
@@ -259,11 +268,12 @@ def image_seq_length_of(processor: Any) -> int:
 
 
 def collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of encoded samples into tensors; stack ``pixel_values`` when present.
+    """Right-pad a list of encoded samples into tensors; stack ``pixel_values`` of the samples that have them.
 
     Each sample has ``input_ids``/``labels``/``attention_mask`` lists and optionally ``pixel_values``
-    (``[3, H, W]`` from the processor's image processor). Padding: ids ``pad_id``, labels ``-100``,
-    mask ``0``.
+    (``[3, H, W]`` from the processor's image processor; none for a text-only sample). Padding: ids
+    ``pad_id``, labels ``-100``, mask ``0``. ``pixel_values`` holds one image per sample that has one, in
+    batch order: the order of the image tokens in ``input_ids``, which is how LLaVA fills them in.
     """
     if not batch:
         raise ValueError("collate: empty batch")
@@ -279,11 +289,9 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Ten
         labels[b, :n] = torch.as_tensor(sample["labels"], dtype=torch.long)
         attention_mask[b, :n] = torch.as_tensor(sample["attention_mask"], dtype=torch.long)
     out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-    with_pixels = ["pixel_values" in s for s in batch]
-    if any(with_pixels):
-        if not all(with_pixels):
-            raise ValueError("collate: some samples have pixel_values and some do not")
-        out["pixel_values"] = torch.stack([torch.as_tensor(s["pixel_values"]) for s in batch])  # [batch, 3, H, W]
+    pixels = [torch.as_tensor(s["pixel_values"]) for s in batch if "pixel_values" in s]
+    if pixels:
+        out["pixel_values"] = torch.stack(pixels)  # [samples with an image, 3, H, W]
     return out
 
 

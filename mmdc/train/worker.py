@@ -138,7 +138,11 @@ def optimizer_and_schedule(model: Any, cfg: TrainConfig, total_steps: int) -> tu
 
 
 class BatchFeeder:
-    """Turns a batch of dataset rows into a collated model batch (formatting + image preprocessing)."""
+    """Turns a batch of dataset rows into a collated model batch (formatting + image preprocessing).
+
+    A ``tune`` row whose ``image`` is None is a text-only sample (ScienceQA's fine-tuning has them); a micro
+    batch of only such samples gets an image anchor (``image_anchor``) so the projector stays in the graph.
+    """
 
     def __init__(self, processor: Any, stage: Stage, max_length: int, seed: int, image_root: str | None) -> None:
         self.processor = processor
@@ -151,8 +155,11 @@ class BatchFeeder:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
 
-    def _image_path(self, row: dict) -> str:
+    def _image_path(self, row: dict) -> str | None:
+        """The row's image file; None for a text-only ``tune`` row (``image`` None)."""
         path = row.get("image")
+        if path is None and self.stage == "tune":
+            return None
         if not isinstance(path, str) or not path:
             raise ValueError(f"row {self._id(row)!r}: missing 'image' path")
         return resolve_image(path, self.image_root)
@@ -174,7 +181,7 @@ class BatchFeeder:
                 image_seq_length=self.image_seq_length,
                 sample_id=self._id(row),
             )
-        position = fmt.choose_image_position(self.seed, self._id(row), epoch)
+        position = fmt.choose_image_position(self.seed, self._id(row), epoch) if row.get("image") else fmt.TEXT_ONLY
         return fmt.encode_conversation(
             self.tokenizer, row, position, self.max_length, image_seq_length=self.image_seq_length
         )
@@ -184,19 +191,47 @@ class BatchFeeder:
         encoded = fmt.encode_rows(rows, lambda r: {**self._encode(r, epoch), "_row": r})
         if not encoded.samples:
             return None, encoded.dropped
-        images = [load_image(self._image_path(s.pop("_row"))) for s in encoded.samples]
-        pixels = fmt.pixel_values(self.processor.image_processor, images)  # [batch, 3, H, W]
-        for sample, pv in zip(encoded.samples, pixels):
-            sample["pixel_values"] = pv
-        return fmt.collate(encoded.samples, self.pad_id), encoded.dropped
+        paths = [self._image_path(s.pop("_row")) for s in encoded.samples]  # None: a text-only sample
+        with_image = [(sample, path) for sample, path in zip(encoded.samples, paths) if path is not None]
+        if with_image:
+            images = [load_image(path) for _, path in with_image]
+            pixels = fmt.pixel_values(self.processor.image_processor, images)  # [samples with an image, 3, H, W]
+            for (sample, _), pv in zip(with_image, pixels):
+                sample["pixel_values"] = pv
+            return fmt.collate(encoded.samples, self.pad_id), encoded.dropped
+        return fmt.collate([*encoded.samples, self.image_anchor()], self.pad_id), encoded.dropped
 
-    def placeholder(self) -> dict[str, Any]:
-        """A one-sample batch used with loss weight 0 when a micro batch lost all its samples."""
+    def _blank_image_sample(self) -> dict[str, Any]:
+        """``<image>\\nnone</s>`` over a blank 8x8 image, encoded (the placeholder's and the anchor's sample)."""
         from PIL import Image
 
         sample = fmt.encode_caption(self.tokenizer, "none", 10**6, image_seq_length=self.image_seq_length)
         sample["pixel_values"] = fmt.pixel_values(self.processor.image_processor, [Image.new("RGB", (8, 8))])[0]
-        return fmt.collate([sample], self.pad_id)
+        return sample
+
+    def placeholder(self) -> dict[str, Any]:
+        """A one-sample batch used with loss weight 0 when a micro batch lost all its samples."""
+        return fmt.collate([self._blank_image_sample()], self.pad_id)
+
+    def image_anchor(self) -> dict[str, Any]:
+        """A blank-image sample without any supervised token, added to a micro batch of text-only samples.
+
+        The projector then still takes part in every forward pass: DDP and ZeRO expect a gradient (zero here) for
+        every trainable parameter in every backward, which LLaVA ensures the same way (a zero-length slice of
+        image features). The loss, a mean over supervised tokens, is unchanged; the step's sample and token
+        counts leave the anchor out (``supervised_counts``).
+        """
+        sample = self._blank_image_sample()
+        sample["labels"] = [fmt.IGNORE_INDEX] * len(sample["labels"])
+        return sample
+
+
+def supervised_counts(batch: dict[str, Any]) -> tuple[int, int]:
+    """(samples, tokens) of a collated batch, leaving out samples without a supervised token (an image anchor)."""
+    mask = batch["attention_mask"]  # [batch, seq]
+    if "labels" in batch:
+        mask = mask[(batch["labels"] != fmt.IGNORE_INDEX).any(dim=1)]
+    return int(mask.shape[0]), int(mask.sum())
 
 
 def _shard_batches(shard: Any, micro: int) -> Iterator[list[dict]]:
@@ -285,7 +320,7 @@ class TrainingLoop:
         self.p.micro_in_epoch += 1
         self.p.empty += weight == 0.0
         if weight:
-            n, tokens = batch["input_ids"].shape[0], int(batch["attention_mask"].sum())
+            n, tokens = supervised_counts(batch)
             self.window[:4] += torch.tensor(
                 [float(loss.detach()), 1.0, n, tokens], dtype=torch.float64, device=self.device
             )

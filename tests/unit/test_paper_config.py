@@ -205,6 +205,14 @@ def test_hyperparameters_are_the_papers(preset):
     assert not c.tune.lora.enabled  # full fine-tuning
 
 
+def test_table_1_is_fine_tuned_on_scienceqa_as_the_paper_says(preset):
+    # 4.1.3: "For the ScienceQA dataset, we trained on the training set for 6 epochs and set the learning rate to 2e-5"
+    sqa = preset["cfg"].eval.scienceqa
+    assert sqa.finetune.enabled and (sqa.finetune.epochs, sqa.finetune.lr) == (6, pytest.approx(2e-5))
+    assert Path(sqa.finetune.data).name == "llava_train_QCM-LEA.json"
+    assert Path(sqa.finetune.data).parent == Path(sqa.data).parent and sqa.finetune.images.endswith("/images/train")
+
+
 def test_engines_use_the_presets_dtype_and_an_attention_that_runs_there(preset):
     for name, engine in preset["cfg"].engines.items():
         assert engine.dtype == preset["dtype"], name

@@ -95,3 +95,24 @@ def test_render_is_pure_given_results():
     assert text.index("| iteration 0 | 25.00 |") < text.index("| iteration 1 | 50.00 |")
     assert "n = 4 per model." in text
     json.dumps(evals)  # results stay plain JSON
+
+
+def test_finetuned_scienceqa_is_shown_as_table_1_beside_the_last_zero_shot_result(tmp_path):
+    rd = RunDir(tmp_path)
+    rd.log_metrics({"iteration": 1, "phase": "finetune", "rows": 8, "text_only": 4, "train_steps": 2, "wall_s": 3.0})
+    sqa = tmp_path / "eval" / "scienceqa"
+    table1 = {"Avg": 91.94, "NAT": 91.83, "SOC": 95.95, "LAN": 88.91, "TXT": 90.91, "IMG": 89.94, "NO": 91.08}
+    table1.update({"G1-6": 92.47, "G7-12": 90.97})
+    for k, avg in enumerate([40.0, 55.0]):
+        write_named_results(sqa, f"iter_{k}", "scienceqa", {**{c: avg for c in table1}, "n": 4, "failed": 1}, [])
+    meta = {"finetune": {"data": "llava_train_QCM-LEA.json", "epochs": 6, "lr": 2e-5}}
+    write_named_results(sqa, "finetuned", "scienceqa", {**table1, "n": 4, "correct": 4, "failed": 0}, [], meta)
+    text = write_report(rd).read_text()
+    section = text[text.index("## ScienceQA after fine-tuning") :]
+    assert "for 6 epochs at lr 2e-05 on `llava_train_QCM-LEA.json`" in section
+    assert "| model | Avg | NAT | SOC | LAN | TXT | IMG | NO | G1-6 | G7-12 |" in section
+    assert "| fine-tuned on the train split | 91.94 | 91.83 | 95.95 |" in section
+    assert "| zero-shot (iteration 1) | 55.00 |" in section and "iteration 0) |" not in section
+    assert "n: 4; correct: 4; failed: 0." in section
+    assert "| iteration 1 | 55.00 |" in text  # the zero-shot per-iteration table stays as it was
+    assert "## finetune" in text  # the phase line

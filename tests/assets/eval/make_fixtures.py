@@ -4,7 +4,8 @@
 
 The files are committed; rerun this only to change them (output is deterministic).
 - scienceqa/: LLaVA's converted test file (llava_test_CQM-A.json), the official
-  problems.json and pid_splits.json, images/<pid>/image.png;
+  problems.json and pid_splits.json, images/<pid>/image.png; the train split converted
+  as LLaVA's QCM-LEA file (llava_train_QCM-LEA.json), images/train/<pid>/image.png;
 - seed/: SEED-Bench.json (image and video questions), images/<data_id>;
 - llavabench/: questions.jsonl, answers_gpt4.jsonl, COCO-style context.jsonl, images/.
 Images are 32x32 PNGs of a single coloured square: small enough to commit.
@@ -103,9 +104,75 @@ def scienceqa() -> None:
             record["conversations"][0]["value"] = "<image>\n" + human
             _png(d / "images" / pid / "image.png", (255, 0, 0) if pid == "1" else (0, 0, 255))
         converted.append(record)
+    train = scienceqa_train(d, official)
     _dump(d / "llava_test_CQM-A.json", converted)
     _dump(d / "problems.json", official)
-    _dump(d / "pid_splits.json", {"train": [], "val": ["5"], "test": ["1", "2", "3", "4"]})
+    _dump(d / "pid_splits.json", {"train": train, "val": ["5"], "test": ["1", "2", "3", "4"]})
+
+
+def scienceqa_train(d: Path, official: dict) -> list[str]:
+    """The train split, converted as LLaVA's scripts/convert_sqa_to_llava.py does with prompt_format QCM-LEA.
+
+    Human turn: "{question}\\nContext: {hint or N/A}\\nOptions: (A) .. (B) ..", plus "\\n<image>" when the problem has
+    an image; gpt turn: "{lecture} {solution} The answer is X."; images in images/train/<pid>/image.png. Half of
+    the problems are text-only, as in ScienceQA. Writes llava_train_QCM-LEA.json, adds the problems to ``official``.
+    """
+    # pid: (question, choices, answer index, hint, image colour or None, subject, grade)
+    problems = {
+        "11": ("Which color is the square?", ["red", "blue"], 0, "", (255, 0, 0), "natural science", "grade2"),
+        "12": ("Which color is the square?", ["red", "blue"], 1, "", (0, 0, 255), "natural science", "grade2"),
+        "13": ("Which is a bird?", ["robin", "trout"], 0, "", None, "natural science", "grade3"),
+        "14": (
+            "Which state is farthest south?",
+            ["Ohio", "Texas"],
+            1,
+            "Look at the map.",
+            None,
+            "social science",
+            "grade7",
+        ),
+        "15": ("Which color is the square?", ["green", "red"], 1, "", (255, 0, 0), "natural science", "grade1"),
+        "16": ("Which word comes first in a dictionary?", ["ant", "zoo"], 0, "", None, "language science", "grade9"),
+        "17": ("Which color is the square?", ["blue", "green"], 0, "", (0, 0, 255), "natural science", "grade4"),
+        "18": ("Which is a fish?", ["trout", "robin"], 0, "", None, "natural science", "grade3"),
+    }
+    records = []
+    for pid, (question, choices, answer, hint, colour, subject, grade) in problems.items():
+        lecture, solution = f"A {subject} question.", f"The right choice is {choices[answer]}."
+        official[pid] = {
+            "question": question,
+            "choices": choices,
+            "answer": answer,
+            "hint": hint,
+            "image": "image.png" if colour else None,
+            "task": "closed choice",
+            "grade": grade,
+            "subject": subject,
+            "topic": "fixture",
+            "category": "fixture",
+            "skill": "fixture",
+            "lecture": lecture,
+            "solution": solution,
+            "split": "train",
+        }
+        options = " ".join(f"({'ABCDE'[i]}) {c}" for i, c in enumerate(choices))
+        human = f"{question}\nContext: {hint or 'N/A'}\nOptions: {options}"
+        gpt = f"{lecture} {solution} The answer is {'ABCDE'[answer]}."
+        if colour is None:
+            records.append(
+                {"id": pid, "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]}
+            )
+            continue
+        _png(d / "images" / "train" / pid / "image.png", colour)
+        records.append(
+            {
+                "id": pid,
+                "image": f"{pid}/image.png",
+                "conversations": [{"from": "human", "value": f"{human}\n<image>"}, {"from": "gpt", "value": gpt}],
+            }
+        )
+    _dump(d / "llava_train_QCM-LEA.json", records)
+    return list(problems)
 
 
 def seed() -> None:

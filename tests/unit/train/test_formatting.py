@@ -97,7 +97,19 @@ def test_two_turn_mask_token_by_token(word_tok, position):
 
 def test_bad_image_position_is_rejected(word_tok):
     with pytest.raises(ValueError, match="img-1.*image_position"):
-        F.encode_conversation(word_tok, ROW, "none", 512, image_seq_length=N_IMG)
+        F.encode_conversation(word_tok, ROW, "middle", 512, image_seq_length=N_IMG)
+
+
+def test_text_only_sample_has_no_image_ids_and_the_same_labels(word_tok):
+    """A text-only row (ScienceQA's fine-tune) renders without <image>; its answers are supervised as usual."""
+    enc = F.encode_conversation(word_tok, ROW, F.TEXT_ONLY, 512, image_seq_length=N_IMG, system="SYS")
+    tokens, flags = _expected("before")
+    keep = [t != "<image>" for t in tokens]
+    assert _tokens(word_tok, enc["input_ids"]) == [t for t, k in zip(tokens, keep) if k]
+    assert [label != IGNORE_INDEX for label in enc["labels"]] == [f for f, k in zip(flags, keep) if k]
+    with pytest.raises(ValueError, match="expected no '<image>'"):  # a text-only question must not carry one
+        row = {**ROW, "questions": ["<image> what color is the square?", "how big is it?"]}
+        F.encode_conversation(word_tok, row, F.TEXT_ONLY, 512, image_seq_length=N_IMG)
 
 
 @pytest.mark.parametrize("position", ["before", "after"])
@@ -211,8 +223,12 @@ def test_collate_pads_right(word_tok):
     assert out["attention_mask"].sum(1).tolist() == [n, n - 2]
     assert out["pixel_values"].shape == (2, 3, 8, 8)
     assert out["pixel_values"][1].eq(1).all()
-    with pytest.raises(ValueError, match="pixel_values"):
-        F.collate([a, {k: v for k, v in b.items() if k != "pixel_values"}], pad_id=3)
+    # a text-only sample has no image: pixel_values holds the others' images, in batch order
+    mixed = F.collate([{k: v for k, v in a.items() if k != "pixel_values"}, b, a], pad_id=3)
+    assert mixed["input_ids"].shape[0] == 3
+    assert mixed["pixel_values"].shape == (2, 3, 8, 8)
+    assert mixed["pixel_values"][0].eq(1).all() and mixed["pixel_values"][1].eq(0).all()
+    assert "pixel_values" not in F.collate([{k: v for k, v in a.items() if k != "pixel_values"}], pad_id=3)
 
 
 def test_image_seq_length_matches_llava_processor(word_tok):

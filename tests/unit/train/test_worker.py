@@ -106,3 +106,52 @@ def test_loop_runs_its_collectives_on_the_workers_device(backend, process_group,
     assert metrics["final_loss"] < metrics["first_loss"]
     assert reports[-1]["step"] == 8  # the last step is always reported
     assert stepped == list(range(1, 9))  # the step callback sees every optimizer step
+
+
+def test_supervised_counts_leave_out_samples_without_labels():
+    import torch
+
+    from mmdc.train.worker import supervised_counts
+
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    labels = torch.tensor([[5, -100, -100], [-100, -100, -100]])  # the second: an image anchor
+    assert supervised_counts({"attention_mask": mask, "labels": labels}) == (1, 2)
+    assert supervised_counts({"attention_mask": mask}) == (2, 5)
+
+
+def test_text_only_rows_train_without_an_image_and_keep_the_projector_in_the_graph(tiny_student, tmp_path):
+    """ScienceQA's text-only questions: no image ids, no pixels; a batch of only such rows gets an image anchor whose
+    projector gradient is zero and which leaves the loss exactly as it was."""
+    import torch
+    from PIL import Image
+
+    from mmdc.train import formatting as fmt
+    from mmdc.train.worker import BatchFeeder, load_student
+
+    torch.set_num_threads(1)
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(tmp_path / "red.png")
+    model, processor = load_student(tiny_student, "tune", TrainConfig())
+    feeder = BatchFeeder(processor, "tune", 256, seed=0, image_root=str(tmp_path))
+    pictured = {"conversation_id": "a", "image": "red.png", "questions": ["what colour?"], "answers": ["red."]}
+    text = {"conversation_id": "b", "image": None, "questions": ["which is north?"], "answers": ["The answer is A."]}
+
+    mixed, _ = feeder.batch([pictured, text], epoch=0)
+    assert mixed["input_ids"].shape[0] == 2 and mixed["pixel_values"].shape[0] == 1  # one image, for row a
+    assert model(**mixed).loss.isfinite()
+
+    only_text, _ = feeder.batch([text], epoch=0)
+    assert only_text["input_ids"].shape[0] == 2 and only_text["pixel_values"].shape[0] == 1  # + the anchor
+    alone = fmt.collate(
+        [
+            fmt.encode_conversation(
+                processor.tokenizer, text, fmt.TEXT_ONLY, 256, image_seq_length=feeder.image_seq_length
+            )
+        ],
+        feeder.pad_id,
+    )
+    assert "pixel_values" not in alone
+    loss = model(**only_text).loss
+    assert torch.allclose(loss, model(**alone).loss)
+    loss.backward()
+    projector = [p for n, p in model.named_parameters() if "multi_modal_projector" in n and p.requires_grad]
+    assert projector and all(p.grad is not None and not p.grad.any() for p in projector)  # in the graph, zero
