@@ -283,6 +283,7 @@ class FinetuneConfig:
     """Paper Table 1: after the last iteration, fine-tune the student on ScienceQA's train split, then score it."""
 
     enabled: bool = False  # fine-tune the final student and evaluate it (eval/scienceqa/finetuned.json)
+    judge_api_key_env: str | None = "OPENAI_API_KEY"  # llavabench only: env var holding judge_url's key (never a file)
     data: str | None = None  # LLaVA's converted train file, e.g. scienceqa/llava_train_QCM-LEA.json
     images: str | None = None  # the folder its "image" fields are relative to, e.g. scienceqa/images/train
     epochs: int = 6  # paper 4.1.3: 6 epochs (the tune section gives everything else: strategy, workers, batch)

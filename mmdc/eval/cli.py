@@ -25,12 +25,9 @@ the Driver runs after every iteration (``mmdc.eval.iteration``).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,41 +44,11 @@ from mmdc.eval.harness import (  # noqa: F401 - re-exported: the CLI's public na
     generate_all,
     row_seed,
 )
+from mmdc.eval.serve import endpoint_judge
 
 log = logging.getLogger("mmdc.eval")
 
 BENCHMARKS = ("scienceqa", "seed", "llavabench", "world", "world_mc")
-
-
-class OpenAIChatGenerator:
-    """A judge behind an OpenAI-compatible ``/chat/completions`` endpoint (vLLM, GPT-4o, ...).
-
-    One HTTP request per row; the key is read from ``OPENAI_API_KEY`` when set.
-    """
-
-    def __init__(self, base_url: str, model: str, timeout_s: float = 120.0):
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
-        self.timeout_s = timeout_s
-
-    def generate(self, requests: list[dict]) -> list[dict]:
-        headers = {"Content-Type": "application/json"}
-        if os.environ.get("OPENAI_API_KEY"):
-            headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
-        out = []
-        for req in requests:
-            body = {
-                "model": self.model,
-                "messages": req["messages"],
-                "temperature": req.get("temperature", 0.0),
-                "max_tokens": req.get("max_new_tokens", JUDGE_MAX_NEW_TOKENS),
-                "seed": req.get("seed"),
-            }
-            http = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-            with urllib.request.urlopen(http, timeout=self.timeout_s) as resp:
-                reply = json.loads(resp.read())
-            out.append({"text": reply["choices"][0]["message"]["content"] or ""})
-        return out
 
 
 def load_task(args: argparse.Namespace) -> harness.Task:
@@ -121,7 +88,10 @@ def run(args: argparse.Namespace, generator: Generator | None = None, judge: Gen
     judge_name = None
     if benchmark == "llavabench" and judge is None:
         if args.judge_url:
-            judge, judge_name = OpenAIChatGenerator(args.judge_url, args.judge_model), args.judge_model
+            judge, judge_name = (
+                endpoint_judge(args.judge_url, args.judge_model, args.judge_api_key_env),
+                args.judge_model,
+            )
         else:
             judge, judge_name = _open_generator(args.judge_checkpoint, args), args.judge_checkpoint
     metrics, samples, meta = harness.run_task(
@@ -167,6 +137,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--judge-checkpoint", help="llavabench: HF checkpoint folder of the judge")
     p.add_argument("--judge-url", help="llavabench: OpenAI-compatible base URL of the judge (e.g. http://h:8000/v1)")
     p.add_argument("--judge-model", default="gpt-4o", help="llavabench: model name sent to --judge-url")
+    p.add_argument(
+        "--judge-api-key-env",
+        default="OPENAI_API_KEY",
+        help="llavabench: environment variable that holds --judge-url's API key",
+    )
     p.add_argument("--temperature", type=float, help="override the paper's temperature for this benchmark")
     p.add_argument("--max-new-tokens", type=int, help="override the answer length limit")
     p.add_argument("--seed", type=int, default=0, help="base of the per-row sampling seeds")
@@ -208,4 +183,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["OpenAIChatGenerator", "TEMPERATURE", "chat_request", "main", "parse_args", "row_seed", "run"]
+__all__ = ["TEMPERATURE", "chat_request", "main", "parse_args", "row_seed", "run"]

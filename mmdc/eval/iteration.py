@@ -26,6 +26,7 @@ from typing import Any, Literal
 from mmdc.config import Config, eval_benchmarks
 from mmdc.eval import harness, report
 from mmdc.eval.harness import Generator
+from mmdc.eval.serve import endpoint_judge
 
 log = logging.getLogger("mmdc.eval")
 
@@ -69,10 +70,9 @@ def needs_judge(cfg: Config) -> bool:
 
 
 def _judge(cfg: Config, judge: Generator | None) -> Generator | None:
-    if judge is None and cfg.eval.llavabench.judge_url:
-        from mmdc.eval.cli import OpenAIChatGenerator
-
-        return OpenAIChatGenerator(cfg.eval.llavabench.judge_url, cfg.eval.llavabench.judge_model)
+    bench = cfg.eval.llavabench
+    if judge is None and bench.judge_url:
+        return endpoint_judge(bench.judge_url, bench.judge_model, bench.judge_api_key_env)
     return judge
 
 

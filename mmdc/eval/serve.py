@@ -34,4 +34,21 @@ class ServeGenerator:
         return call_with_retries(self.client, requests, ids, f"{self.role} (eval)", self.policy)
 
 
-__all__ = ["ServeGenerator"]
+def endpoint_judge(
+    url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY", timeout_s: float = 120.0
+) -> ServeGenerator:
+    """A judge behind an OpenAI-compatible ``/chat/completions`` endpoint (GPT-4o, ``vllm serve``, ...), reached with
+    the ``openai`` backend's client: the key read from ``api_key_env``, 408/429/5xx and timeouts retried."""
+    engine = EngineConfig(
+        backend="openai",
+        base_url=url,
+        model_name=model,
+        api_key_env=api_key_env,
+        replicas=0,
+        num_cpus=0,
+        request_timeout_s=timeout_s,
+    )
+    return ServeGenerator("judge", model, engine, role="judge")
+
+
+__all__ = ["ServeGenerator", "endpoint_judge"]

@@ -189,3 +189,13 @@ def test_end_to_end_tiny_student_on_a_tiny_world(world_dir, tmp_path):
     ]
     assert [s["output"] for s in rerun] == [s["output"] for s in samples]
     assert again["world_mc"]["metrics"] == results["world_mc"]["metrics"]
+
+
+def test_an_endpoint_judge_uses_the_openai_client_with_its_key_variable_and_retries(monkeypatch):
+    from mmdc.engines.openai import OpenAIChatClient
+    from mmdc.eval.serve import endpoint_judge
+
+    monkeypatch.setenv("JUDGE_KEY", "secret")
+    judge = endpoint_judge("http://127.0.0.1:9/v1", "gpt-4o", api_key_env="JUDGE_KEY")
+    assert isinstance(judge.client, OpenAIChatClient) and judge.role == "judge"
+    assert judge.policy.max_retries >= 1  # a 429 or 5xx from the judge is retried, not the end of the phase
