@@ -28,9 +28,15 @@ class Role(str, enum.Enum):
     STUDENT = "student"
 
 
-def row_seed(run_seed: int, role: str, instruction_id: str, attempt: int = 0) -> int:
-    """Per-row sampling seed of a role: stable across batching, replicas, iterations and resumes."""
-    digest = hashlib.sha256(f"{run_seed}:{role}:{instruction_id}:{attempt}".encode()).hexdigest()
+def row_seed(run_seed: int, role: str, instruction_id: str, attempt: int = 0, iteration: int | None = None) -> int:
+    """Per-row sampling seed of a role: stable across batching, replicas and resumes.
+
+    Without ``iteration`` it is stable across iterations too: the frozen teacher answers an instruction
+    the same way every time, so its answer store holds. The augmentor passes the iteration, so an
+    instruction that is still hard in a later iteration gets a fresh question (SPEC.md, phase D).
+    """
+    parts = [run_seed, role, instruction_id, attempt] + ([] if iteration is None else [iteration])
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()
     return int(digest[:15], 16)
 
 

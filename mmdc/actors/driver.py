@@ -285,7 +285,7 @@ class Driver:
             hard_rows = hard_parents(cache, assessment)
             replies = run_processors(
                 pa.Table.from_pandas(hard_rows, preserve_index=False),
-                [self.processor(AugmentorProcessor, "teacher", self.cfg.roles.augmentor)],
+                [self.processor(AugmentorProcessor, "teacher", self.cfg.roles.augmentor, iteration=k)],
                 self.run_dir.phase_output(k, "augment"),
                 self.cfg.pipeline,
             ).to_pandas()

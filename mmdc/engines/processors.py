@@ -78,12 +78,15 @@ class RoleProcessor:
             self._urls[path] = image_url(path, self.image_root)
         return self._urls[path]
 
-    def request(self, messages: list[dict], instruction_id: str, attempt: int = 0) -> dict:
+    def request(
+        self, messages: list[dict], instruction_id: str, attempt: int = 0, iteration: int | None = None
+    ) -> dict:
+        """One engine request; its seed comes from (run seed, role, row, attempt[, iteration]) (``roles.row_seed``)."""
         return {
             "messages": messages,
             "temperature": self.sampling.temperature,
             "max_new_tokens": self.sampling.max_new_tokens,
-            "seed": roles.row_seed(self.run_seed, self.role.value, instruction_id, attempt),
+            "seed": roles.row_seed(self.run_seed, self.role.value, instruction_id, attempt, iteration),
         }
 
     def call(self, requests: list[dict], ids: list[str]) -> list[dict]:
@@ -215,10 +218,15 @@ class AugmentorProcessor(RoleProcessor):
 
     A reply that is empty or fails the local shape checks (one sentence, no answer) is retried up
     to ``retries`` times; the ROUGE-L check against the image's other questions happens later,
-    centrally, because it needs every pool.
+    centrally, because it needs every pool. ``iteration`` goes into every sampling seed, so a parent
+    that is still hard in a later iteration gets a fresh candidate, not the one it got before.
     """
 
     role = roles.Role.AUGMENTOR
+
+    def __init__(self, *args: Any, iteration: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.iteration = iteration
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         n = len(batch)
@@ -230,7 +238,10 @@ class AugmentorProcessor(RoleProcessor):
         for attempt in range(self.sampling.retries + 1):
             if not pending:
                 break
-            reqs = [self.request(roles.augmentor_messages(questions[r], urls[r]), ids[r], attempt) for r in pending]
+            reqs = [
+                self.request(roles.augmentor_messages(questions[r], urls[r]), ids[r], attempt, self.iteration)
+                for r in pending
+            ]
             outs = self.call(reqs, [ids[r] for r in pending])
             still = []
             for r, out in zip(pending, outs):

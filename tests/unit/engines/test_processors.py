@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from ray import exceptions as rex
 
-from mmdc.engines.processors import RefereeProcessor, TeacherProcessor
+from mmdc.engines.processors import AugmentorProcessor, RefereeProcessor, TeacherProcessor
 from mmdc.engines.protocol import EngineError
 
 OPENAI = {
@@ -187,3 +187,39 @@ def test_likelihood_referee_scores_answers_under_the_teacher_prompt(batch, tmp_p
 def test_referee_scoring_must_be_known(tmp_path):
     with pytest.raises(ValueError, match="'reply' or 'likelihood'"):
         RefereeProcessor("teacher", "unused", SAMPLING, run_seed=0, engine=OPENAI, scoring="votes")
+
+
+class SeedClient:
+    """Records every request and answers each with a one-sentence question (a valid augmentor reply)."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+
+    def generate(self, requests):
+        self.requests += requests
+        return [{"text": "Is there a blue circle?", "completion_tokens": 5, "finish_reason": "stop"} for _ in requests]
+
+
+def _seeds(cls, batch, tmp_path, **kwargs) -> list[int]:
+    stage = cls("teacher", "unused", SAMPLING, run_seed=0, image_root=str(tmp_path), engine=OPENAI, **kwargs)
+    stage.client = SeedClient()
+    stage(batch)
+    return [r["seed"] for r in stage.client.requests]
+
+
+def test_a_still_hard_parent_gets_a_fresh_augmentor_seed_in_every_iteration(batch, tmp_path):
+    first, second = (_seeds(AugmentorProcessor, batch, tmp_path, iteration=k) for k in (1, 2))
+    assert len(first) == len(second) == len(batch)
+    assert all(a != b for a, b in zip(first, second))  # the same parent, another sample
+    assert first == _seeds(AugmentorProcessor, batch, tmp_path, iteration=1)  # a resumed phase asks the same
+
+
+def test_teacher_and_referee_seeds_do_not_depend_on_the_iteration(batch, tmp_path):
+    from mmdc import roles
+
+    teacher = _seeds(TeacherProcessor, batch, tmp_path)
+    assert teacher == [roles.row_seed(0, "teacher", f"i{k}") for k in range(5)]  # the answer store's key holds
+    assert roles.row_seed(0, "teacher", "i0") == roles.row_seed(0, "teacher", "i0", 0, None)
+    scored = batch.assign(teacher_answer="a", student_answer="b")
+    referee = _seeds(RefereeProcessor, scored, tmp_path)
+    assert referee[:2] == [roles.row_seed(0, "referee", "i0:A"), roles.row_seed(0, "referee", "i0:B")]
