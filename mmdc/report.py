@@ -4,9 +4,11 @@ Two sources, both in the run directory: ``metrics.jsonl`` (one line per phase:
 rows, throughput, hard ratio, acceptance, loss) and ``eval/<benchmark>/*.json``
 (``mmdc.eval.iteration``: the student after each iteration and the teacher as
 the reference; ``scienceqa/finetuned.json``: Table 1's fine-tuned student,
-``mmdc.eval.finetune``). The evaluation comes first, as a table per benchmark and one
-Figure-4-style plot (accuracy against iteration, one line per column, the
-teacher dashed) in ``plots/eval_per_iteration.png``; then the phase tables.
+``mmdc.eval.finetune``). The report tells the story first: student against teacher per
+iteration (one headline table, the Figure-4-style plot ``plots/eval_per_iteration.png``
+with one line per column and the teacher dashed, then a table per benchmark); then what
+calibration did per iteration (hard ratio, accepted questions, why candidates were
+rejected); then Table 1's fine-tune, if any; then the phase tables.
 
 The report is derived data: it can be rebuilt at any time from the run directory, e.g.
 ``python -c "from mmdc.report import write_report; from mmdc.rundir import RunDir; write_report(RunDir('runs/x'))"``.
@@ -77,19 +79,51 @@ def _columns(runs: dict[str, dict]) -> list[str]:
     return columns
 
 
+def headline_table(results: dict[str, dict[str, dict]]) -> list[str]:
+    """Markdown lines: one row per model (teacher, then iteration 0..K), per benchmark its headline score and the
+    student's share of the teacher's (the question a run answers first: how close did the student get?)."""
+    from mmdc.eval.harness import TABLE_DECIMALS, headline
+    from mmdc.eval.iteration import TEACHER, iterations
+
+    benchmarks = [b for b, runs in results.items() if _rows(runs)]
+    if not benchmarks:
+        return []
+    head = ["model"]
+    for b in benchmarks:
+        head += [f"{b} {headline(b)}"] + (["% of teacher"] if TEACHER in results[b] else [])
+    ks = sorted({k for b in benchmarks for k, _ in iterations(results[b])})
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    teacher_row = [("teacher (reference)", None)] if any(TEACHER in results[b] for b in benchmarks) else []
+    for label, k in teacher_row + [(f"iteration {k}", k) for k in ks]:
+        cells = [label]
+        for b in benchmarks:
+            runs, column, decimals = results[b], headline(b), TABLE_DECIMALS.get(b, 2)
+            payload = runs.get(TEACHER) if k is None else dict(iterations(runs)).get(k)
+            value = _value(payload, column) if payload else math.nan
+            cells.append("–" if math.isnan(value) else f"{value:.{decimals}f}")
+            if TEACHER in runs:
+                teacher = _value(runs[TEACHER], column)
+                share = 100 * value / teacher if teacher and not math.isnan(value) else math.nan
+                cells.append("–" if math.isnan(share) else f"{share:.0f} %")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def eval_section(results: dict[str, dict[str, dict]], plot: Path | None = None) -> list[str]:
-    """Markdown lines: one table per benchmark (rows: teacher, iteration 0..K) and the plot link."""
+    """Markdown lines: student against teacher per iteration (headline table, plot), then a table per benchmark
+    (rows: teacher, iteration 0..K) with every column."""
     from mmdc.eval.harness import TABLE_DECIMALS
     from mmdc.eval.report import markdown_table
 
     if not results:
         return []
     lines = [
-        "## Evaluation per iteration",
+        "## Student vs teacher per iteration",
         "",
         "Iteration 0 is the student after stage 1 (alignment), before any distillation; "
         "the teacher row is the reference (eval/<benchmark>/*.json, *.samples.jsonl per sample).",
         "",
+        *headline_table(results),
     ]
     if plot is not None:
         lines += [f"![accuracy per iteration]({plot.as_posix()})", ""]
@@ -219,6 +253,76 @@ def _palette(n: int) -> list:
 # ----------------------------------------------------------------------------- the report
 
 
+def _ratio(numerator, denominator) -> str:
+    return f"{numerator / denominator:.2f}" if isinstance(numerator, (int, float)) and denominator else "–"
+
+
+def calibration_section(phases: list[dict]) -> list[str]:
+    """Markdown lines: per iteration, what the assessment found (hard / easy, the hard ratio) and what the augmentor
+    made of it (parents, candidates, accepted questions, rejected candidates by reason, most frequent first)."""
+    assess = {m["iteration"]: m for m in phases if m["phase"] == "assess"}
+    augment = {m["iteration"]: m for m in phases if m["phase"] == "augment"}
+    if not assess and not augment:
+        return []
+    lines = [
+        "## Calibration per iteration",
+        "",
+        "Hard ratio: hard among the scored cache-pool instructions (Eq. 6, hard iff S >= tau); each hard "
+        "instruction is a parent the augmentor writes one new question for; accepted: candidates that passed the "
+        "ROUGE-L and shape checks and joined the pools.",
+        "",
+        "| iteration | assessed | hard | easy | unscored | hard ratio | parents | candidates | accepted "
+        "| acceptance ratio | rejected, by reason |",
+        "|" + "---|" * 11,
+    ]
+    random = False
+    for k in sorted(set(assess) | set(augment)):
+        a, g = assess.get(k, {}), augment.get(k, {})
+        random = random or a.get("selection") == "random"
+        hard, easy = a.get("hard"), a.get("easy")
+        ratio = a.get("hard_ratio")
+        if ratio is None and isinstance(hard, int) and isinstance(easy, int):
+            ratio = hard / (hard + easy) if hard + easy else None
+        reasons = sorted((g.get("rejected") or {}).items(), key=lambda kv: (-kv[1], kv[0]))
+        cells = [
+            k,
+            a.get("rows"),
+            hard,
+            easy,
+            a.get("unscored"),
+            ratio,
+            g.get("rows"),
+            g.get("generated"),
+            g.get("accepted"),
+            g.get("acceptance_ratio"),
+            ", ".join(f"{reason} {n}" for reason, n in reasons) or ("none" if g else None),
+        ]
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    lines.append("")
+    if random:
+        lines += ["Parents drawn at random (`calibration.selection: random`, plain distillation): no referee.", ""]
+    return lines
+
+
+def phase_section(phases: list[dict]) -> list[str]:
+    """Markdown lines: prepare/align facts, then one table per phase with a row per iteration."""
+    lines = ["## Phases", ""]
+    for m in phases:
+        if m["phase"] in ("prepare", "align"):
+            items = ", ".join(f"{k}={_fmt(v)}" for k, v in m.items() if k not in ("time", "phase", "iteration"))
+            lines.append(f"- **{m['phase']}**: {items}")
+    lines.append("")
+    for phase, cols in PHASE_COLUMNS.items():
+        rows = [m for m in phases if m["phase"] == phase]
+        if not rows:
+            continue
+        lines += [f"### {phase}", "", "| iteration | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for m in rows:
+            lines.append(f"| {m['iteration']} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
+        lines.append("")
+    return lines
+
+
 def render(
     metrics: list[dict],
     title: str,
@@ -226,30 +330,14 @@ def render(
     plot: Path | None = None,
     finetuned: dict | None = None,
 ) -> str:
-    """The whole report.md: prepare/align facts, the evaluation (if any, and Table 1's fine-tune), the phase tables."""
-    lines = [f"# MmDC run `{title}`", ""]
+    """The whole report.md: student vs teacher per iteration, calibration per iteration, Table 1's fine-tune (if
+    any), then the phase tables."""
     phases = [m for m in metrics if "phase" in m]
-    for m in phases:
-        if m["phase"] in ("prepare", "align"):
-            items = ", ".join(f"{k}={_fmt(v)}" for k, v in m.items() if k not in ("time", "phase", "iteration"))
-            lines.append(f"- **{m['phase']}**: {items}")
-    lines.append("")
+    lines = [f"# MmDC run `{title}`", ""]
     lines += eval_section(evals or {}, plot)
+    lines += calibration_section(phases)
     lines += finetuned_section(finetuned, (evals or {}).get("scienceqa"))
-    for phase, cols in PHASE_COLUMNS.items():
-        rows = [m for m in phases if m["phase"] == phase]
-        if not rows:
-            continue
-        lines += [f"## {phase}", "", "| iteration | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        for m in rows:
-            lines.append(f"| {m['iteration']} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
-        lines.append("")
-    rejected = [m for m in phases if m["phase"] == "augment" and m.get("rejected")]
-    if rejected:
-        lines += ["## rejected candidates by reason", ""]
-        for m in rejected:
-            lines.append(f"- iteration {m['iteration']}: " + ", ".join(f"{k}: {v}" for k, v in m["rejected"].items()))
-        lines.append("")
+    lines += phase_section(phases)
     total = sum(m.get("wall_s", 0) for m in phases)
     lines.append(f"Total phase wall time: {total:.1f} s.")
     return "\n".join(lines) + "\n"
@@ -269,4 +357,14 @@ def write_report(run_dir: RunDir) -> Path:
     return run_dir.report
 
 
-__all__ = ["PLOT_FILE", "eval_section", "finetuned_section", "plot_eval", "render", "write_report"]
+__all__ = [
+    "PLOT_FILE",
+    "calibration_section",
+    "eval_section",
+    "finetuned_section",
+    "headline_table",
+    "phase_section",
+    "plot_eval",
+    "render",
+    "write_report",
+]

@@ -46,7 +46,7 @@ def test_report_has_per_iteration_tables_teacher_row_plot_and_phase_tables(tmp_p
     rd = _write_run(tmp_path)
     write_report(rd)
     text = rd.report.read_text()
-    assert "## Evaluation per iteration" in text
+    assert "## Student vs teacher per iteration" in text
     assert f"![accuracy per iteration]({PLOT_FILE.as_posix()})" in text
     assert "| model | Avg | exist | color | count | spatial | compare | describe |" in text
     assert "| teacher (reference) | 90.00 | 100.00 | - | - | - | - | 75.00 |" in text
@@ -55,7 +55,7 @@ def test_report_has_per_iteration_tables_teacher_row_plot_and_phase_tables(tmp_p
     assert text.index("teacher (reference) | 90.00") < text.index("iteration 0 | 20.00") < text.index("iteration 2")
     assert "failed (counted wrong): iteration 0 72, iteration 1 10" in text
     # the phase tables are still there, after the evaluation
-    assert "## teach" in text and "## assess" in text and text.index("## Evaluation") < text.index("## teach")
+    assert "### teach" in text and "### assess" in text and text.index("## Student vs") < text.index("### teach")
     png = tmp_path / PLOT_FILE
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
@@ -74,7 +74,7 @@ def test_report_without_evaluation_keeps_the_phase_tables(tmp_path):
     rd.log_metrics({"iteration": 1, "phase": "tune", "train_final_loss": 1.5, "wall_s": 3.0})
     write_report(rd)
     text = rd.report.read_text()
-    assert "Evaluation" not in text and "## tune" in text and not (tmp_path / PLOT_FILE).exists()
+    assert "Student vs teacher" not in text and "### tune" in text and not (tmp_path / PLOT_FILE).exists()
 
 
 def test_teacher_only_gives_a_table_but_no_plot(tmp_path):
@@ -115,4 +115,37 @@ def test_finetuned_scienceqa_is_shown_as_table_1_beside_the_last_zero_shot_resul
     assert "| zero-shot (iteration 1) | 55.00 |" in section and "iteration 0) |" not in section
     assert "n: 4; correct: 4; failed: 0." in section
     assert "| iteration 1 | 55.00 |" in text  # the zero-shot per-iteration table stays as it was
-    assert "## finetune" in text  # the phase line
+    assert "### finetune" in text  # the phase table
+
+
+def test_report_opens_with_student_vs_teacher_then_calibration_then_phases(tmp_path):
+    rd = _write_run(tmp_path)
+    rd.log_metrics(
+        {
+            "iteration": 1,
+            "phase": "augment",
+            "rows": 30,
+            "generated": 30,
+            "accepted": 20,
+            "acceptance_ratio": 0.6667,
+            "rejected": {"duplicate": 3, "too_similar": 7},
+            "wall_s": 5.0,
+        }
+    )
+    text = write_report(rd).read_text()
+    # student vs teacher: the headline of every benchmark, the student's share of the teacher's
+    assert "| model | world Avg | % of teacher | world_mc Avg |" in text
+    assert "| teacher (reference) | 90.00 | 100 % | – |" in text
+    assert "| iteration 2 | 61.25 | 68 % | – |" in text and "| iteration 1 | 45.50 | 51 % | 30.00 |" in text
+    # calibration per iteration: hard ratio, accepted, rejected by reason (most frequent first)
+    assert "| 1 | 120 | 30 | 90 | – | 0.25 | 30 | 30 | 20 | 0.6667 | too_similar 7, duplicate 3 |" in text
+    order = ["## Student vs teacher", "![accuracy", "### World test split", "## Calibration per iteration", "## Phases"]
+    assert [text.index(h) for h in order] == sorted(text.index(h) for h in order)
+    assert text.index("## Phases") < text.index("### teach") < text.index("### augment")
+
+
+def test_plain_distillation_shows_its_random_share_as_the_hard_ratio():
+    metrics = [{"iteration": 1, "phase": "assess", "rows": 10, "selection": "random", "hard": 4, "easy": 6}]
+    text = render(metrics, "plain")
+    assert "| 1 | 10 | 4 | 6 | – | 0.4 | – | – | – | – | – |" in text
+    assert "Parents drawn at random" in text and "Student vs teacher" not in text
