@@ -1,10 +1,12 @@
 """Read LLaVA-Instruct conversation files and unfold them into the seed pool D_sin.
 
 Handles the real ``llava_instruct_80k.json`` / ``llava_instruct_150k.json``
-(a JSON list) and the same records one per line (``.jsonl``). A file that is
-not LLaVA at all fails at once with the file and record index; a few broken
-records in a good file are returned as skips with reasons (``strict=False``),
-never dropped silently, so a run report can say exactly what was left out.
+(a JSON list) and the same records one per line (``.jsonl``), read as bytes
+(``mmdc.data.jsonfiles``: a byte that is not UTF-8 costs its record, not the
+file). A file that is not LLaVA at all fails at once with the file and record
+index or byte offset; a few broken records in a good file are returned as skips
+with reasons (``strict=False``), never dropped silently, so a run report can say
+exactly what was left out. Stage 1's caption pairs are read the same way.
 
 Unfolding (paper Eq. 4): every human turn becomes one single-turn row with its
 answer removed; the paper turns 80K conversations into 220K such questions.
@@ -19,7 +21,6 @@ duplicate.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from mmdc.data.jsonfiles import JsonFileError, JsonRecord, read_json_records
 from mmdc.data.schema import pool_table, seed_instruction_id
 
 log = logging.getLogger(__name__)
@@ -45,10 +47,14 @@ class LlavaFormatError(ValueError):
         self.index = index
         self.reason = reason
 
+    def __reduce__(self):  # rebuilt from its fields when it crosses Ray
+        return type(self), (self.path, self.index, self.reason)
+
 
 @dataclass
 class LoadResult:
-    """Valid records in file order, and one skip dict {"path", "index", "id", "reason"} per rejected record."""
+    """Valid records in file order, and one skip dict per rejected record: {"path", "index", "id", "reason"}, with
+    "line" (JSON Lines) or "offset" (bytes into a JSON list) where the reader knows it."""
 
     records: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
@@ -91,50 +97,42 @@ def record_problem(record: Any) -> str | None:
     return None
 
 
-def _read_raw(path: Path) -> list[tuple[int, Any, str | None]]:
-    """(index, parsed record or None, parse error or None) for every record of a .json or .jsonl file."""
-    if not path.is_file():
-        raise LlavaFormatError(path, None, "no such file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".jsonl":
-        out = []
-        lines = [line for line in text.splitlines() if line.strip()]
-        for index, line in enumerate(lines):
-            try:
-                out.append((index, json.loads(line), None))
-            except json.JSONDecodeError as err:
-                out.append((index, None, f"line is not JSON: {err}"))
-        if lines and all(error for _, _, error in out):
-            raise LlavaFormatError(path, None, "not JSON Lines: no line parses as JSON")
-        return out
+def _read_raw(path: Path) -> list[JsonRecord]:
+    """Every record of a .json list or a .jsonl file, with its location and its problem, if any (jsonfiles)."""
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise LlavaFormatError(path, None, f"not JSON: {err}") from err
-    if not isinstance(data, list):
-        raise LlavaFormatError(path, None, f"expected a JSON list of records, got {type(data).__name__}")
-    return [(index, record, None) for index, record in enumerate(data)]
+        records = read_json_records(path)
+    except JsonFileError as err:
+        where = "" if err.offset is None else f" at byte offset {err.offset}"
+        raise LlavaFormatError(path, None, f"{err.reason}{where}") from None
+    if path.suffix.lower() == ".jsonl" and records and all(r.problem for r in records):
+        raise LlavaFormatError(path, None, f"not JSON Lines: no line parses as JSON (first: {records[0].problem})")
+    return records
+
+
+def _skip(path: Path, record: JsonRecord, reason: str) -> dict:
+    """A skip record: the file, where in it (index, and line or byte offset), the record's id when it has one."""
+    record_id = record.value.get("id") if isinstance(record.value, dict) else None
+    return {"path": str(path), **record.where(), "id": record_id, "reason": reason}
 
 
 def load_llava_records(path: str | Path, strict: bool = True) -> LoadResult:
     """Load and validate LLaVA-Instruct records from a .json list or a .jsonl file.
 
     strict=True: the first bad record raises LlavaFormatError(path, index, reason).
-    strict=False: bad records come back in ``skipped``; the file still raises
-    when it is not JSON / not a list, or when it has records but none of them is
-    LLaVA format (that is a wrong file, not a few bad records).
+    strict=False: bad records (not JSON, not UTF-8, not LLaVA) come back in ``skipped``; the file still
+    raises when it is not JSON / not a list, or when it has records but none of them is LLaVA format
+    (that is a wrong file, not a few bad records).
     """
     path = Path(path)
     result = LoadResult()
-    for index, record, error in _read_raw(path):
-        reason = error or record_problem(record)
+    for record in _read_raw(path):
+        reason = record.problem or record_problem(record.value)
         if reason is None:
-            result.records.append(record)
+            result.records.append(record.value)
             continue
         if strict:
-            raise LlavaFormatError(path, index, reason)
-        record_id = record.get("id") if isinstance(record, dict) else None
-        result.skipped.append({"path": str(path), "index": index, "id": record_id, "reason": reason})
+            raise LlavaFormatError(path, record.index, reason)
+        result.skipped.append(_skip(path, record, reason))
     if result.skipped and not result.records:
         first = result.skipped[0]
         raise LlavaFormatError(path, first["index"], f"no record is in LLaVA format; first problem: {first['reason']}")
@@ -226,30 +224,46 @@ def unfold_single_turn(records: list[dict], image_root: str | Path | None = None
     return pool_table(rows), skipped
 
 
-def load_caption_pairs(path: str | Path) -> list[dict]:
-    """Stage 1 caption pairs as ``{id, image, caption}``.
+def caption_problem(record: Any) -> tuple[dict | None, str | None]:
+    """``({id, image, caption}, None)`` for a usable caption record, ``(None, reason)`` otherwise."""
+    if not isinstance(record, dict):
+        return None, f"expected an object, got {type(record).__name__}"
+    if not isinstance(record.get("image"), str) or not record["image"].strip():
+        return None, "a caption pair needs a non-empty 'image' string"
+    caption = record.get("caption")
+    if caption is None and isinstance(record.get("conversations"), list):
+        gpt = [t.get("value") for t in record["conversations"] if isinstance(t, dict) and t.get("from") == "gpt"]
+        caption = gpt[0] if gpt else None
+    if not isinstance(caption, str) or not caption.strip():
+        return None, "no caption (neither 'caption' nor a gpt turn)"
+    return {
+        "id": str(record["id"]) if "id" in record else None,
+        "image": record["image"],
+        "caption": caption.strip(),
+    }, None
 
-    Accepts our plain format (a JSON list of ``{id, image, caption}``, what the synthetic world
-    writes) and LLaVA's pretraining format (``{id, image, conversations}`` whose gpt turn is the
-    caption, e.g. blip_laion_cc_sbu_558k.json). A record that is neither raises
-    ``LlavaFormatError`` naming the file and index.
+
+def load_caption_pairs(path: str | Path) -> LoadResult:
+    """Stage 1 caption pairs as ``{id, image, caption}`` records, and the skipped ones with their reasons.
+
+    Accepts our plain format (``{id, image, caption}``, what the synthetic world writes) and LLaVA's
+    pretraining format (``{id, image, conversations}`` whose gpt turn is the caption, e.g.
+    blip_laion_cc_sbu_558k.json), as a JSON list or JSON Lines (``.jsonl``). A record that is neither, or
+    that is not JSON or not UTF-8, is a skip naming the file and where in it; a pair without an id gets its
+    index. A file that cannot be read, is not JSON, or has records but no usable one raises
+    ``LlavaFormatError`` naming the file.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise LlavaFormatError(path, None, f"not readable JSON: {err}") from err
-    if not isinstance(data, list):
-        raise LlavaFormatError(path, None, "expected a JSON list of caption pairs")
-    pairs = []
-    for index, rec in enumerate(data):
-        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
-            raise LlavaFormatError(path, index, "a caption pair needs an 'image' string")
-        caption = rec.get("caption")
-        if caption is None and isinstance(rec.get("conversations"), list):
-            gpt = [t.get("value") for t in rec["conversations"] if isinstance(t, dict) and t.get("from") == "gpt"]
-            caption = gpt[0] if gpt else None
-        if not isinstance(caption, str) or not caption.strip():
-            raise LlavaFormatError(path, index, "no caption (neither 'caption' nor a gpt turn)")
-        pairs.append({"id": str(rec.get("id", index)), "image": rec["image"], "caption": caption.strip()})
-    return pairs
+    result = LoadResult()
+    for record in _read_raw(path):
+        pair, reason = (None, record.problem) if record.problem else caption_problem(record.value)
+        if pair is None:
+            result.skipped.append(_skip(path, record, reason))
+            continue
+        if pair["id"] is None:
+            pair["id"] = str(record.index)
+        result.records.append(pair)
+    if result.skipped and not result.records:
+        first = result.skipped[0]
+        raise LlavaFormatError(path, first["index"], f"no record is a caption pair; first problem: {first['reason']}")
+    return result

@@ -139,8 +139,9 @@ def test_jsonl_bad_line_is_a_skip_with_its_index(tmp_path):
     path.write_text(json.dumps(record("a")) + "\n{broken\n\n" + json.dumps(record("b")) + "\n")
     result = load_llava_records(path, strict=False)
     assert [r["id"] for r in result.records] == ["a", "b"]
-    assert result.skipped[0]["index"] == 1 and "not JSON" in result.skipped[0]["reason"]
-    with pytest.raises(LlavaFormatError, match=r"data.jsonl, record 1: line is not JSON"):
+    assert result.skipped[0]["index"] == 1 and result.skipped[0]["line"] == 2
+    assert "line 2 is not JSON" in result.skipped[0]["reason"]
+    with pytest.raises(LlavaFormatError, match=r"data.jsonl, record 1: line 2 is not JSON"):
         load_llava_records(path)
 
 
@@ -202,7 +203,7 @@ def test_caption_pairs_plain_and_pretrain_formats(tmp_path):
 
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps([{"id": "a", "image": "a.png", "caption": " A red circle. "}]))
-    assert load_caption_pairs(plain) == [{"id": "a", "image": "a.png", "caption": "A red circle."}]
+    assert load_caption_pairs(plain).records == [{"id": "a", "image": "a.png", "caption": "A red circle."}]
     pretrain = tmp_path / "pretrain.json"
     pretrain.write_text(
         json.dumps(
@@ -218,9 +219,46 @@ def test_caption_pairs_plain_and_pretrain_formats(tmp_path):
             ]
         )
     )
-    assert load_caption_pairs(pretrain)[0]["caption"] == "a dog on a beach"
+    assert load_caption_pairs(pretrain).records[0]["caption"] == "a dog on a beach"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"id": "c", "image": "c.png"}]))
     with pytest.raises(LlavaFormatError) as err:
         load_caption_pairs(bad)
     assert "bad.json" in str(err.value) and "0" in str(err.value)
+
+
+def test_a_non_utf8_byte_costs_one_record_not_the_file(tmp_path):
+    good = json.dumps(record("a"), ensure_ascii=False).encode()
+    bad = json.dumps(record("b", questions=("<image>\nCAFE?",))).encode().replace(b"CAFE", b"CAF\xc9")
+    listed = tmp_path / "list.json"
+    listed.write_bytes(b"[" + good + b", " + bad + b", " + json.dumps(record("c")).encode() + b"]")
+    result = load_llava_records(listed, strict=False)
+    assert [r["id"] for r in result.records] == ["a", "c"]
+    assert result.skipped[0]["index"] == 1 and result.skipped[0]["offset"] == len(good) + 3
+    assert "not UTF-8: byte 0xc9" in result.skipped[0]["reason"]
+    lines = tmp_path / "lines.jsonl"
+    lines.write_bytes(good + b"\n" + bad + b"\n" + json.dumps(record("c")).encode() + b"\n")
+    result = load_llava_records(lines, strict=False)
+    assert [r["id"] for r in result.records] == ["a", "c"]
+    assert result.skipped[0] | {"reason": ""} == {"path": str(lines), "index": 1, "line": 2, "id": None, "reason": ""}
+
+
+def test_a_record_with_a_line_separator_in_a_question_is_kept(tmp_path):
+    rec = record("a", questions=("<image>\nWhat is\u2028this?", "And\u2029that?"))
+    path = tmp_path / "data.jsonl"
+    path.write_bytes((json.dumps(rec, ensure_ascii=False) + "\n").encode())
+    assert load_llava_records(path).records == [rec]
+
+
+def test_caption_pairs_skip_bad_records_and_refuse_a_file_without_any_pair(tmp_path):
+    from mmdc.data.llava import load_caption_pairs
+
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([{"image": "a.png", "caption": "x"}, {"id": "b"}, {"id": "c", "image": "c.png"}]))
+    result = load_caption_pairs(path)
+    assert result.records == [{"id": "0", "image": "a.png", "caption": "x"}]  # no id: its index
+    assert [(s["index"], s["id"]) for s in result.skipped] == [(1, "b"), (2, "c")]
+    assert "needs a non-empty 'image'" in result.skipped[0]["reason"] and "no caption" in result.skipped[1]["reason"]
+    (tmp_path / "cut.json").write_text('[{"image": "a.png", "caption": "x"}, {"ima')
+    with pytest.raises(LlavaFormatError, match=r"cut.json: not JSON: .* at byte offset \d+"):
+        load_caption_pairs(tmp_path / "cut.json")
