@@ -2,13 +2,16 @@
 
 ``dataset_from_table`` makes a Dataset without read tasks (which would wait for CPUs the engines or
 trainers hold); ``write_blocks`` streams a Dataset to one Parquet file per block, each renamed into
-place; ``resume_partial`` keeps the whole files a crashed attempt left and says which rows remain.
+place; ``resume_partial`` keeps the whole files a crashed attempt left and says which rows remain;
+``find_problems`` maps a check (an image that will not load) over many values in parallel tasks.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -88,3 +91,35 @@ def read_folder(folder: str | Path) -> pa.Table:
     tables = [pq.read_table(f) for f in files]
     tables = [t for t in tables if t.num_rows] or tables[:1]
     return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+
+
+def find_problems(
+    values: list[str], check: Callable[[str], str | None], *, parallel: bool, values_per_task: int = 512
+) -> dict[str, str]:
+    """``{value: problem}`` for every distinct value whose ``check`` names a problem (None: no problem).
+
+    ``parallel``: the checks run as Ray Data tasks of ``values_per_task`` values each, one CPU apiece, on
+    whatever nodes have CPUs free (how 558K caption images are checked in minutes, not hours;
+    benchmarks/results/image_check.md); otherwise, or when one task would hold them all, in this process.
+    ``check`` must be picklable (a module-level function or a ``functools.partial`` of one). The answer is
+    the same either way: it does not depend on order, batching or where a check ran.
+    """
+    distinct = list(dict.fromkeys(values))
+    if not parallel or len(distinct) <= values_per_task:  # one task: no parallelism, only a Ray Data job's start
+        return {value: problem for value in distinct if (problem := check(value)) is not None}
+    blocks = -(-len(distinct) // values_per_task)
+    dataset = dataset_from_table(pa.table({"value": pa.array(distinct, pa.string())}), blocks)
+    checked = partial(_check_batch, check=check)
+    found = dataset.map_batches(checked, batch_format="pyarrow", batch_size=None, num_cpus=1)
+    return {row["value"]: row["problem"] for row in found.take_all()}
+
+
+def _check_batch(batch: pa.Table, check: Callable[[str], str | None]) -> pa.Table:
+    """The Ray Data function of ``find_problems``: the values of a batch that have a problem, with it."""
+    found = [(value, problem) for value in batch.column("value").to_pylist() if (problem := check(value)) is not None]
+    return pa.table(
+        {
+            "value": pa.array([value for value, _ in found], pa.string()),
+            "problem": pa.array([problem for _, problem in found], pa.string()),
+        }
+    )

@@ -37,6 +37,9 @@ class ImageError(ValueError):
         self.source = source
         self.reason = reason
 
+    def __reduce__(self):  # rebuilt from its fields when it crosses Ray (the default would call __init__(message))
+        return type(self), (self.source, self.reason)
+
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Convert any mode to RGB; transparent pixels become white rather than black (what a viewer shows)."""
@@ -81,26 +84,64 @@ def _decode(stream: io.BufferedIOBase | io.BytesIO, source: str, max_pixels: int
 
 
 def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Load an image file as RGB, failing with an ImageError for missing, empty, corrupt, truncated or too large files.
+    """Load an image file as RGB, failing with an ImageError for missing, empty, unreadable, corrupt, truncated or
+    too large files.
 
     The pixel count is checked from the header before any pixel is decoded, so
     a 20000x20000 file fails in microseconds instead of allocating 1.2 GB.
     """
     source = str(path)
     file = Path(path)
-    if not file.exists():
-        raise ImageError(source, "missing: no such file")
-    if not file.is_file():
-        raise ImageError(source, "missing: not a regular file")
-    if file.stat().st_size == 0:
-        raise ImageError(source, "zero-byte file")
-    with open(file, "rb") as stream:
-        return _decode(stream, source, max_pixels)
+    try:
+        if not file.exists():
+            raise ImageError(source, "missing: no such file")
+        if not file.is_file():
+            raise ImageError(source, "missing: not a regular file")
+        if file.stat().st_size == 0:
+            raise ImageError(source, "zero-byte file")
+        with open(file, "rb") as stream:
+            return _decode(stream, source, max_pixels)
+    except (OSError, ValueError) as err:  # permission denied, a name too long, a NUL in the path, an I/O error
+        if isinstance(err, ImageError):
+            raise
+        raise ImageError(source, f"unreadable: {err}") from err
 
 
 def resolve_image(image: str, image_root: str | None) -> str:
     """The path of a pool row's ``image``: absolute as given, else under ``image_root`` (when there is one)."""
     return image if os.path.isabs(image) or not image_root else os.path.join(image_root, image)
+
+
+def confine(image: str, image_root: str | None) -> str:
+    """``resolve_image``, refused with an ImageError when the file it names lies outside ``image_root``.
+
+    Both sides are resolved first (``..``, and symlinks: a link inside the folder that points out of it is
+    outside), so a record cannot make the run read, or send to an engine, a file it was not given. An absolute
+    path is allowed when it lies inside the folder. Without a folder (``image_root`` None) nothing is confined.
+    """
+    path = resolve_image(image, image_root)
+    if not image_root:
+        return path
+    try:
+        root = os.path.realpath(image_root)
+        real = os.path.realpath(path)
+    except (OSError, ValueError) as err:  # a NUL byte in the name, a path too long
+        raise ImageError(repr(image), f"not a usable path: {err}") from err
+    if os.path.commonpath([root, real]) != root:
+        folder = os.path.abspath(image_root)
+        symlink = os.path.commonpath([folder, os.path.abspath(path)]) == folder  # inside until links were followed
+        how = "a symlink in it points to" if symlink else "resolves to"
+        raise ImageError(image, f"outside the image folder {image_root}: {how} {real}")
+    return path
+
+
+def image_problem(image: str, image_root: str | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """Why the record's ``image`` cannot be used (outside its folder, missing, corrupt, ...), or None when it can."""
+    try:
+        load_image(confine(image, image_root), max_pixels=max_pixels)
+    except ImageError as err:
+        return str(err)
+    return None
 
 
 def image_sha256(path: str | os.PathLike) -> str:

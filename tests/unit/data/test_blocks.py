@@ -47,3 +47,17 @@ def test_rows_not_in_this_input_or_duplicated_are_dropped_with_their_file(tmp_pa
     done, todo = resume_partial(tmp, _table(["a", "b"]), "instruction_id")
     assert done == 1 and todo.column("instruction_id").to_pylist() == ["a"]
     assert sorted(p.name for p in tmp.iterdir()) == ["1_ok.parquet"]
+
+
+def test_find_problems_checks_each_distinct_value_once_and_returns_only_problems():
+    from mmdc.data.blocks import find_problems
+
+    seen: list[str] = []
+
+    def check(value: str) -> str | None:
+        seen.append(value)
+        return f"bad {value}" if value.startswith("x") else None
+
+    assert find_problems(["a", "x1", "a", "x2", "x1"], check, parallel=False) == {"x1": "bad x1", "x2": "bad x2"}
+    assert seen == ["a", "x1", "x2"]
+    assert find_problems([], check, parallel=True) == {}  # nothing to check: no Ray Data job

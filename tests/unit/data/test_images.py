@@ -143,3 +143,53 @@ def test_from_data_url_checks_size_before_decoding(tmp_path):
         from_data_url(url)
     assert err.value.reason.startswith("too large")
     assert len(err.value.source) < 80  # a huge data URL is abbreviated in the message
+
+
+# --------------------------------------------------------------------------------------------
+# Confinement: an image must lie inside its folder (issue 29)
+# --------------------------------------------------------------------------------------------
+
+
+def test_confine_keeps_paths_inside_the_folder_and_refuses_the_rest(tmp_path):
+    from mmdc.data.images import confine
+
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    write_png(root / "sub" / "a.png")
+    write_png(tmp_path / "secret.png")
+    assert confine("sub/a.png", str(root)) == str(root / "sub" / "a.png")
+    assert confine(str(root / "sub" / "a.png"), str(root)) == str(root / "sub" / "a.png")  # absolute, inside: kept
+    assert confine("sub/../sub/a.png", str(root)).endswith("a.png")
+    for outside in ("../secret.png", str(tmp_path / "secret.png"), "sub/../../secret.png", "/etc/passwd"):
+        with pytest.raises(ImageError, match="outside the image folder"):
+            confine(outside, str(root))
+    assert confine("../anything.png", None) == "../anything.png"  # no folder: nothing to confine to
+
+
+def test_confine_follows_symlinks(tmp_path):
+    from mmdc.data.images import confine
+
+    root = tmp_path / "images"
+    root.mkdir()
+    write_png(tmp_path / "secret.png")
+    (root / "link.png").symlink_to(tmp_path / "secret.png")
+    with pytest.raises(ImageError, match="a symlink in it points to"):
+        confine("link.png", str(root))
+    (root / "inner.png").symlink_to(write_png(root / "real.png"))
+    assert confine("inner.png", str(root)) == str(root / "inner.png")  # a link that stays inside is fine
+    (tmp_path / "alias").symlink_to(root)  # the folder itself reached through a link
+    assert confine("real.png", str(tmp_path / "alias")) == str(tmp_path / "alias" / "real.png")
+
+
+def test_image_problem_names_every_kind_and_none_for_a_good_image(tmp_path):
+    from mmdc.data.images import image_problem
+
+    write_png(tmp_path / "good.png")
+    (tmp_path / "zero.png").write_bytes(b"")
+    assert image_problem("good.png", str(tmp_path)) is None
+    assert "zero-byte" in image_problem("zero.png", str(tmp_path))
+    assert "missing" in image_problem("absent.png", str(tmp_path))
+    assert "outside the image folder" in image_problem("../x.png", str(tmp_path))
+    assert "not a usable path" in image_problem("nul\x00.png", str(tmp_path))
+    assert "unreadable" in image_problem("x" * 300 + ".png", str(tmp_path))  # a name longer than the OS allows
+    assert "too large" in image_problem("good.png", str(tmp_path), max_pixels=10)
