@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import types
 import typing
@@ -97,6 +98,9 @@ class DataConfig:
     )
     max_instructions: int | None = None  # cap on D_sin after unfolding (None = all); deterministic head by id order
     max_image_pixels: int = 40_000_000  # images larger than this are rejected (recorded as skipped), never decoded
+    # stop the run when more than this share of the records of a file, or of the images it names, cannot be used
+    # (each one is still in skipped.jsonl): a few broken files are skipped, a wrong file or folder is an error
+    max_skip_ratio: float = 0.05
     world: WorldConfig = field(default_factory=WorldConfig)  # synthetic world settings (source = world)
     caption_filter: CaptionFilterConfig = field(default_factory=CaptionFilterConfig)  # stage 1 pair filter
     clip_filter: ClipFilterConfig = field(
@@ -114,6 +118,9 @@ class ModelsConfig:
     vision_tower: str = "openai/clip-vit-large-patch14"  # used when student_init = assemble (paper: CLIP ViT-L/14)
     language_model: str = "lmsys/vicuna-7b-v1.1"  # used when student_init = assemble (paper: Vicuna-7B v1.1)
     projector: Literal["linear", "mlp2x_gelu"] = "linear"  # projector W (paper: linear)
+    # dtype an assembled student is built and saved in; auto: the precision of the first training stage that
+    # loads it (align, else tune): fp16 -> float16, bf16 -> bfloat16, fp32 -> float32
+    assemble_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
 
 
 @dataclass
@@ -207,12 +214,21 @@ class CalibrationConfig:
     # for the ablation: no assessment, the augmentor's parents are drawn at random from the cache pool.
     selection: Literal["hard", "random"] = "hard"
     random_fraction: float = 0.5  # selection = random: share of the cache pool drawn as parents each iteration
+    # selection = random: a share per iteration instead (iteration k draws entry k - 1; the last entry repeats),
+    # e.g. the MmDC arm's measured hard shares (python -m mmdc.ablate --budget-from mmdc); null: random_fraction
+    random_fractions: list[float] | None = None
     # How the referee scores (selection = hard). reply: the paper's Table 6 referee prompt, scores read from
     # its text reply. likelihood: each answer scored 1 + 9 x its mean per-token probability under the Table 6
     # teacher prompt, one forward pass on the teacher engine (hf backend only), written as a reply in the
     # paper's format. For a model that knows answers but cannot judge them, like the tiny world teacher
     # (benchmarks/results/teacher_quality.md); the paper's models use reply.
     referee_scoring: Literal["reply", "likelihood"] = "reply"
+
+    def parent_share(self, iteration: int) -> float:
+        """selection = random: the share of the cache pool drawn as the augmentor's parents in ``iteration`` (>= 1)."""
+        if not self.random_fractions:
+            return self.random_fraction
+        return self.random_fractions[min(iteration, len(self.random_fractions)) - 1]
 
 
 @dataclass
@@ -276,6 +292,7 @@ class BenchmarkDataConfig:
     context: str | None = None  # llavabench only: captions/boxes JSONL for the judge
     judge_url: str | None = None  # llavabench only: OpenAI-compatible judge endpoint (null: the run's teacher engine)
     judge_model: str = "gpt-4o"  # llavabench only: model name sent to judge_url
+    judge_api_key_env: str | None = "OPENAI_API_KEY"  # llavabench only: env var holding judge_url's key (never a file)
 
 
 @dataclass
@@ -283,7 +300,6 @@ class FinetuneConfig:
     """Paper Table 1: after the last iteration, fine-tune the student on ScienceQA's train split, then score it."""
 
     enabled: bool = False  # fine-tune the final student and evaluate it (eval/scienceqa/finetuned.json)
-    judge_api_key_env: str | None = "OPENAI_API_KEY"  # llavabench only: env var holding judge_url's key (never a file)
     data: str | None = None  # LLaVA's converted train file, e.g. scienceqa/llava_train_QCM-LEA.json
     images: str | None = None  # the folder its "image" fields are relative to, e.g. scienceqa/images/train
     epochs: int = 6  # paper 4.1.3: 6 epochs (the tune section gives everything else: strategy, workers, batch)
@@ -503,8 +519,126 @@ def config_from_dict(tree: dict) -> Config:
     return cfg
 
 
+# The range of every numeric key, by section ("*": every entry of engines / roles); null values are not checked.
+# Every float must also be finite. validate() checks these first, so no later check divides by a zero.
+_RANGES: dict[str, dict[str, str]] = {
+    "run": {"seed": ">= 0", "iterations": ">= 0", "resource_wait_s": ">= 0"},
+    "data": {"max_instructions": ">= 1", "max_image_pixels": ">= 1", "max_skip_ratio": "in [0, 1]"},
+    "data.world": {"num_images": ">= 1", "questions_per_image": ">= 1", "test_images": ">= 0", "image_size": ">= 1"},
+    "data.caption_filter": {"min_count": ">= 1", "max_per_phrase": ">= 1", "n_process": ">= 1"},
+    "data.clip_filter": {
+        "threshold": "in [-1, 1]",
+        "batch_size": ">= 1",
+        "concurrency": ">= 1",
+        "num_cpus": ">= 0",
+        "num_gpus": ">= 0",
+    },
+    "engines.*": {
+        "replicas": ">= 0",
+        "num_cpus": ">= 0",
+        "num_gpus": ">= 0",
+        "max_batch_size": ">= 1",
+        "batch_wait_timeout_s": ">= 0",
+        "request_timeout_s": "> 0",
+        "max_retries": ">= 0",
+        "retry_backoff_s": ">= 0",
+        "tensor_parallel_size": ">= 1",
+        "max_model_len": ">= 1",
+        "gpu_memory_utilization": "in (0, 1]",
+        "max_concurrency": ">= 1",
+        "requests_per_s": "> 0",
+    },
+    "roles.*": {"temperature": ">= 0", "max_new_tokens": ">= 1", "retries": ">= 0"},
+    "calibration": {"tau": "in [0, 1]", "rouge_l_threshold": "in (0, 1]", "random_fraction": "in (0, 1]"},
+    **{
+        stage: {
+            "zero_stage": "in [0, 3]",
+            "num_workers": ">= 1",
+            "cpus_per_worker": ">= 0",
+            "gpus_per_worker": ">= 0",
+            "lr": "> 0",
+            "weight_decay": ">= 0",
+            "warmup_ratio": "in [0, 1]",
+            "global_batch_size": ">= 1",
+            "micro_batch_size": ">= 1",
+            "epochs": ">= 1",
+            "max_length": ">= 1",
+            "max_grad_norm": "> 0",
+            "checkpoint_every_steps": ">= 0",
+        }
+        for stage in ("align", "tune")
+    },
+    **{f"{stage}.lora": {"r": ">= 1", "alpha": ">= 1", "dropout": "in [0, 1)"} for stage in ("align", "tune")},
+    "pipeline": {"batch_size": ">= 1", "concurrency": ">= 1", "blocks_per_client": ">= 1"},
+    "eval": {
+        "limit": ">= 1",
+        "sampling_seed": ">= 0",
+        "temperature": ">= 0",
+        "max_new_tokens": ">= 1",
+        "batch_size": ">= 1",
+    },
+}
+
+
+def _in_range(value: float, rule: str) -> bool:
+    """``value`` against a rule of ``_RANGES``: ">= 0", "> 0", "in [0, 1]", "in (0, 1]", "in [0, 1)"."""
+    if rule.startswith(">="):
+        return value >= float(rule[2:])
+    if rule.startswith(">"):
+        return value > float(rule[1:])
+    low, high = (float(x) for x in rule[4:-1].split(","))
+    above = value >= low if rule[3] == "[" else value > low
+    below = value <= high if rule[-1] == "]" else value < high
+    return above and below
+
+
+def _sections(cfg: Config, path: str) -> list[tuple[str, Any]]:
+    """(dotted name, section object) for a ``_RANGES`` section path; ``*`` expands over a dict's entries."""
+    found: list[tuple[str, Any]] = [("", cfg)]
+    for part in path.split("."):
+        step: list[tuple[str, Any]] = []
+        for name, node in found:
+            if part == "*":
+                entries = node.items() if isinstance(node, dict) else vars(node).items()
+                step += [(f"{name}.{key}".lstrip("."), entry) for key, entry in entries]
+            else:
+                step.append((f"{name}.{part}".lstrip("."), getattr(node, part)))
+        found = step
+    return found
+
+
+def _non_finite(node: Any, prefix: str) -> list[str]:
+    """Dotted keys of every float (nested sections, engines and lists included) that is NaN or infinite."""
+    if dataclasses.is_dataclass(node):
+        return [k for f in dataclasses.fields(node) for k in _non_finite(getattr(node, f.name), f"{prefix}{f.name}.")]
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in _non_finite(value, f"{prefix}{key}.")]
+    if isinstance(node, float) and not math.isfinite(node):
+        return [prefix.rstrip(".")]
+    return []
+
+
+def validate_ranges(cfg: Config) -> None:
+    """Every float finite and every numeric key in its range (``_RANGES``); the error names the key."""
+    for key in _non_finite(cfg, ""):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {_get(cfg, key)!r}")
+    for path, rules in _RANGES.items():
+        for name, section in _sections(cfg, path):
+            for key, rule in rules.items():
+                value = getattr(section, key)
+                if value is not None and not _in_range(value, rule):
+                    raise ConfigError(f"config key '{name}.{key}' must be {rule}, got {value!r}")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg[part] if isinstance(cfg, dict) else getattr(cfg, part)
+    return cfg
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
+    validate_ranges(cfg)
     if cfg.run.iterations < 0:
         raise ConfigError("run.iterations must be >= 0")
     c = cfg.data.clip_filter
@@ -521,6 +655,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("calibration.rouge_l_threshold must be in (0, 1]")
     if not 0 < cfg.calibration.random_fraction <= 1:
         raise ConfigError("calibration.random_fraction must be in (0, 1]")
+    fractions = cfg.calibration.random_fractions
+    if fractions is not None and not (fractions and all(0 <= f <= 1 for f in fractions)):
+        raise ConfigError(f"calibration.random_fractions must be null or a list of shares in [0, 1], got {fractions}")
     teacher_engine = cfg.engines.get("teacher")
     if cfg.calibration.referee_scoring == "likelihood" and teacher_engine and teacher_engine.backend != "hf":
         raise ConfigError(
@@ -604,6 +741,38 @@ def validate_eval(cfg: Config) -> None:
         raise ConfigError("eval.scienceqa.finetune: epochs >= 1, lr > 0 and max_new_tokens >= 1 are required")
 
 
+def check_inputs(cfg: Config) -> None:
+    """The files and folders the config reads are there (``mmdc.run`` asks before Ray starts); else one ConfigError
+    naming each missing key and path. ``data.source: llava`` needs its instructions, their image folder, and (for
+    stage 1) caption pairs and their folder; every configured benchmark needs its files."""
+    wanted: list[tuple[str, str | None, str]] = []  # (key, path, "file" or "folder")
+    data = cfg.data
+    if data.source == "llava":
+        wanted += [("data.instructions", data.instructions, "file"), ("data.image_folder", data.image_folder, "folder")]
+        if cfg.align.enabled:
+            wanted.append(("data.captions", data.captions, "file"))
+            if data.caption_image_folder is not None:
+                wanted.append(("data.caption_image_folder", data.caption_image_folder, "folder"))
+    for name in eval_benchmarks(cfg):
+        if name in ("world", "world_mc"):
+            continue
+        files: BenchmarkDataConfig = getattr(cfg.eval, name)
+        wanted.append((f"eval.{name}.data", files.data, "file"))
+        wanted += [(f"eval.{name}.images", files.images, "folder")] if files.images else []
+        for key in ("problems", "pid_splits", "answers", "context"):
+            if getattr(files, key):
+                wanted.append((f"eval.{name}.{key}", getattr(files, key), "file"))
+    problems = []
+    for key, path, kind in wanted:
+        if not path:
+            problems.append(f"{key} is not set")
+        elif not (Path(path).is_file() if kind == "file" else Path(path).is_dir()):
+            exists = Path(path).exists()
+            problems.append(f"{key}: {path} is {'not a ' + kind if exists else 'not there (no such ' + kind + ')'}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def dump_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config (what actually ran) as YAML."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -621,6 +790,14 @@ def diff_configs(old: Any, new: Any, prefix: str = "") -> list[str]:
         keys = sorted(set(old) | set(new))
         return [d for k in keys for d in diff_configs(old.get(k), new.get(k), f"{prefix}{k}.")]
     return [] if old == new else [prefix.rstrip(".")]
+
+
+def assemble_dtype(cfg: Config) -> str:
+    """The dtype ``models.student_init: assemble`` builds the student in (``models.assemble_dtype``, auto resolved)."""
+    if cfg.models.assemble_dtype != "auto":
+        return cfg.models.assemble_dtype
+    first = cfg.align if cfg.align.enabled else cfg.tune
+    return {"fp16": "float16", "bf16": "bfloat16"}.get(first.precision, "float32")
 
 
 def grad_accumulation(t: TrainConfig) -> int:

@@ -43,7 +43,7 @@ def test_overrides_apply_and_merge_engines():
         ("calibration.pool_update=sometimes", "'calibration.pool_update' must be one of"),
         ("run.iterations=1.5", "'run.iterations' must be an integer"),
         ("tune.global_batch_size=10", "tune.global_batch_size (10) must be a multiple"),
-        ("calibration.tau=-0.1", "calibration.tau must be >= 0"),
+        ("calibration.tau=-0.1", "'calibration.tau' must be in [0, 1]"),
     ],
 )
 def test_bad_values_name_the_key(override, fragment):
@@ -121,3 +121,75 @@ def test_likelihood_referee_needs_an_hf_teacher_engine():
         )
     with pytest.raises(ConfigError, match="referee_scoring"):
         load_config(None, ["calibration.referee_scoring=votes"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("calibration.tau=nan", "'calibration.tau' must be a finite number"),
+        ("calibration.tau=1.5", "'calibration.tau' must be in [0, 1]"),
+        ("tune.lr=.inf", "'tune.lr' must be a finite number"),
+        ("engines.student.request_timeout_s=.nan", "'engines.student.request_timeout_s' must be a finite number"),
+        ("pipeline.batch_size=0", "'pipeline.batch_size' must be >= 1"),
+        ("pipeline.concurrency=0", "'pipeline.concurrency' must be >= 1"),
+        ("tune.num_workers=0", "'tune.num_workers' must be >= 1"),
+        ("tune.micro_batch_size=0", "'tune.micro_batch_size' must be >= 1"),
+        ("align.global_batch_size=0", "'align.global_batch_size' must be >= 1"),
+        ("data.max_instructions=-1", "'data.max_instructions' must be >= 1"),
+        ("data.max_instructions=0", "'data.max_instructions' must be >= 1"),
+        ("data.max_image_pixels=0", "'data.max_image_pixels' must be >= 1"),
+        ("data.max_skip_ratio=1.5", "'data.max_skip_ratio' must be in [0, 1]"),
+        ("roles.referee.max_new_tokens=0", "'roles.referee.max_new_tokens' must be >= 1"),
+        ("roles.teacher.temperature=-1", "'roles.teacher.temperature' must be >= 0"),
+        ("engines.teacher.num_cpus=-1", "'engines.teacher.num_cpus' must be >= 0"),
+        ("engines.teacher.num_gpus=-0.5", "'engines.teacher.num_gpus' must be >= 0"),
+        ("tune.epochs=0", "'tune.epochs' must be >= 1"),
+        ("tune.warmup_ratio=2", "'tune.warmup_ratio' must be in [0, 1]"),
+        ("tune.lora.dropout=1", "'tune.lora.dropout' must be in [0, 1)"),
+        ("data.world.num_images=0", "'data.world.num_images' must be >= 1"),
+        ("data.caption_filter.min_count=0", "'data.caption_filter.min_count' must be >= 1"),
+        ("eval.temperature=-0.1", "'eval.temperature' must be >= 0"),
+        ("run.seed=-1", "'run.seed' must be >= 0"),
+    ],
+)
+def test_every_value_is_range_checked_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert key in str(err.value)
+
+
+def test_range_rules_name_real_keys():
+    from mmdc.config import _RANGES, _sections
+
+    for path, rules in _RANGES.items():
+        for _, section in _sections(Config(), path):
+            assert set(rules) <= {f.name for f in dataclasses.fields(section)}, path
+
+
+def test_input_files_must_exist_naming_each_missing_key(tmp_path):
+    from mmdc.config import check_inputs
+
+    check_inputs(load_config(None, []))  # the world: nothing to find
+    (tmp_path / "i.json").write_text("[]")
+    (tmp_path / "coco").mkdir()
+    base = ["data.source=llava", f"data.instructions={tmp_path / 'i.json'}", f"data.image_folder={tmp_path / 'coco'}"]
+    check_inputs(load_config(None, [*base, "align.enabled=false"]))
+    with pytest.raises(ConfigError) as err:
+        check_inputs(load_config(None, [*base, f"data.captions={tmp_path / 'c.json'}"]))
+    assert str(err.value) == f"data.captions: {tmp_path / 'c.json'} is not there (no such file)"
+    with pytest.raises(ConfigError) as err:
+        check_inputs(load_config(None, ["data.source=llava", f"data.instructions={tmp_path}", "align.enabled=false"]))
+    assert str(err.value) == f"data.instructions: {tmp_path} is not a file; data.image_folder is not set"
+    with pytest.raises(ConfigError, match="eval.scienceqa.data: .*no such file.*eval.scienceqa.problems"):
+        check_inputs(
+            load_config(
+                None,
+                [
+                    *base,
+                    "align.enabled=false",
+                    "eval.benchmarks=[scienceqa]",
+                    f"eval.scienceqa.data={tmp_path / 'sqa.json'}",
+                    f"eval.scienceqa.problems={tmp_path / 'p.json'}",
+                ],
+            )
+        )
