@@ -6,8 +6,9 @@
     python -m mmdc.run --resume runs/tiny-20261122-101500      # continue after a crash or preemption
     ray job submit --working-dir . -- python -m mmdc.run --config configs/paper.yaml
 
-Parse the CLI and config, connect to Ray (an existing cluster if there is one, else a local one),
-start the Driver actor, wait for it, print where the run directory is.
+Parse the CLI and config, check that its input files are there, take the run directory's lock, connect
+to Ray (an existing cluster if there is one, else a local one), start the Driver actor, wait for it, print
+where the run directory is, or one line saying why the run failed (the traceback goes to its driver.log).
 """
 
 from __future__ import annotations
@@ -65,11 +66,16 @@ def resume_config(args: argparse.Namespace):
     (a run whose later iterations silently used other settings cannot be reproduced) unless --force.
     """
     from mmdc.config import ConfigError, diff_configs, load_config
+    from mmdc.rundir import CorruptState, RunDir
 
     saved_file = Path(args.resume) / "config.yaml"
     if not saved_file.exists():
         raise ConfigError(f"--resume {args.resume}: no config.yaml there (not an mmdc run directory)")
     saved = load_config(saved_file)
+    try:
+        RunDir(args.resume).load_state()  # a corrupt state.json is refused here, naming the file
+    except CorruptState as err:
+        raise ConfigError(f"--resume {args.resume}: {err}") from None
     if not args.config and not args.overrides:
         return saved, []
     cfg = load_config(args.config or saved_file, args.overrides)
@@ -106,7 +112,8 @@ def connect_ray(address: str | None, num_cpus: float | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
-    from mmdc.config import ConfigError, load_config, to_dict
+    from mmdc.config import ConfigError, check_inputs, load_config
+    from mmdc.rundir import RunLock, RunLocked
 
     config = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None)
     forced: list[str] = []
@@ -115,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg, forced = resume_config(args)
         else:
             cfg = load_config(config, args.overrides)
+        check_inputs(cfg)  # the files and folders it names are there, before Ray starts
     except ConfigError as err:
         print(f"mmdc: config error: {err}", file=sys.stderr)
         return 2
@@ -124,9 +132,26 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(
         args.resume or args.output or Path(cfg.run.output_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
+    try:
+        run_lock = RunLock(run_dir).acquire()  # held by this process for the life of the run (README, Reliability)
+    except RunLocked as err:
+        print(f"mmdc: {err}", file=sys.stderr)
+        return 2
+    with run_lock:
+        try:
+            return start(args, cfg, forced, run_dir, run_lock.token)
+        except Exception as err:  # noqa: BLE001 - one line here, the traceback in the run's log
+            return failed(err, run_dir)
+
+
+def start(args: argparse.Namespace, cfg, forced: list[str], run_dir: Path, lock_token: str) -> int:
+    """Run the Driver actor in ``run_dir``, whose lock this process holds, and say where the results are."""
+    from mmdc.config import to_dict
+    from mmdc.rundir import LOCK_FILE
+
     if forced:
         print(f"mmdc: resuming with changed config keys (--force): {', '.join(forced)}", flush=True)
-    if not args.resume and run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.overwrite:
+    if not args.resume and any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not cfg.run.overwrite:
         print(
             f"mmdc: run directory {run_dir} is not empty (continue it with --resume {run_dir}, "
             "or set run.overwrite=true to start over in it)",
@@ -141,15 +166,41 @@ def main(argv: list[str] | None = None) -> int:
     from mmdc.actors.driver import Driver
 
     driver = Driver.options(name=f"mmdc-driver-{run_dir.name}").remote(
-        to_dict(cfg), str(run_dir.resolve()), resume=bool(args.resume), forced=forced
+        to_dict(cfg), str(run_dir.resolve()), resume=bool(args.resume), forced=forced, lock_token=lock_token
     )
-    try:
-        result = ray.get(driver.run.remote())
-    except Exception as err:  # noqa: BLE001 - one readable line, the traceback is in the log above
-        print(f"mmdc: run failed: {err}", file=sys.stderr)
-        return 1
+    result = ray.get(driver.run.remote())
     print(f"mmdc: run directory: {result}", flush=True)
     return 0
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line saying what went wrong: the driver's own exception when a Ray error wraps it, else the error's text
+    (the last line of a traceback Ray quotes, which names the exception)."""
+    cause = getattr(err, "cause", None)  # RayTaskError: the exception the actor raised
+    if isinstance(cause, BaseException):
+        err = cause
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        return lines[-1]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def failed(err: BaseException, run_dir: Path) -> int:
+    """Print one line (the reason, and where the full log is); the traceback goes to the run's driver.log."""
+    import traceback
+
+    from mmdc.rundir import RunDir
+
+    log_file = RunDir(run_dir).log_file
+    try:
+        with log_file.open("a", encoding="utf-8") as log:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} mmdc.run: the run failed\n")
+            log.write("".join(traceback.format_exception(type(err), err, err.__traceback__)))
+        where = str(log_file)
+    except OSError:
+        where = "Ray's logs (`ray logs`, or the dashboard)"
+    print(f"mmdc: run failed: {failure_reason(err)} (full log: {where})", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ from mmdc.eval.finetune import (
 from mmdc.eval.iteration import evaluate_iteration, headline_metrics, needs_judge
 from mmdc.eval.serve import ServeGenerator
 from mmdc.report import write_report
-from mmdc.rundir import RunDir, atomic_write_table
+from mmdc.rundir import RunDir, atomic_write_table, attach_log, verify_lock
 from mmdc.train.checkpoints import stale_training_keys
 from mmdc.train.launcher import conversations_dataset, planned_steps, train_or_reuse
 from mmdc.world import models
@@ -67,21 +67,26 @@ log = logging.getLogger("mmdc.driver")
 
 
 def announce(message: str) -> None:
-    """A progress line in the job log (Ray forwards actor stdout to the driver process)."""
+    """A progress line in the job log (Ray forwards actor stdout to the driver process) and in driver.log."""
     print(f"[mmdc] {message}", flush=True)
+    log.info(message)
 
 
 @ray.remote(num_cpus=0)
 class Driver:
     """Runs one MmDC job end to end inside the cluster (verl habit: the loop lives in an actor)."""
 
-    def __init__(self, cfg: dict, run_dir: str, resume: bool = False, forced: list[str] | None = None):
+    def __init__(
+        self, cfg: dict, run_dir: str, resume: bool = False, forced: list[str] | None = None, lock_token: str = ""
+    ):
         import torch
 
         torch.set_num_threads(1)
         self.cfg: Config = config_from_dict(cfg)
         self.run_dir = RunDir(run_dir)
-        self.run_dir.root.mkdir(parents=True, exist_ok=True)
+        self.lock_token = lock_token  # mmdc.run holds the run directory's lock (RunLock) for the life of the run
+        self.check_lock()
+        attach_log(self.run_dir.log_file)
         self.state = self.run_dir.load_state() if resume else {"status": "new", "completed": []}
         self.forced = list(forced or [])
         if not resume or forced:
@@ -98,7 +103,7 @@ class Driver:
         self.deployed: dict[str, str] = {}  # engine name -> model path it serves now
         self.processor_scope = f"run-{uuid.uuid4().hex}"  # this run's Ray Data worker processes (ProcessorSpec)
         self.resource_request = False  # True while an autoscaler request placed by check_resources stands
-        self.phases = PhaseLog(self.run_dir, self.state, announce)
+        self.phases = PhaseLog(self.run_dir, self.state, announce, guard=self.check_lock)
 
     # ----------------------------------------------------------------------------- the loop
     def run(self) -> str:
@@ -145,6 +150,10 @@ class Driver:
     def model_of(self, engine: str) -> str:
         return self.teacher if engine == "teacher" else self.student
 
+    def check_lock(self) -> None:
+        """LockLost unless the run directory's lock is still this run's: before every phase and every deletion."""
+        verify_lock(self.run_dir.root, self.lock_token)
+
     # ----------------------------------------------------------------------------- phases
     def prepare_data(self) -> None:
         """Build or read the instruction set, unfold it to D_sin, and write pools/iter_0."""
@@ -157,8 +166,10 @@ class Driver:
                 sources.image_root,
                 max_instructions=self.cfg.data.max_instructions,
                 max_image_pixels=self.cfg.data.max_image_pixels,
+                parallel=True,
             )
             self.run_dir.log_skips(seed_pool.skipped)
+            seed_pool.check_skip_ratio(self.cfg.data.max_skip_ratio)
             if seed_pool.table.num_rows == 0:
                 raise ValueError(f"no usable instruction in {sources.instructions} (see {self.run_dir.skipped})")
             atomic_write_table(self.run_dir.pool(0, "tuning"), seed_pool.table)
@@ -192,8 +203,11 @@ class Driver:
         if not self.sources.captions:
             raise ConfigError("align.enabled needs caption pairs: set data.captions (or align.enabled=false)")
         with self.phases.run(0, "align") as record:
-            pairs = stage1_pairs(self.sources.captions, self.sources.caption_root, self.cfg.data, self.cfg.run.seed)
+            pairs = stage1_pairs(
+                self.sources.captions, self.sources.caption_root, self.cfg.data, self.cfg.run.seed, parallel=True
+            )
             self.run_dir.log_skips(pairs.skipped)
+            pairs.check_skip_ratio(self.cfg.data.max_skip_ratio)
             record.update(pairs.stats)
             rows = pairs.rows
             if planned_steps(len(rows), self.cfg.align) < 1:
@@ -359,6 +373,7 @@ class Driver:
     # ----------------------------------------------------------------------------- helpers
     def train(self, stage: str, output: Path, dataset: Callable[[], ray.data.Dataset], *, seed: int, run: str) -> dict:
         """One Ray Train job from the current student into ``output`` (reused or resumed after a crash); its summary."""
+        self.check_lock()  # train_or_reuse may delete checkpoint folders: only while this run holds the directory
         train_cfg = self.cfg.align if stage == "align" else self.cfg.tune
         restart = bool(stale_training_keys(self.forced))
         return train_or_reuse(

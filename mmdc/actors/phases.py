@@ -22,7 +22,8 @@ class PhaseLog:
     """The phases of one run: ``state`` is the driver's own dict, saved to ``run_dir``'s state.json on every change.
 
     ``cleanup`` runs before each phase and returns how many leftovers it removed (the placement groups of a crashed
-    attempt's trainer, which would hold its resources).
+    attempt's trainer, which would hold its resources). ``guard`` runs before that and raises when the phase must
+    not start (the run no longer holds its directory's lock).
     """
 
     def __init__(
@@ -31,8 +32,10 @@ class PhaseLog:
         state: dict,
         announce: Callable[[str], None],
         cleanup: Callable[[], int] = remove_orphaned_placement_groups,
+        guard: Callable[[], None] = lambda: None,
     ) -> None:
         self.run_dir, self.state, self.announce, self.cleanup = run_dir, state, announce, cleanup
+        self.guard = guard
         self.dashboard = metrics.dashboard_url()  # shown in every phase line, for the operator following the log
 
     def done(self, iteration: int, name: str) -> bool:
@@ -45,6 +48,7 @@ class PhaseLog:
     @contextmanager
     def run(self, iteration: int, name: str, **extra: Any) -> Iterator[dict]:
         """Time a phase, log its metrics line and record it in state.json when it completes."""
+        self.guard()
         run_name = self.run_dir.root.name
         self.announce(f"iteration {iteration} · {name} …")
         if removed := self.cleanup():  # a crashed attempt's trainer would hold its resources
