@@ -387,9 +387,13 @@ def resolve(spec: str, model_configs: Mapping[str, str] | None = None) -> Archit
 
 
 def assemble(
-    vision_tower: str, language_model: str, projector: str, model_configs: Mapping[str, str] | None = None
+    vision_tower: str,
+    language_model: str,
+    projector: str,
+    model_configs: Mapping[str, str] | None = None,
+    dtype: str = "float32",
 ) -> Architecture:
-    """Size the student that ``models.student_init: assemble`` builds (mmdc/train/assembly.py)."""
+    """Size the student that ``models.student_init: assemble`` builds (mmdc/train/assembly.py) in ``dtype``."""
     vision_tree, vision_source = config_tree(vision_tower, model_configs)
     text_tree, text_source = config_tree(language_model, model_configs)
     vision = vision_tree.get("vision_config", vision_tree) if vision_tree["model_type"] == "clip" else vision_tree
@@ -408,7 +412,7 @@ def assemble(
         "vision_feature_layer": -2,
         "vision_feature_select_strategy": "default",
         "image_seq_length": grid * grid,
-        "torch_dtype": "float32",  # assemble_llava's default dtype: the saved student is fp32
+        "torch_dtype": dtype,  # the saved student's dtype (models.assemble_dtype): what engines' dtype auto loads
         "vision_config": {**vision, "model_type": "clip_vision_model"},
         "text_config": text,
     }

@@ -12,6 +12,7 @@ CUTLASS memory-efficient kernels and PyTorch's SDPA (efficient or math kernel) r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 GIB = 1024**3
@@ -103,3 +104,37 @@ def accelerator_matches(accelerator_type: str, gpu: Gpu) -> bool:
         return True
     digits = variant.rstrip("GB")
     return digits.isdigit() and abs(int(digits) - gpu.memory_mib / 1024) <= 0.1 * int(digits)
+
+
+def detect(
+    resources: dict[str, float], read_memory_mib: Callable[[], int | None] | None = None
+) -> tuple[Gpu | None, int, str]:
+    """The GPU kind of a Ray cluster from its resources: (kind or None, GPUs it has now, what was decided).
+
+    Ray counts ``GPU`` and labels each GPU node ``accelerator_type:<label>`` (``V100``, ``A100-80G``, ...).
+    A label that fits several kinds (``V100``: 16 or 32 GB) is settled by ``read_memory_mib`` (one GPU's
+    total memory, read on the cluster) when given, else planned as the kind with the least memory, which
+    refuses rather than lets a run run out of memory; the note says which and how to name the other.
+    """
+    count = int(resources.get("GPU", 0))
+    if count == 0:
+        return None, 0, "the cluster has no GPUs now"
+    labels = sorted(key.split(":", 1)[1] for key in resources if key.startswith("accelerator_type:"))
+    if len(labels) != 1:
+        what = f"mixed GPU kinds ({', '.join(labels)})" if labels else "no accelerator_type label"
+        return None, count, f"{count} GPUs, {what}: name the kind with --gpu"
+    label = labels[0]
+    candidates = sorted((g for g in GPUS.values() if accelerator_matches(label, g)), key=lambda g: g.memory_mib)
+    if not candidates:
+        return None, count, f"{count} GPUs labelled {label}, not a kind the plan knows: name one with --gpu"
+    if len(candidates) > 1 and read_memory_mib is not None:
+        mib = read_memory_mib()
+        if mib:
+            near = [g for g in candidates if abs(g.memory_mib - mib) <= 0.1 * g.memory_mib]
+            if len(near) == 1:
+                return near[0], count, f"{count} x {near[0].name} (accelerator_type:{label}, {mib:,} MiB per GPU)"
+    gpu = candidates[0]
+    if len(candidates) > 1:
+        others = ", ".join(f"--gpu {g.name}" for g in candidates[1:])
+        return gpu, count, f"{count} GPUs labelled {label}: planned as {gpu.name}, the smallest it may be ({others})"
+    return gpu, count, f"{count} x {gpu.name} (accelerator_type:{label})"

@@ -16,9 +16,12 @@ and a test can check one part at a time.
   arithmetic over parameter counts) for the trainable parameters, the frozen weights beside them,
   activations for ``micro_batch_size x max_length`` with or without gradient checkpointing, logits
   and loss, and DeepSpeed's communication buffers at its default bucket sizes (our DeepSpeed config
-  sets none). Also the peaks outside the steady state that the current training code has: the load
-  (an fp32 copy on the device before ``deepspeed.initialize``) and the ZeRO-3 save (every rank
-  gathers the whole model); see ``WORKER_LOAD_BYTES_PER_PARAM`` and ``ZERO3_SAVE_GATHERS_WHOLE_MODEL``.
+  sets none). Also the peaks outside the steady state (``load_bytes_per_param``): the load (the
+  weights in the dtype ``mmdc/train/worker.py`` loads them in, before the strategy wraps them; under
+  ZeRO-3 ``zero.Init`` partitions them as they are built) and the final save (ZeRO-3 consolidates the
+  16-bit weights one module at a time onto rank 0's host RAM).
+- **assembly** (``models.student_init: assemble``): the student's weights in the assembly dtype in one
+  process, plus the fp32 copy of the embedding matrix that resizing it for ``<image>`` makes.
 """
 
 from __future__ import annotations
@@ -32,14 +35,19 @@ from mmdc.sizing.gpus import GIB
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp32": 4, "fp16": 2, "bf16": 2}
 
-# How the training code handles weights today (issue 25 item 2 changes both; update these with it):
-# every worker loads the student with from_pretrained(dtype=float32) and moves it to its device before
-# deepspeed.initialize (mmdc/train/worker.py), so each GPU briefly holds a full fp32 copy (4 bytes per
-# parameter; 2 when loaded in the training dtype, 0 under zero.Init) ...
-WORKER_LOAD_BYTES_PER_PARAM = 4
-# ... and the ZeRO-3 save gathers every parameter on every rank at once (GatheredParameters over
-# module.parameters(), mmdc/train/strategies.py), a full 16-bit model on each GPU beside its partition.
-ZERO3_SAVE_GATHERS_WHOLE_MODEL = True
+
+def load_bytes_per_param(strategy: str, precision: str, zero_stage: int) -> int:
+    """Bytes per parameter a trainer worker puts on its device at load (``mmdc.train.worker.load_dtype``).
+
+    DDP keeps fp32 parameters (autocast and its GradScaler need them), as does fp32 training: 4. DeepSpeed
+    in fp16 / bf16 at ZeRO 0-2 loads the 16-bit weights it trains (its optimizer keeps the fp32 master
+    copy of the trainable part, in the model states): 2. ZeRO-3 builds the model under ``zero.Init``,
+    which partitions every parameter as it is created: no whole copy at all (0).
+    """
+    if strategy == "deepspeed" and zero_stage == 3:
+        return 0
+    return 4 if strategy == "ddp" or precision == "fp32" else 2
+
 
 # vLLM, per GPU of a replica: tokens of its profiling forward pass (max_num_batched_tokens; vLLM V1's
 # default for the serving engine is 8192) and the runtime outside torch's allocator (CUDA context,
@@ -200,11 +208,14 @@ class TrainerMemory:
     """One trainer worker's device: the steady state and the peaks at load and save, plus host RAM."""
 
     steady: Memory
-    load: int  # bytes on the device while loading (before the strategy shards anything)
+    load: int  # bytes on the device while loading (before the strategy wraps the model)
     save: int  # bytes on the device while saving the final checkpoint
-    host_per_node: int  # host RAM per node: DeepSpeed's CPU estimate or the fp32 load copies, the larger
+    host_per_node: int  # host RAM per node: the largest of DeepSpeed's CPU estimate, the load and the save
     estimator: str  # which estimator gave the model states, with its arguments
     host_reason: str = ""  # what the host figure is
+    load_dtype: str = ""  # the dtype the workers load the student in (mmdc.train.worker.load_dtype)
+    states_host: int = 0  # DeepSpeed's CPU estimate per node (offloaded states, initialisation copies)
+    save_host: int = 0  # rank 0's host RAM for the consolidated weights while it writes the checkpoint
 
     @property
     def peak(self) -> int:
@@ -372,21 +383,75 @@ def trainer(
             buffers = 0
         parts.append(Part("DeepSpeed buffers", buffers, "default reduce / prefetch buckets"))
     steady = Memory(tuple(parts))
-    load = WORKER_LOAD_BYTES_PER_PARAM * arch.total
-    save = 0
-    if strategy == "deepspeed" and zero_stage == 3 and ZERO3_SAVE_GATHERS_WHOLE_MODEL:
-        gathered = (4 if precision == "fp32" else 2) * arch.total  # every parameter whole, on every rank
-        save = steady.total - steady.get("activations") - steady.get("logits + loss") + gathered
-    nodes = max(1, math.ceil(workers / max(gpus_per_node, 1)))
-    load_host = math.ceil(workers / nodes) * 4 * arch.total  # from_pretrained in fp32 on every worker of a node
-    if host > load_host:
-        reason = (
-            "DeepSpeed's CPU estimate: the offloaded optimizer states"
-            if offload_optimizer
-            else "DeepSpeed's CPU estimate: fp32 copies at initialisation"
-        ) + ", with its 1.5x buffer factor"
+    zero3 = strategy == "deepspeed" and zero_stage == 3
+    per_param = load_bytes_per_param(strategy, precision, zero_stage)
+    if zero3:  # zero.Init: this worker's partition, and one module gathered at a time while the weights load
+        load = weight_bytes * arch.total // workers + weight_bytes * arch.largest_layer
     else:
-        reason = f"{math.ceil(workers / nodes)} workers' fp32 copies while loading"
+        load = per_param * arch.total
+    save = 0
+    if zero3:  # _zero3_consolidated_16bit_state_dict: one module gathered at a time, copied to rank 0's CPU
+        save = (
+            steady.total - steady.get("activations") - steady.get("logits + loss") + weight_bytes * arch.largest_layer
+        )
+    nodes = max(1, math.ceil(workers / max(gpus_per_node, 1)))
+    per_node = math.ceil(workers / nodes)
+    # Host RAM at load: ZeRO-3 reads the checkpoint on rank 0 only (the other ranks build on the meta device);
+    # otherwise every worker of a node materialises the student in its load dtype before moving it.
+    load_host = weight_bytes * arch.total if zero3 else per_node * per_param * arch.total
+    # Host RAM at save: rank 0 holds the whole model on the CPU while it writes (the consolidated 16-bit
+    # weights under ZeRO-3, the module's tensors copied off the device otherwise; DDP moves its fp32 module).
+    save_host = weight_bytes * arch.total
+    states_reason = (
+        "DeepSpeed's CPU estimate: the offloaded optimizer states"
+        if offload_optimizer
+        else "DeepSpeed's CPU estimate: fp32 copies at initialisation"
+    ) + ", with its 1.5x buffer factor"
+    load_reason = (
+        "rank 0 reading the checkpoint; the other ranks build on the meta device"
+        if zero3
+        else f"{per_node} workers' {_dtype_name(per_param)} copies while loading"
+    )
+    save_reason = f"rank 0's {_dtype_name(weight_bytes)} copy of the whole model at the final save"
+    host_per_node, reason = max(
+        [(host, states_reason), (load_host, load_reason), (save_host, save_reason)], key=lambda c: c[0]
+    )
     return TrainerMemory(
-        steady=steady, load=load, save=save, host_per_node=max(host, load_host), estimator=how, host_reason=reason
+        steady=steady,
+        load=load,
+        save=save,
+        host_per_node=host_per_node,
+        estimator=how,
+        host_reason=reason,
+        load_dtype="partitioned by zero.Init" if zero3 else _dtype_name(per_param),
+        states_host=host,
+        save_host=save_host,
+    )
+
+
+def _dtype_name(nbytes: int) -> str:
+    return {4: "fp32", 2: "16-bit"}.get(nbytes, f"{nbytes}-byte")
+
+
+def assembly(arch: Architecture, dtype: str) -> Memory:
+    """Host RAM of the process that assembles ``arch`` (``models.student_init: assemble``) in ``dtype``.
+
+    ``assemble_llava`` loads both parts in ``dtype``, moves them into the LLaVA skeleton without a copy
+    and resizes the LM's embeddings and head for ``<image>``: a new matrix each, whose added row is drawn
+    from the old rows' mean and covariance, computed on an fp32 copy (transformers'
+    ``_init_added_embeddings_weights_with_mean``). The checkpoint is written by reference (safetensors).
+    """
+    a = dtype_bytes(dtype)
+    embedding = arch.text.vocab * arch.text.hidden if arch.text else 0
+    return on_cpu(
+        Memory(
+            (
+                Part("weights", arch.total * a, f"{arch.total / 1e9:.3g}B x {a} B ({dtype})"),
+                Part(
+                    "embedding resize",
+                    embedding * (a + 4) + 4 * (arch.text.hidden**2 if arch.text else 0),
+                    "the new matrix + an fp32 copy of the old one + its covariance",
+                ),
+            )
+        )
     )

@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from mmdc.config import Config, EngineConfig, TrainConfig, eval_benchmarks
+from mmdc.config import Config, EngineConfig, TrainConfig, assemble_dtype, eval_benchmarks
 from mmdc.sizing import memory, timing
 from mmdc.sizing.architectures import Architecture, ModelNotFound, assemble, resolve
 from mmdc.sizing.gpus import MIN_CAPABILITY, Gpu, accelerator_matches, get_gpu
@@ -101,6 +101,7 @@ class Plan:
     problems: list[Problem] = field(default_factory=list)
     notes: list[Problem] = field(default_factory=list)  # worth knowing, not fatal
     config_name: str = ""
+    host_memory: bool = True  # False: trainers on the CPU are not sized (check's host_memory)
 
     @property
     def ok(self) -> bool:
@@ -257,16 +258,20 @@ def check(
     captions: int | None = None,
     gpus_per_node: int = GPUS_PER_NODE,
     config_name: str = "",
+    host_memory: bool = True,
 ) -> Plan:
     """Plan ``cfg`` on ``gpus`` GPUs of kind ``gpu`` (None: a CPU run); ``Plan.problems`` lists what cannot work.
 
     ``gpus`` defaults to the largest phase's need. ``model_configs``: config.json paths for model ids
     the plan cannot size offline. ``rows`` / ``captions``: instructions in D_sin and stage 1 pairs
     for the time estimate (default: from the config, else the paper's). An unknown ``gpu`` name raises
-    ValueError naming the known ones.
+    ValueError naming the known ones. ``host_memory=False`` leaves out the host RAM of trainers on the CPU
+    (DeepSpeed's estimators, whose import costs seconds): ``mmdc.run`` checks a CPU run that way, where host
+    RAM is only reported, never refused.
     """
     kind = get_gpu(gpu) if isinstance(gpu, str) else gpu
     plan = Plan(gpu=kind, gpus=0, models={}, phases=[], workload=None, config_name=config_name)
+    plan.host_memory = host_memory
     asks = _needs_gpus(cfg)
     if asks and kind is None:
         plan.problems.append(
@@ -326,7 +331,7 @@ def _resolve_models(cfg: Config, plan: Plan, model_configs: Mapping[str, str] | 
         key = "models.teacher" if role == "teacher" else "models.student_init"
         try:
             if spec == "assemble":
-                arch = assemble(m.vision_tower, m.language_model, m.projector, model_configs)
+                arch = assemble(m.vision_tower, m.language_model, m.projector, model_configs, assemble_dtype(cfg))
             else:
                 arch = resolve(spec, model_configs)
         except ModelNotFound as err:
@@ -345,13 +350,15 @@ def _resolve_models(cfg: Config, plan: Plan, model_configs: Mapping[str, str] | 
         plan.models[role] = arch
     student = plan.models.get("student")
     if m.student_init == "assemble" and student is not None:
+        dtype = assemble_dtype(cfg)
+        held = memory.assembly(student, dtype)
         plan.notes.append(
             Problem(
                 "models",
                 "models.student_init",
-                "the student is assembled in the driver process in "
-                f"fp32 (mmdc/train/assembly.py): {gib(4 * student.total)} GiB of host RAM on the "
-                "driver's node, once",
+                f"the student is assembled once, in {dtype} (models.assemble_dtype), by a Ray task that asks for "
+                f"{gib(held.total)} GiB of memory ({held.describe()}; mmdc/actors/assembly.py), on any node "
+                "with that much free, not in the driver",
             )
         )
 
@@ -709,6 +716,10 @@ def _trainer_memory(
 def _trainer(cfg: Config, plan: Plan, phase: PhasePlan, t: TrainConfig, gpus_per_node: int) -> None:
     stage, arch, gpu = phase.name, plan.models["student"], plan.gpu
     on_gpu = t.gpus_per_worker > 0 and gpu is not None
+    if not on_gpu and not plan.host_memory:  # nothing to fit on the CPU: skip DeepSpeed's estimators
+        how = f"DeepSpeed ZeRO-{t.zero_stage}" if t.strategy == "deepspeed" else "DDP"
+        phase.deployments.append(Deployment(stage, "student", f"{t.num_workers} workers, {how}, on the CPU", 0, 0.0))
+        return
     lora = bool(t.lora.enabled and stage == "tune")
     tm = _trainer_memory(arch, stage, t, gpus_per_node)
     trainable = arch.trainable(stage, tuple(t.lora.target_modules), t.lora.r if lora else 0)
@@ -742,14 +753,18 @@ def _trainer(cfg: Config, plan: Plan, phase: PhasePlan, t: TrainConfig, gpus_per
     phase.deployments.append(dep)
     dep.lines.append(f"model states: {tm.estimator}")
     dep.lines.append(
-        f"at load {gib(tm.load)} GiB (fp32 copy before the strategy shards it, mmdc/train/worker.py)"
-        + (f"; at the final save {gib(tm.save)} GiB (ZeRO-3 gathers every parameter on every rank)" if tm.save else "")
+        f"at load {gib(tm.load)} GiB ({tm.load_dtype}, mmdc/train/worker.py load_student)"
+        + (
+            f"; at the final save {gib(tm.save)} GiB (ZeRO-3 gathers one module at a time onto rank 0's CPU)"
+            if tm.save
+            else ""
+        )
     )
     if on_gpu:
         phase.host_extra = tm.host_per_node
         dep.lines.append(f"host RAM per node: {gib(tm.host_per_node)} GiB ({tm.host_reason})")
-    else:
-        phase.host_extra = max(0, tm.host_per_node - t.num_workers * tm.load)  # offloaded states only
+    else:  # the workers' own memory is counted per process: add the offloaded states and rank 0's save copy
+        phase.host_extra = (tm.states_host if t.offload_optimizer else 0) + tm.save_host
     if arch.text.max_positions and t.max_length > arch.text.max_positions:
         plan.notes.append(
             Problem(
@@ -786,10 +801,8 @@ def _trainer(cfg: Config, plan: Plan, phase: PhasePlan, t: TrainConfig, gpus_per
             Problem(
                 stage,
                 f"{stage}.offload_optimizer",
-                "the final ZeRO-3 save gathers "
-                f"all {_count(arch.total)} parameters on every rank at once: {gib(tm.save)} GiB "
-                f"per GPU > {gib(usable)} usable on {gpu.name}, after the whole stage has run; "
-                + _alternatives(arch, stage, t, gpus_per_node, usable, "save"),
+                f"the final ZeRO-3 save needs {gib(tm.save)} GiB per GPU > {gib(usable)} usable on {gpu.name}, "
+                "after the whole stage has run; " + _alternatives(arch, stage, t, gpus_per_node, usable, "save"),
             )
         )
     if tm.load * sharing > usable:
@@ -797,10 +810,9 @@ def _trainer(cfg: Config, plan: Plan, phase: PhasePlan, t: TrainConfig, gpus_per
             Problem(
                 stage,
                 "--gpu",
-                "every worker loads the student in fp32 onto its GPU "
-                f"before DeepSpeed shards it ({gib(tm.load)} GiB > {gib(usable)} usable on "
-                f"{gpu.name}; mmdc/train/worker.py): needs a GPU with more memory until the "
-                "loader uses the training dtype (issue 25)",
+                f"every worker loads the student ({tm.load_dtype}) onto its GPU before the strategy wraps it: "
+                f"{gib(tm.load)} GiB > {gib(usable)} usable on {gpu.name} (mmdc/train/worker.py); use a GPU "
+                f"with more memory or {stage}.strategy=deepspeed {stage}.zero_stage=3 (partitioned as it loads)",
             )
         )
     _trainer_time(cfg, plan, phase, t, arch, trainable, lora)

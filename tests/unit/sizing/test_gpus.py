@@ -51,3 +51,19 @@ def test_ray_accelerator_labels():
     assert accelerator_matches("A100-80G", get_gpu("a100-80gb"))
     assert not accelerator_matches("A100-80G", get_gpu("a100-40gb"))
     assert not accelerator_matches("V100", get_gpu("a100-80gb"))
+
+
+def test_detect_reads_the_kind_from_ray_resources():
+    from mmdc.sizing.gpus import detect
+
+    assert detect({"CPU": 8.0})[:2] == (None, 0)  # a CPU cluster (or GPU nodes not started yet)
+    gpu, count, note = detect({"GPU": 8.0, "accelerator_type:A100-80G": 1.0})
+    assert (gpu.name, count) == ("a100-80gb", 8) and "a100-80gb" in note
+    assert detect({"GPU": 4.0, "accelerator_type:H100": 1.0})[0].name == "h100-80gb"
+    # V100 is 16 or 32 GB: settled by one GPU's memory when it can be read, else planned as the smaller
+    assert detect({"GPU": 6.0, "accelerator_type:V100": 1.0}, lambda: 32510)[0].name == "v100-32gb"
+    gpu, _, note = detect({"GPU": 6.0, "accelerator_type:V100": 1.0}, lambda: None)
+    assert gpu.name == "v100-16gb" and "--gpu v100-32gb" in note
+    assert detect({"GPU": 2.0})[0] is None  # no label: --gpu
+    assert detect({"GPU": 2.0, "accelerator_type:V100": 1.0, "accelerator_type:T4": 1.0})[0] is None  # mixed
+    assert detect({"GPU": 2.0, "accelerator_type:MI300X": 1.0})[0] is None  # a kind the plan does not know

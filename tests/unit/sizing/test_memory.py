@@ -78,7 +78,9 @@ def test_zero2_keeps_frozen_weights_whole_and_align_trains_the_projector_only(st
     assert align.save == 0  # only ZeRO-3 gathers on save
 
 
-def test_current_loader_and_zero3_save_peaks(student):
+def test_zero3_loads_partitioned_and_saves_one_module_at_a_time(student):
+    """The fixed loader and save (issue 25): zero.Init partitions as it loads, the save consolidates one module
+    at a time onto rank 0's host RAM; neither holds the whole model on a GPU."""
     tm = memory.trainer(
         student,
         "tune",
@@ -90,10 +92,27 @@ def test_current_loader_and_zero3_save_peaks(student):
         max_length=2048,
         checkpointing=True,
     )
-    assert tm.load == memory.WORKER_LOAD_BYTES_PER_PARAM * student.total  # fp32 on the device before DeepSpeed
-    expected = tm.steady.total - tm.steady.get("activations") - tm.steady.get("logits + loss") + 2 * student.total
-    assert tm.save == expected
-    assert tm.peak == max(tm.steady.total, tm.load, tm.save)
+    assert tm.load == 2 * student.total // 6 + 2 * student.largest_layer  # this rank's partition + one module
+    steady_without_batch = tm.steady.total - tm.steady.get("activations") - tm.steady.get("logits + loss")
+    assert tm.save == steady_without_batch + 2 * student.largest_layer
+    assert tm.save < tm.steady.total and tm.peak == tm.steady.total
+    assert tm.save_host == 2 * student.total  # rank 0's consolidated 16-bit copy
+    assert tm.host_per_node >= tm.save_host and tm.load_dtype == "partitioned by zero.Init"
+
+
+def test_zero2_and_ddp_load_in_their_training_dtype(student):
+    args = dict(precision="fp16", workers=6, micro_batch=1, max_length=512, checkpointing=True)
+    zero2 = memory.trainer(student, "align", strategy="deepspeed", zero_stage=2, **args)
+    ddp = memory.trainer(student, "align", strategy="ddp", zero_stage=0, **args)
+    assert zero2.load == 2 * student.total and ddp.load == 4 * student.total  # DDP's autocast needs fp32 weights
+    assert zero2.save == 0 and zero2.host_per_node == 6 * 2 * student.total  # six workers' 16-bit loads
+
+
+def test_assembly_holds_the_weights_in_its_dtype_and_the_embedding_resize(student):
+    half, full = memory.assembly(student, "float16"), memory.assembly(student, "float32")
+    assert half.get("weights") == 2 * student.total and full.get("weights") == 4 * student.total
+    assert half.get("embedding resize") == 32001 * 4096 * (2 + 4) + 4 * 4096**2
+    assert half.total < 15.5 * GIB < full.total  # 7.06B: ~14.4 GiB in fp16, ~27 GiB in fp32
 
 
 def test_activations_with_and_without_checkpointing(student):
