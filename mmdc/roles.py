@@ -161,6 +161,9 @@ class RefereeParseError(ValueError):
         self.reason = reason
         self.text = text
 
+    def __reduce__(self):  # rebuilt from its fields when it crosses Ray
+        return type(self), (self.reason, self.text)
+
 
 SCORE_MIN, SCORE_MAX = 1.0, 10.0
 

@@ -47,18 +47,25 @@ class EngineError(RuntimeError):
 
     def __init__(self, role: str, ids: Sequence[str], cause: BaseException | str, attempts: int):
         self.role, self.ids, self.attempts = role, list(ids), attempts
+        self.reason = _describe(cause)
         super().__init__(
             f"{role} engine failed on {len(self.ids)} row(s) [{_id_list(self.ids)}] "
-            f"after {attempts} attempt(s): {_describe(cause)}"
+            f"after {attempts} attempt(s): {self.reason}"
         )
+
+    def __reduce__(self):  # rebuilt from its fields when it crosses Ray (the cause as text: it may not pickle)
+        return type(self), (self.role, self.ids, self.reason, self.attempts)
 
 
 class EngineHTTPError(Exception):
     """An HTTP error reply from an OpenAI-compatible endpoint; 408/429/5xx are worth retrying."""
 
     def __init__(self, status: int, message: str, retry_after_s: float | None = None):
-        self.status, self.retry_after_s = status, retry_after_s
+        self.status, self.message, self.retry_after_s = status, message, retry_after_s
         super().__init__(f"HTTP {status}: {message}")
+
+    def __reduce__(self):  # rebuilt from its fields when it crosses Ray
+        return type(self), (self.status, self.message, self.retry_after_s)
 
     @property
     def retryable(self) -> bool:

@@ -46,7 +46,10 @@ class NoSupervisedTokens(ValueError):
             f"sample {sample_id!r}: no answer token survives truncation to max_length={max_length} "
             f"(untruncated length {length}); dropped"
         )
-        self.sample_id = sample_id
+        self.sample_id, self.length, self.max_length = sample_id, length, max_length
+
+    def __reduce__(self):  # rebuilt from its fields when it crosses Ray
+        return type(self), (self.sample_id, self.length, self.max_length)
 
 
 # --------------------------------------------------------------------------------------------
