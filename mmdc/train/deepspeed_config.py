@@ -14,10 +14,13 @@ Choices:
   **fp32** has neither block.
 - ``train_batch_size`` is left out: DeepSpeed derives it from micro batch x accumulation x world
   size, so the same dict works for any number of workers.
-- ZeRO-3 gathers 16-bit weights on save so rank 0 can write a full HF checkpoint.
+- ZeRO-3: ``stage3_gather_16bit_weights_on_model_save`` lets the final save consolidate the 16-bit
+  weights one module at a time onto rank 0 (``DeepSpeedStrategy.save``), which writes the HF checkpoint.
 - ``offload_optimizer`` (ZeRO-2/3) keeps the optimizer states in pinned CPU memory. The loop's torch
   AdamW then steps on the CPU copies, which DeepSpeed only allows with ``zero_force_ds_cpu_optimizer``
-  off (its own ``DeepSpeedCPUAdam`` is faster but compiles an extension at run time).
+  off. DeepSpeed's own ``DeepSpeedCPUAdam`` (SIMD, several times faster on a 7B model) would need its
+  C++ extension compiled at run time on every GPU node (a compiler and ninja there): not used, so the
+  plan's time estimate for offload assumes torch AdamW's speed (``mmdc/sizing/timing.py``).
 - Works on CPU (gloo): no communication overlap, which CPU collectives do not benefit from.
 """
 

@@ -34,11 +34,15 @@ class Strategy(Protocol):
     def load_state(self, root: Path, tag: str) -> None: ...
 
 
-def save_hf(model: Any, processor: Any, output_dir: str, lora: LoraConfig, summary: dict) -> None:
+def save_hf(
+    model: Any, processor: Any, output_dir: str, lora: LoraConfig, summary: dict, state_dict: dict | None = None
+) -> None:
     """Write model + processor in HF format via a temporary folder renamed into place (rank 0 only).
 
     ``train_summary.json`` beside the weights carries the run's summary metrics back to the driver
     (Ray Train V2 keeps only checkpoint-attached metrics in its Result) and documents the checkpoint.
+    ``state_dict``: the weights to write when ``model``'s own are partitioned (ZeRO-3); ``model`` then
+    gives only the config, the class and, with LoRA, the adapter's layout.
     """
     out = Path(output_dir)
     tmp = out.with_name(out.name + ".partial")
@@ -47,15 +51,46 @@ def save_hf(model: Any, processor: Any, output_dir: str, lora: LoraConfig, summa
     (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     if hasattr(model, "peft_config"):
         if lora.merge:
+            if state_dict is not None:
+                model, state_dict = materialise_on_cpu(model, state_dict), None
             model = model.merge_and_unload()  # plain Llava model with W + BA folded in
         else:
-            model.save_pretrained(tmp)  # adapter (+ trained projector) beside the base checkpoint
+            model.save_pretrained(tmp, state_dict=state_dict)  # adapter (+ trained projector) beside the base
             processor.save_pretrained(tmp)
             _rename_into_place(tmp, out)
             return
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     processor.save_pretrained(tmp)
     _rename_into_place(tmp, out)
+
+
+def materialise_on_cpu(model: Any, state_dict: dict) -> Any:
+    """A CPU copy of ``model`` (a peft model whose weights are ZeRO-3 partitions) holding ``state_dict``'s tensors.
+
+    The skeleton is built on the meta device and takes the tensors by assignment (no copy); buffers left out of
+    a state dict (rotary frequencies, position ids) come from ``model``, where ZeRO-3 never partitions them.
+    """
+    import torch
+    from peft import get_peft_model
+
+    base = model.get_base_model()
+    with torch.device("meta"):
+        skeleton = get_peft_model(type(base)(base.config), model.peft_config["default"])
+    result = skeleton.load_state_dict(state_dict, assign=True, strict=False)
+    if result.unexpected_keys or result.missing_keys:
+        raise RuntimeError(
+            f"the consolidated weights do not fit the model: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    trained = dict(model.named_buffers())
+    for name, buffer in skeleton.named_buffers():
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            skeleton.get_submodule(owner).register_buffer(leaf, trained[name].to("cpu"), persistent=False)
+    if any(p.is_meta for p in skeleton.parameters()):
+        raise RuntimeError("the consolidated weights left parameters of the model uninitialised")
+    skeleton.get_base_model().generation_config = base.generation_config
+    return skeleton
 
 
 def _rename_into_place(tmp: Path, out: Path) -> None:
@@ -190,18 +225,14 @@ class DeepSpeedStrategy:
         return float(self.engine.get_lr()[0])
 
     def save(self, output_dir: str, processor: Any, lora: LoraConfig, rank: int, summary: dict) -> None:
+        """Rank 0 writes the HF checkpoint. Under ZeRO-3 every rank first takes part in DeepSpeed's own
+        consolidation (what ``save_16bit_model`` uses): one module's parameters gathered at a time and copied
+        to rank 0's CPU, so no GPU ever holds more than its partition and one module, and rank 0's host RAM
+        the 16-bit model once."""
         module = self.engine.module
-        if self.cfg.zero_stage == 3:
-            import deepspeed
-
-            # All ranks gather the partitioned weights; rank 0 writes them while they are whole.
-            params = list(module.parameters())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                if rank == 0:
-                    save_hf(module, processor, output_dir, lora, summary)
-            return
+        state_dict = self.engine._zero3_consolidated_16bit_state_dict() if self.cfg.zero_stage == 3 else None
         if rank == 0:
-            save_hf(module, processor, output_dir, lora, summary)
+            save_hf(module, processor, output_dir, lora, summary, state_dict=state_dict)
 
     def save_state(self, root: Path, tag: str, rank: int) -> None:
         """DeepSpeed's own checkpoint (every rank its ZeRO shard); frozen weights are left out, they come

@@ -8,6 +8,7 @@ collective sees lives on the worker's device (NCCL has no CPU tensors).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ from mmdc.data.images import load_image, resolve_image
 from mmdc.train import formatting as fmt
 from mmdc.train.assembly import freeze_for_stage
 from mmdc.train.checkpoints import Progress, TrainState
+from mmdc.train.deepspeed_config import deepspeed_config
 from mmdc.train.progress import append_jsonl, eta_seconds, progress_line
 from mmdc.train.strategies import Strategy, make_strategy
 
@@ -72,8 +74,11 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device() if job.train.gpus_per_worker > 0 else torch.device("cpu")
 
-    model, processor = load_student(job.init_checkpoint, job.stage, job.train)
-    model.to(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # zero.Init places this rank's partitions on the current device
+    model, processor = load_student(job.init_checkpoint, job.stage, job.train, job.grad_accum)
+    if not is_zero3(job.train):  # ZeRO-3 partitions are on the device already
+        model.to(device)
     optimizer, scheduler = optimizer_and_schedule(model, job.train, job.total_steps)
     strategy = make_strategy(model, optimizer, scheduler, job.train, job.grad_accum, device)
     feeder = BatchFeeder(processor, job.stage, job.train.max_length, job.seed, job.image_root)
@@ -90,35 +95,87 @@ def train_worker(config: dict[str, Any]) -> None:
     metrics = TrainingLoop(strategy, feeder, job, rank, device, state, progress).run()
     strategy.save(job.output_dir, processor, lora=job.train.lora, rank=rank, summary={**metrics, "world_size": world})
     torch.distributed.barrier()  # the checkpoint is complete before any worker returns
+    if device.type == "cuda" and job.metrics_path:  # what the plan's estimate is checked against (scripts/gpu_check.sh)
+        peak = torch.cuda.max_memory_allocated(device)
+        log.info(
+            "[%s] rank %d: peak GPU memory allocated %.2f GiB (load, training, save)", job.run_name, rank, peak / 2**30
+        )
+        append_jsonl(
+            job.metrics_path, {"event": "gpu_memory", "run": job.run_name, "rank": rank, "max_allocated": peak}
+        )
 
 
-def load_student(path: str, stage: Stage, cfg: TrainConfig) -> tuple[Any, Any]:
-    """Load model + processor, freeze for the stage, add LoRA (tune only), enable checkpointing."""
+def is_zero3(cfg: TrainConfig) -> bool:
+    return cfg.strategy == "deepspeed" and cfg.zero_stage == 3
+
+
+def load_dtype(cfg: TrainConfig) -> str:
+    """The dtype a worker loads the student in: what its strategy keeps on the device, never more.
+
+    - fp32 training, and DDP at any precision: float32. DDP's autocast computes in 16-bit from fp32
+      parameters, and its GradScaler only unscales fp32 gradients: the fp32 weights are the training state.
+    - DeepSpeed fp16 / bf16 (ZeRO 0-3): the 16-bit dtype. ``deepspeed.initialize`` would cast the module to it
+      anyway, and its optimizer keeps the fp32 master copy of the trainable weights itself (partitioned from
+      ZeRO-1 on, in host RAM with ``offload_optimizer``), made from these 16-bit values, as it would be from a
+      cast fp32 load of the same (16-bit) checkpoint.
+    ``mmdc.sizing.memory.load_bytes_per_param`` is the plan's copy of this rule (a test keeps them equal).
+    """
+    if cfg.strategy == "ddp" or cfg.precision == "fp32":
+        return "float32"
+    return {"fp16": "float16", "bf16": "bfloat16"}[cfg.precision]
+
+
+@contextlib.contextmanager
+def zero3_init(cfg: TrainConfig, grad_accum: int) -> Iterator[None]:
+    """Under ZeRO-3, make ``from_pretrained`` build the model inside ``deepspeed.zero.Init``, partitioned as it
+    is created, rank 0 reading the weights and handing each module's out in turn: no rank ever holds the whole
+    model. transformers does this while an ``HfDeepSpeedConfig`` is alive; it is dropped on the way out so
+    nothing else in this process sees ZeRO-3. A no-op for the other strategies."""
+    if not is_zero3(cfg):
+        yield
+        return
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.gpus_per_worker > 0 else "gloo")
+    marker = HfDeepSpeedConfig(deepspeed_config(cfg, grad_accum))
+    try:
+        yield
+    finally:
+        del marker
+        unset_hf_deepspeed_config()
+
+
+def load_student(path: str, stage: Stage, cfg: TrainConfig, grad_accum: int = 1) -> tuple[Any, Any]:
+    """Load model + processor in ``load_dtype`` (ZeRO-3: partitioned by ``zero.Init``), freeze for the stage,
+    add LoRA (tune only), enable checkpointing. The model stays on the CPU, except ZeRO-3 partitions, which
+    ``zero.Init`` puts on the current device."""
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(path)
-    freeze_for_stage(model, stage)
-    if cfg.gradient_checkpointing:
-        model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora.enabled and stage == "tune":
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
+    with zero3_init(cfg, grad_accum):
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, load_dtype(cfg)))
+        processor = AutoProcessor.from_pretrained(path)
+        freeze_for_stage(model, stage)
+        if cfg.gradient_checkpointing:
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora.enabled and stage == "tune":
+            from peft import LoraConfig as PeftLoraConfig
+            from peft import get_peft_model
 
-        targets = "|".join(cfg.lora.target_modules)
-        peft_cfg = PeftLoraConfig(
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            # Only the language model's projections: CLIP's attention has q/k/v_proj too.
-            target_modules=rf".*language_model.*\.({targets})",
-            modules_to_save=["multi_modal_projector"],  # the projector trains fully in stage 2
-        )
-        model = get_peft_model(model, peft_cfg)
-    elif cfg.lora.enabled:
-        log.info("align stage trains only the projector; LoRA settings are ignored")
+            targets = "|".join(cfg.lora.target_modules)
+            peft_cfg = PeftLoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                # Only the language model's projections: CLIP's attention has q/k/v_proj too.
+                target_modules=rf".*language_model.*\.({targets})",
+                modules_to_save=["multi_modal_projector"],  # the projector trains fully in stage 2
+            )
+            model = get_peft_model(model, peft_cfg)
+        elif cfg.lora.enabled:
+            log.info("align stage trains only the projector; LoRA settings are ignored")
     return model, processor
 
 
