@@ -26,10 +26,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from mmdc.actors.assembly import remote_assembler
 from mmdc.actors.handover import await_trainer_resources, deploy_engine, release_engines, remove_stale_apps
 from mmdc.actors.phases import PhaseLog
 from mmdc.actors.resources import clear_resource_request, wait_for_resources
-from mmdc.config import Config, ConfigError, config_from_dict, dump_config, eval_benchmarks, to_dict
+from mmdc.config import Config, ConfigError, assemble_dtype, config_from_dict, dump_config, eval_benchmarks, to_dict
 from mmdc.data.answers import AnswerStore, model_fingerprint
 from mmdc.data.augment import accept_candidates
 from mmdc.data.calibration import assess_table, hard_counts, hard_parents, random_selection
@@ -193,6 +194,8 @@ class Driver:
                 self.cfg.models,
                 teacher=self.teacher,
                 assemble_into=self.run_dir.checkpoint_init(),
+                assemble_dtype=assemble_dtype(self.cfg),
+                assembler=remote_assembler(self.cfg.models, announce),  # a Ray task sized for it, not this process
                 log=announce,
             )
 

@@ -213,27 +213,41 @@ def _load_image_processor(vision_tower: str) -> CLIPImageProcessorPil | None:
         return None
 
 
+def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.float16`` for ``"float16"`` (or a torch dtype as it is); ValueError for anything else."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    return value
+
+
 def assemble_llava(
     vision_tower: str | os.PathLike,
     language_model: str | os.PathLike,
     out_dir: str | os.PathLike,
     projector: Projector = "linear",
     image_size: int | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     chat_template: str = CHAT_TEMPLATE,
     seed: int = 0,
     stop_token: str = STOP_TOKEN,
 ) -> str:
     """Build the student from a CLIP vision tower and a causal LM (paths or hub ids); save it; return out_dir.
 
-    The pretrained weights are moved into the LLaVA model as they are (no copy:
-    a 7B LM is never held twice); only the projector is new (seeded). The LM's
-    tokenizer gains the image token (embeddings resized, new rows at the mean of
-    the old ones) and, if it has none, a pad token (its <unk>, as LLaVA does).
-    ``image_size`` defaults to the vision tower's own and must equal it.
+    The pretrained weights are loaded in ``dtype`` (a torch dtype or its name, e.g. ``"float16"``: the
+    training precision, so a 7B student is 13 GiB, not 26, in memory and on disk) and moved into the
+    LLaVA model as they are (no copy: a 7B LM is never held twice); only the projector is new (seeded).
+    The LM's tokenizer gains the image token (embeddings resized, new rows sampled around the mean of
+    the old ones) and, if it has none, a pad token (its <unk>, as LLaVA does). ``image_size`` defaults
+    to the vision tower's own and must equal it. Memory: the weights in ``dtype`` plus transients
+    (``mmdc.sizing.memory.assembly``); the driver runs this in a Ray task that asks for them
+    (``mmdc/actors/assembly.py``).
     """
     if projector not in PROJECTOR_ACT:
         raise ValueError(f"projector must be one of {sorted(PROJECTOR_ACT)}, got {projector!r}")
+    dtype = torch_dtype(dtype)
     vision_tower, language_model = str(vision_tower), str(language_model)
     vision = CLIPVisionModel.from_pretrained(vision_tower, dtype=dtype)
     size = int(image_size or vision.config.image_size)

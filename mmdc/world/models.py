@@ -12,6 +12,7 @@ anything else        a local path or a hub id, used as it is
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,20 +38,33 @@ def resolve(
     *,
     teacher: str | None = None,
     assemble_into: Path | None = None,
+    assemble_dtype: str = "float32",
+    assembler: Callable[..., str] = assemble_llava,
     log: Callable[[str], None] = print,
 ) -> str:
     """The local path (or hub id) of ``spec``, building tiny models once and assembling a student once.
 
     ``teacher``: the resolved teacher path, needed by ``tiny:student`` beside a world teacher.
-    ``assemble_into``: the folder an ``assemble`` student is written to (kept when it exists).
+    ``assemble_into``: the folder an ``assemble`` student is written to (kept when it exists), in
+    ``assemble_dtype`` (``mmdc.config.assemble_dtype``) by ``assembler`` (``assemble_llava``'s signature;
+    the driver passes one that runs it in a Ray task sized for the model, never in its own process).
     """
     if spec.startswith(TINY_PREFIX):
         return _resolve_tiny(spec, models, teacher, log)
     if spec == "assemble":
         if assemble_into is None:
             raise ValueError("resolve('assemble') needs assemble_into")
-        if not assemble_into.exists():
-            assemble_llava(models.vision_tower, models.language_model, str(assemble_into), projector=models.projector)
+        if not assemble_into.exists():  # written beside it and renamed: a crash never leaves half a student
+            partial = assemble_into.with_name(assemble_into.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            assembler(
+                models.vision_tower,
+                models.language_model,
+                str(partial),
+                projector=models.projector,
+                dtype=assemble_dtype,
+            )
+            os.replace(partial, assemble_into)
         return str(assemble_into)
     return spec
 
