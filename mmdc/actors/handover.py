@@ -1,8 +1,9 @@
 """Handing the accelerators between inference and training: deploy an engine, release every engine, wait for room.
 
 The driver keeps the engines deployed through the inference phases (assess -> augment -> next teach),
-deletes every Serve app before training and waits until the cluster has its resources back, so the
-trainer's workers can take the GPUs; after training it deploys the new student checkpoint.
+deletes every Serve app before training and waits until the cluster has its resources back and its GPUs'
+memory free (``mmdc.actors.release``), so the trainer's workers can take the GPUs; after training it
+deploys the new student checkpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 import ray
 from ray import serve
 
+from mmdc.actors.release import Probe, RayProbe, wait_until_released
 from mmdc.actors.resources import wait_for
 from mmdc.config import EngineConfig, TrainConfig
 from mmdc.engines.backends import build_engine_app
@@ -41,19 +43,15 @@ def remove_stale_apps(engines: list[str], announce: Announce) -> None:
         announce(f"removed the {name} engine left by an earlier attempt")
 
 
-def release_engines(deployed: dict[str, EngineConfig], timeout_s: float = 120) -> float:
-    """Delete the Serve apps of ``deployed`` and wait until the cluster has its CPUs and GPUs back; seconds taken."""
+def release_engines(deployed: dict[str, EngineConfig], timeout_s: float = 180, probe: Probe | None = None) -> float:
+    """Delete the Serve apps of ``deployed`` and wait until the cluster is really free (``mmdc.actors.release``:
+    Ray's CPU and GPU counts, no placement group left reserving GPUs, every GPU's memory free); seconds taken.
+    TimeoutError naming what still holds after ``timeout_s``."""
     start = time.perf_counter()
     for name, engine in deployed.items():
         if engine.backend != "openai":
             serve.delete(name)
-    total = ray.cluster_resources()
-
-    def back() -> bool:
-        available = ray.available_resources()
-        return all(available.get(r, 0) >= total.get(r, 0) - 1e-6 for r in ("CPU", "GPU") if r in total)
-
-    wait_for(back, timeout_s=timeout_s, what="engine resources to be released")
+    wait_until_released(probe or RayProbe(), timeout_s)
     return time.perf_counter() - start
 
 
