@@ -10,7 +10,8 @@ local configs on the meta device (no download, no GPU, no Ray) and prints, per p
 the deployments and trainer workers with their GPUs, the memory per GPU and whether it fits, and a
 wall-time estimate from the throughput assumptions it states. Exit status 2, with one line per
 problem naming the phase, the config key to change and the alternatives, when something cannot fit
-or run. The arithmetic is ``mmdc.sizing``.
+or run. The arithmetic is ``mmdc.sizing``. ``preflight`` is the same check as ``mmdc.run`` runs it before it starts
+anything (``--gpu`` / ``--gpus`` / ``--dry-run``, or the GPU kind of the Ray cluster it joined).
 """
 
 from __future__ import annotations
@@ -105,3 +106,75 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def cluster_gpus() -> tuple[str | None, int, str]:
+    """The connected Ray cluster's GPU kind (a ``--gpu`` name or None), its GPUs now, and how that was decided.
+
+    From ``ray.cluster_resources()``: ``GPU`` and ``accelerator_type:*``. A label several kinds share
+    (``V100``) is settled by one GPU's total memory, read on a GPU node (``mmdc.actors.release``).
+    """
+    import ray
+
+    from mmdc.sizing.gpus import detect
+
+    def memory_mib() -> int | None:
+        from mmdc.actors.release import read_gpu_memory
+
+        node = next((n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("GPU")), None)
+        if node is None:
+            return None
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        reader = ray.remote(num_cpus=0, max_calls=1)(read_gpu_memory)
+        strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        try:
+            rows = ray.get(reader.options(scheduling_strategy=strategy).remote(), timeout=60)
+        except Exception:  # noqa: BLE001 - unread: detect plans with the smaller kind and says so
+            return None
+        return rows[0]["total"] // 2**20 if rows else None
+
+    gpu, count, note = detect(ray.cluster_resources(), memory_mib)
+    return (gpu.name if gpu else None), count, note
+
+
+def preflight(
+    cfg,
+    gpu: str | None,
+    gpus: int | None,
+    config_name: str,
+    *,
+    dry_run: bool = False,
+    from_cluster: bool = False,
+) -> int | None:
+    """``mmdc.run``'s plan: the exit status to stop with (dry run: its plan's; problems: 2), or None to go on.
+
+    ``from_cluster``: no ``--gpu`` was named; take the kind from the connected Ray cluster, and when it has
+    none (a CPU cluster, or an autoscaling one whose GPU nodes have not started) skip the GPU part with a
+    note. The GPU count is checked only when named (``--gpus``): an autoscaler may add nodes, and the
+    driver waits for them itself. A run without GPUs is checked without DeepSpeed's host estimates (cheap).
+    """
+    from mmdc.sizing import check
+
+    note = ""
+    if from_cluster:
+        gpu, count, note = cluster_gpus()
+        print(f"[mmdc] plan: {note}", flush=True)
+    try:
+        plan = check(cfg, gpu, gpus, config_name=config_name, host_memory=dry_run or gpu is not None)
+    except ValueError as err:  # an unknown --gpu kind
+        print(f"mmdc: {err}", file=sys.stderr)
+        return 2
+    problems = plan.problems
+    if gpu is None and from_cluster:
+        skipped = [p for p in problems if p.key == "--gpu"]
+        problems = [p for p in problems if p.key != "--gpu"]
+        if skipped:
+            print(f"[mmdc] plan: GPU part skipped ({note}); name the kind with --gpu to check it", flush=True)
+    if dry_run:
+        print(plan.render(problems=False), flush=True)
+    for problem in problems:
+        print(f"mmdc: plan: {problem}", file=sys.stderr)
+    if dry_run:
+        return 2 if problems else 0
+    return 2 if problems else None

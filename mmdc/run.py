@@ -4,10 +4,12 @@
     python -m mmdc.run --config configs/paper.yaml       # the paper's setup on a GPU cluster
     python -m mmdc.run --set run.iterations=1 --set calibration.tau=0.5
     python -m mmdc.run --resume runs/tiny-20261122-101500      # continue after a crash or preemption
+    python -m mmdc.run --config configs/paper.yaml --dry-run --gpu v100-32gb --gpus 6   # the plan only
     ray job submit --working-dir . -- python -m mmdc.run --config configs/paper.yaml
 
 Parse the CLI and config, check that its input files are there, take the run directory's lock, connect
-to Ray (an existing cluster if there is one, else a local one), start the Driver actor, wait for it, print
+to Ray (an existing cluster if there is one, else a local one), check the plan (``mmdc.plan.preflight``:
+for ``--gpu`` before Ray starts, else for the cluster's own GPU kind), start the Driver actor, wait for it, print
 where the run directory is, or one line saying why the run failed (the traceback goes to its driver.log).
 """
 
@@ -55,6 +57,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--force",
         action="store_true",
         help="with --resume: accept a config that differs from the saved one (--config / --set)",
+    )
+    p.add_argument(
+        "--gpu",
+        default=None,
+        metavar="KIND",
+        help="GPU kind the plan checks the run against, e.g. v100-32gb (default: the Ray cluster's own, from its "
+        "GPU and accelerator_type resources; none there: the GPU part of the plan is skipped)",
+    )
+    p.add_argument("--gpus", type=int, default=None, help="GPUs the plan checks the run against (default: not checked)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan (python -m mmdc.plan's, for --gpu/--gpus) and exit"
     )
     return p.parse_args(argv)
 
@@ -126,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"mmdc: config error: {err}", file=sys.stderr)
         return 2
+    if args.dry_run or args.gpu:  # the plan (mmdc.plan) before anything starts; without --gpu, once Ray is up
+        from mmdc.plan import preflight
+
+        code = preflight(cfg, args.gpu, args.gpus, config or "the built-in defaults", dry_run=args.dry_run)
+        if code is not None:
+            return code
     if args.resume and args.output and Path(args.output).resolve() != Path(args.resume).resolve():
         print("mmdc: --resume continues in its own run directory; drop --output", file=sys.stderr)
         return 2
@@ -162,6 +181,12 @@ def start(args: argparse.Namespace, cfg, forced: list[str], run_dir: Path, lock_
     import ray
 
     connect_ray(args.address, args.num_cpus)
+    if not args.gpu:  # the plan's checks for the cluster's own GPU kind (mmdc.plan.preflight)
+        from mmdc.plan import preflight
+
+        code = preflight(cfg, None, args.gpus, args.config or "the built-in defaults", from_cluster=True)
+        if code is not None:
+            return code
 
     from mmdc.actors.driver import Driver
 
