@@ -6,7 +6,7 @@ the assessment's "hard" marked what the student actually got wrong.
 
 Reads every ``<variant>-seed<k>`` run under the ablation folder (``python -m mmdc.ablate``): the
 conversations each tuning phase trained on (``train/iter_<k>/conversations.parquet``) graded against
-the run's own world scenes (``data/world/scenes.jsonl``) with ``mmdc.world.scenes``. Only meaningful for
+the run's own world scenes (``data/world/scenes.jsonl``) with ``mmdc.world.outputs``. Only meaningful for
 runs on the embedded world (``data.source: world``). Why it exists: when calibration and plain
 distillation differ in student accuracy, this says whether they differed in what they taught. The second
 table grades each assessment (``assessments/iter_<k>.parquet``) the same way: the student's and the
@@ -20,59 +20,15 @@ import argparse
 import re
 import statistics
 import sys
-from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
-from mmdc.world.scenes import FAMILIES, QuestionSpec, Scene, check_answer, load_scenes, parse_question
+from mmdc.world.outputs import assessment_files, grade_assessment, grade_conversations, run_scenes
+from mmdc.world.scenes import FAMILIES
 
 RUN = re.compile(r"^(?P<variant>.+)-seed(?P<seed>\d+)$")
-
-
-def grade_iteration(conversations: pd.DataFrame, scenes: dict) -> dict[str, float]:
-    """Counts for one tuning phase: rows, readable questions, teacher right, and rows per family."""
-    counts: Counter = Counter()
-    for image_id, questions, answers in zip(
-        conversations["image_id"], conversations["questions"], conversations["answers"]
-    ):
-        scene = scenes[image_id]
-        for question, reply in zip(questions, answers):
-            counts["rows"] += 1
-            spec = parse_question(question)
-            if spec is None:
-                continue
-            counts["readable"] += 1
-            counts[spec.family] += 1
-            counts["right"] += bool(check_answer(scene, spec, reply))
-    return dict(counts)
-
-
-def scored_rows(assessments: pd.DataFrame, scenes: dict) -> Iterator[tuple[Any, Scene, QuestionSpec, bool]]:
-    """(row, scene, spec, student right) for each assessment row that was scored and that the world can read."""
-    for row in assessments.itertuples(index=False):
-        spec = parse_question(row.question)
-        if spec is None or pd.isna(row.difficulty):
-            continue
-        scene = scenes[row.image_id]
-        yield row, scene, spec, bool(check_answer(scene, spec, row.student_answer))
-
-
-def grade_assessment(assessments: pd.DataFrame, scenes: dict) -> dict[str, float]:
-    """Counts for one assessment: scored readable rows, hard ones, and student / teacher right in each split."""
-    counts: Counter = Counter()
-    for row, scene, spec, student_right in scored_rows(assessments, scenes):
-        split = "hard" if row.hard else "easy"
-        counts["scored"] += 1
-        counts[split] += 1
-        counts[f"{split}_student_right"] += student_right
-        counts[f"{split}_teacher_right"] += bool(check_answer(scene, spec, row.teacher_answer))
-        verdict = "right" if student_right else "wrong"
-        counts[f"student_{verdict}"] += 1
-        counts[f"score_student_when_{verdict}"] += row.score_student
-    return dict(counts)
 
 
 def collect(root: Path) -> tuple[dict[str, dict[int, list[dict]]], dict[str, dict[int, list[dict]]]]:
@@ -80,16 +36,14 @@ def collect(root: Path) -> tuple[dict[str, dict[int, list[dict]]], dict[str, dic
     taught: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     assessed: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for run in sorted(p for p in root.iterdir() if p.is_dir() and RUN.match(p.name)):
-        scenes_file = run / "data" / "world" / "scenes.jsonl"
-        if not scenes_file.is_file():
+        scenes = run_scenes(run)
+        if scenes is None:
             continue
-        scenes = load_scenes(scenes_file)
         variant = RUN.match(run.name)["variant"]
         for conv in sorted((run / "train").glob("iter_*/conversations.parquet")):
             k = int(conv.parent.name.removeprefix("iter_"))
-            taught[variant][k].append(grade_iteration(pd.read_parquet(conv), scenes))
-        for parquet in sorted((run / "assessments").glob("iter_*.parquet")):
-            k = int(parquet.stem.removeprefix("iter_"))
+            taught[variant][k].append(grade_conversations(pd.read_parquet(conv), scenes))
+        for k, parquet in assessment_files(run).items():
             assessed[variant][k].append(grade_assessment(pd.read_parquet(parquet), scenes))
     return taught, assessed
 

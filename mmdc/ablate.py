@@ -1,9 +1,10 @@
-"""``python -m mmdc.ablate``: the paper's ablations (Tables 4 and 5) and plain distillation, over seeds.
+"""``python -m mmdc.ablate``: MmDC against plain distillation at the same teacher budget, the paper's ablations
+(Tables 4 and 5), over seeds, from one command.
 
-    python -m mmdc.ablate --config configs/tiny.yaml --out runs/ablation --seeds 0,1,2
-    python -m mmdc.ablate --config configs/tiny.yaml --out runs/ablation --preset table4
+    python -m mmdc.ablate --config configs/tiny.yaml --out runs/calibration --preset experiment --budget-from mmdc
+    python -m mmdc.ablate --config configs/tiny.yaml --out runs/ablation --preset table4 --seeds 0,1,2
     python -m mmdc.ablate --out runs/ablation --variant lr_hi:tune.lr=3e-3,tune.epochs=3 --preset mmdc
-    python -m mmdc.ablate --out runs/ablation --summarize-only        # rebuild summary.md from finished runs
+    python -m mmdc.ablate --out runs/calibration --preset experiment --budget-from mmdc --summarize-only
 
 Each variant is a name and config overrides; each (variant, seed) is one ordinary
 run (``mmdc.run.main``, in this process, one Ray cluster for all of them) in its
@@ -11,7 +12,7 @@ own directory ``<out>/<variant>-seed<k>``. A finished run is skipped and an
 interrupted one resumed (``--resume``), so the command can simply be run again
 after a crash. Every variant's config is validated before the first run starts.
 
-Built-in presets (``--preset``; groups ``table4``, ``table5``, ``plain``, ``all``):
+Built-in presets (``--preset``; groups ``experiment``, ``table4``, ``table5``, ``plain``, ``all``):
 
     mmdc        calibration.tau=0.33              the paper's setting: the reference row
     tau_0       calibration.tau=0                 every instruction hard: no easy ones (Table 4)
@@ -20,25 +21,41 @@ Built-in presets (``--preset``; groups ``table4``, ``table5``, ``plain``, ``all`
     no_stage1   align.enabled=false               without multimodal alignment (Table 5)
     plain       calibration.selection=random      plain distillation: no assessment, random parents (issue 9)
 
-The summary (``<out>/summary.md`` and ``summary.json``) has one row per variant:
-mean ± standard deviation over seeds of the final iteration's score per
-benchmark (the paper's one-number Tables 4/5), then every column per benchmark,
-then the headline score per iteration (Figure 4 over seeds) and every column
-per iteration; the teacher's score is the reference row.
+    experiment  mmdc, plain, tau_0, tau_0.67, tau_1: does calibration beat plain distillation, and what does tau do
+
+Same teacher budget (``--budget-from mmdc``): the mmdc arm runs first; then every arm that selects at random
+(``calibration.selection=random``) and sets no share of its own draws, in each iteration, the share of the cache
+pool that mmdc's assessments sent to the augmentor (mean over seeds; ``calibration.random_fractions``), so both
+arms ask for the same number of new questions and teacher answers.
+
+The summary (``<out>/summary.md`` and ``summary.json``) opens with the command that reproduces it, then per
+variant the mean and 95 % confidence interval over seeds of the final score per benchmark (Tables 4/5), of every
+column, and of both per iteration (Figure 4); the paired difference per seed of each ``--pair`` (by default
+mmdc - plain, when both run); the regime figures per arm and iteration (``mmdc.eval.ablation``); and what the
+loop did. ``--summarize-only`` rebuilds it from the runs in ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
-import statistics
+import shlex
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from mmdc.eval.ablation import (
+    SUMMARY_JSON,
+    SUMMARY_MD,
+    Variant,
+    build_summary,
+    measured_parent_shares,
+    render_summary,
+    run_dir,
+    run_status,
+    write_summary,
+)
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "mmdc": ("calibration.tau=0.33",),
@@ -49,23 +66,18 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "plain": ("calibration.selection=random",),
 }
 GROUPS: dict[str, tuple[str, ...]] = {
+    "experiment": ("mmdc", "plain", "tau_0", "tau_0.67", "tau_1"),  # issue 24: calibration vs plain, and tau
     "table4": ("tau_0", "mmdc", "tau_0.67", "tau_1"),  # the paper's tau ablation, in its row order
     "table5": ("mmdc", "no_stage1"),  # with and without stage 1
     "plain": ("mmdc", "plain"),  # MmDC against plain distillation (issue 9)
     "all": tuple(PRESETS),
 }
+DEFAULT_PAIRS = (("mmdc", "plain"),)  # compared seed by seed whenever both arms run
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # a variant name is a directory name
 _KEY = re.compile(r"^[A-Za-z_][\w.]*$")  # a dotted config key
 _OVERRIDE_SPLIT = re.compile(r",\s*(?=[A-Za-z_][\w.]*\s*=)")  # a comma that starts the next key=value
-SUMMARY_MD, SUMMARY_JSON = "summary.md", "summary.json"
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One row of the ablation table: a name and the config overrides that make it."""
-
-    name: str
-    overrides: tuple[str, ...] = ()
+BUDGET_KEY = "calibration.random_fractions"
+_PLACEHOLDER_SHARES = "[0.5]"  # stands in for the measured shares when a budgeted variant's config is validated
 
 
 def parse_variant(text: str) -> Variant:
@@ -124,8 +136,18 @@ def parse_seeds(text: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
-def run_dir(out: Path, variant: Variant, seed: int) -> Path:
-    return out / f"{variant.name}-seed{seed}"
+def parse_pairs(items: Sequence[str], variants: Sequence[Variant]) -> list[tuple[str, str]]:
+    """``--pair A:B`` -> [(A, B)], each naming a chosen variant; none given: ``DEFAULT_PAIRS`` whose arms both run."""
+    names = {v.name for v in variants}
+    if not items:
+        return [(a, b) for a, b in DEFAULT_PAIRS if a in names and b in names]
+    pairs = []
+    for item in items:
+        a, sep, b = item.partition(":")
+        if not sep or a not in names or b not in names or a == b:
+            raise ValueError(f"--pair {item!r}: write A:B with two different variants of this ablation")
+        pairs.append((a, b))
+    return list(dict.fromkeys(pairs))
 
 
 def run_overrides(variant: Variant, seed: int, base: Sequence[str] = ()) -> list[str]:
@@ -133,18 +155,36 @@ def run_overrides(variant: Variant, seed: int, base: Sequence[str] = ()) -> list
     return [*base, *variant.overrides, f"run.seed={seed}", f"run.name={variant.name}-seed{seed}"]
 
 
+# ----------------------------------------------------------------------------- the same teacher budget
+
+
+def needs_budget(variant: Variant) -> bool:
+    """A variant that draws its parents at random and sets no share of its own: ``--budget-from`` gives it one."""
+    keys = {item.partition("=")[0].strip(): item.partition("=")[2].strip() for item in variant.overrides}
+    random = keys.get("calibration.selection") == "random"
+    return random and not any(k.startswith("calibration.random_fraction") for k in keys)
+
+
+def with_shares(variant: Variant, shares: Sequence[float] | str) -> Variant:
+    """``variant`` drawing ``shares`` of the cache pool per iteration (``calibration.random_fractions``)."""
+    value = shares if isinstance(shares, str) else "[" + ", ".join(f"{s:g}" for s in shares) + "]"
+    return Variant(variant.name, (*variant.overrides, f"{BUDGET_KEY}={value}"))
+
+
+def budgeted(
+    out: Path, variants: Sequence[Variant], source: str | None, seeds: Sequence[int]
+) -> tuple[list[Variant], list[float] | None]:
+    """The variants with ``source``'s measured parent shares given to those that ``needs_budget`` (unchanged when
+    ``source`` is None or has no assessment yet), and the shares."""
+    if source is None:
+        return list(variants), None
+    shares = measured_parent_shares(out, next(v for v in variants if v.name == source), seeds)
+    if shares is None:
+        return list(variants), None
+    return [with_shares(v, shares) if needs_budget(v) else v for v in variants], shares
+
+
 # ----------------------------------------------------------------------------- running
-
-
-def _status(path: Path) -> str:
-    """ "new", "finished" or "unfinished" for a run directory."""
-    state = path / "state.json"
-    if not path.exists() or not any(path.iterdir()):
-        return "new"
-    try:
-        return "finished" if json.loads(state.read_text()).get("status") == "finished" else "unfinished"
-    except (OSError, ValueError):
-        return "unfinished"
 
 
 def plan(
@@ -160,7 +200,7 @@ def plan(
     for variant in variants:
         for seed in seeds:
             path = run_dir(out, variant, seed)
-            status = _status(path)
+            status = run_status(path)
             if status == "unfinished":
                 argv = ["--resume", str(path), *ray_args]
             else:
@@ -197,262 +237,18 @@ def run_all(steps: Sequence[tuple[Path, str, list[str]]], runner: Callable[[list
     return outcomes
 
 
-# ----------------------------------------------------------------------------- summary
+def command_line(argv: Sequence[str]) -> str:
+    """The command that reproduces a summary: this invocation without ``--summarize-only`` and ``--dry-run``."""
+    kept = [a for a in argv if a not in ("--summarize-only", "--dry-run")]
+    return "python -m mmdc.ablate " + shlex.join(kept)
 
 
-def final_scores(path: Path) -> tuple[int | None, dict[str, dict[str, float]]]:
-    """(last evaluated iteration, {benchmark: {column: score}}) of one run; (None, {}) if it has none."""
-    from mmdc.eval.iteration import iterations, load_results
-
-    last: int | None = None
-    scores: dict[str, dict[str, float]] = {}
-    for benchmark, runs in load_results(path).items():
-        points = iterations(runs)
-        if not points:
-            continue
-        k, payload = points[-1]
-        last = k if last is None else max(last, k)
-        scores[benchmark] = _numeric(payload)
-    return last, scores
-
-
-def _numeric(payload: dict) -> dict[str, float]:
-    metrics = payload["metrics"]
-    return {
-        c: float(metrics[c])
-        for c in payload.get("columns", [])
-        if isinstance(metrics.get(c), (int, float)) and not isinstance(metrics.get(c), bool)
-    }
-
-
-def _curves(path: Path) -> dict[str, dict[int, dict[str, float]]]:
-    """{benchmark: {iteration: {column: score}}} of one run: Figure 4 (the headline column) and, per
-    column (the world's question families, say), where the student gained or did not."""
-    from mmdc.eval.iteration import iterations, load_results
-
-    return {
-        benchmark: {k: cols for k, p in iterations(runs) if (cols := _numeric(p))}
-        for benchmark, runs in load_results(path).items()
-    }
-
-
-# What each run's loop did, from its metrics.jsonl: (label, phase, key, how one number per run is
-# made, decimals in the table).
-PROCESS = (
-    ("tuning rows per iteration", "teach", "rows", "mean", 1),  # teacher-answered rows the student tuned on
-    ("teacher answers generated", None, "cache_misses", "sum", 1),  # teacher generations over the whole run
-    ("hard ratio", "assess", "hard_ratio", "mean", 2),
-    ("questions generated per iteration", "augment", "generated", "mean", 1),
-    ("acceptance ratio", "augment", "acceptance_ratio", "mean", 2),
-)
-
-
-def process_stats(path: Path) -> dict[str, float]:
-    """One number per ``PROCESS`` row for one run (mean over its iterations, or a sum): what the loop did,
-    so that arms can be compared on their teacher budget and not only on their scores."""
-    metrics = path / "metrics.jsonl"
-    if not metrics.is_file():
-        return {}
-    records = []
-    for line in metrics.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a crash: the others still count
-            continue
-    out: dict[str, float] = {}
-    for label, phase, key, how, _ in PROCESS:
-        values = [
-            float(r[key])
-            for r in records
-            if r.get("phase")
-            and (phase is None or r["phase"] == phase)
-            and isinstance(r.get(key), (int, float))
-            and not isinstance(r.get(key), bool)
-        ]
-        if values:
-            out[label] = sum(values) if how == "sum" else statistics.fmean(values)
-    return out
-
-
-def _stats(values: Sequence[float]) -> dict[str, Any]:
-    """mean, sample standard deviation (None for one value), min, max, n."""
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else None,
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
-
-
-def build_summary(out: Path, variants: Sequence[Variant], seeds: Sequence[int]) -> dict:
-    """Collect every run's final scores and aggregate them per variant (pure: reads the run directories only)."""
-    from mmdc.eval.harness import headline
-    from mmdc.eval.iteration import TEACHER, load_results
-
-    summary: dict[str, Any] = {"seeds": list(seeds), "variants": {}, "teacher": {}, "benchmarks": {}}
-    for variant in variants:
-        per_seed: dict[str, Any] = {}
-        values: dict[str, dict[str, list[float]]] = {}
-        curves: dict[str, dict[int, dict[str, list[float]]]] = {}
-        process: dict[str, list[float]] = {}
-        missing = []
-        for seed in seeds:
-            path = run_dir(out, variant, seed)
-            last, scores = final_scores(path) if path.exists() else (None, {})
-            if not scores:
-                missing.append(seed)
-                continue
-            per_seed[str(seed)] = {"iteration": last, "scores": scores, "finished": _status(path) == "finished"}
-            for benchmark, cols in scores.items():
-                order = summary["benchmarks"].setdefault(benchmark, [])
-                order += [c for c in cols if c not in order]
-                for column, value in cols.items():
-                    values.setdefault(benchmark, {}).setdefault(column, []).append(value)
-            for label, value in process_stats(path).items():
-                process.setdefault(label, []).append(value)
-            for benchmark, curve in _curves(path).items():
-                for k, cols in curve.items():
-                    for column, value in cols.items():
-                        curves.setdefault(benchmark, {}).setdefault(k, {}).setdefault(column, []).append(value)
-            for benchmark, runs in load_results(path).items():
-                if TEACHER in runs and benchmark not in summary["teacher"]:
-                    summary["teacher"][benchmark] = _numeric(runs[TEACHER])
-        per_column = {
-            b: {str(k): {col: _stats(v) for col, v in cols.items()} for k, cols in sorted(c.items())}
-            for b, c in curves.items()
-        }
-        summary["variants"][variant.name] = {
-            "overrides": list(variant.overrides),
-            "runs": per_seed,
-            "missing_seeds": missing,
-            "final": {b: {c: _stats(v) for c, v in cols.items()} for b, cols in values.items()},
-            "per_iteration": {
-                b: {k: cols[headline(b)] for k, cols in c.items() if headline(b) in cols} for b, c in per_column.items()
-            },  # Figure 4: the headline column alone
-            "per_iteration_columns": per_column,
-            "process": {label: _stats(v) for label, v in process.items()},
-        }
-    return summary
-
-
-def _cell(stats: dict | None, decimals: int) -> str:
-    if not stats:
-        return "–"
-    if stats["std"] is None or math.isnan(stats["std"]):
-        return f"{stats['mean']:.{decimals}f}"
-    return f"{stats['mean']:.{decimals}f} ± {stats['std']:.{decimals}f}"
-
-
-def _number(value: float | None, decimals: int) -> str:
-    return "–" if value is None else f"{value:.{decimals}f}"
-
-
-def render_summary(summary: dict) -> str:
-    """The Markdown summary: headline table (Tables 4/5), full columns per benchmark, headline per iteration
-    (Figure 4), every column per iteration, then what the loop did."""
-    from mmdc.eval.harness import TABLE_DECIMALS, headline
-
-    benchmarks = list(summary["benchmarks"])
-    variants = summary["variants"]
-    seeds = ", ".join(str(s) for s in summary["seeds"])
-    lines = [
-        "# Ablation summary",
-        "",
-        f"Mean ± sample standard deviation over seeds ({seeds}) of the student's score after the last "
-        "iteration; `n` is the number of seeds with results. The teacher row is the reference.",
-        "",
-    ]
-    if not benchmarks:
-        return "\n".join(lines + ["No run has evaluation results yet.", ""])
-
-    head = ["variant", "overrides", "n", *[f"{b} {headline(b)}" for b in benchmarks]]
-    lines += ["## Final score per benchmark (paper Tables 4 and 5)", "", _row(head), _rule(len(head))]
-    for name, v in variants.items():
-        n = len(v["runs"])
-        cells = [_cell(v["final"].get(b, {}).get(headline(b)), TABLE_DECIMALS.get(b, 2)) for b in benchmarks]
-        lines.append(_row([name, "`" + ", ".join(v["overrides"]) + "`" if v["overrides"] else "–", str(n), *cells]))
-    teacher = summary["teacher"]
-    if teacher:
-        cells = [_number(teacher.get(b, {}).get(headline(b)), TABLE_DECIMALS.get(b, 2)) for b in benchmarks]
-        lines.append(_row(["teacher (reference)", "–", "–", *cells]))
-    lines.append("")
-
-    for b in benchmarks:
-        columns = summary["benchmarks"][b]
-        decimals = TABLE_DECIMALS.get(b, 2)
-        lines += [f"## {b}: every column", "", _row(["variant", *columns]), _rule(len(columns) + 1)]
-        for name, v in variants.items():
-            lines.append(_row([name, *[_cell(v["final"].get(b, {}).get(c), decimals) for c in columns]]))
-        if b in teacher:
-            lines.append(_row(["teacher (reference)", *[_number(teacher[b].get(c), decimals) for c in columns]]))
-        lines.append("")
-
-        ks = sorted({int(k) for v in variants.values() for k in v["per_iteration"].get(b, {})})
-        if ks:
-            lines += [
-                f"### {b} {headline(b)} per iteration (Figure 4)",
-                "",
-                _row(["variant", *[f"iteration {k}" for k in ks]]),
-                _rule(len(ks) + 1),
-            ]
-            for name, v in variants.items():
-                curve = v["per_iteration"].get(b, {})
-                lines.append(_row([name, *[_cell(curve.get(str(k)), decimals) for k in ks]]))
-            lines.append("")
-            lines += [
-                f"### {b}: every column per iteration",
-                "",
-                _row(["variant", "iteration", *columns]),
-                _rule(len(columns) + 2),
-            ]
-            for name, v in variants.items():
-                for k, cols in v.get("per_iteration_columns", {}).get(b, {}).items():
-                    lines.append(_row([name, k, *[_cell(cols.get(c), decimals) for c in columns]]))
-            lines.append("")
-
-    places = {label: d for label, *_, d in PROCESS}
-    labels = [label for label in places if any(label in v.get("process", {}) for v in variants.values())]
-    if labels:
-        lines += [
-            "## What the loop did (per run, then mean ± std over seeds)",
-            "",
-            "Tuning rows: teacher-answered rows per tuning phase; teacher answers: generations over the "
-            "whole run (cache misses); ratios and questions: mean over iterations.",
-            "",
-            _row(["variant", *labels]),
-            _rule(len(labels) + 1),
-        ]
-        for name, v in variants.items():
-            lines.append(_row([name, *[_cell(v.get("process", {}).get(label), places[label]) for label in labels]]))
-        lines.append("")
-
-    gaps = [
-        f"{name}: seeds {', '.join(map(str, v['missing_seeds']))}" for name, v in variants.items() if v["missing_seeds"]
-    ]
-    unfinished = [f"{name} seed {s}" for name, v in variants.items() for s, r in v["runs"].items() if not r["finished"]]
-    if gaps:
-        lines += ["Runs without results (failed or not run yet): " + "; ".join(gaps) + ".", ""]
-    if unfinished:
-        lines += ["Runs not finished (their last evaluated iteration is used): " + ", ".join(unfinished) + ".", ""]
-    return "\n".join(lines)
-
-
-def _row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def _rule(n: int) -> str:
-    return "|" + "---|" * n
-
-
-def write_summary(out: Path, variants: Sequence[Variant], seeds: Sequence[int]) -> dict:
-    """Build, then write ``summary.md`` and ``summary.json`` into ``out``."""
-    summary = build_summary(out, variants, seeds)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    (out / SUMMARY_MD).write_text(render_summary(summary), encoding="utf-8")
-    return summary
+def recorded_command(out: Path) -> str | None:
+    """The command an earlier summary in ``out`` was made with (``--summarize-only`` keeps it)."""
+    try:
+        return json.loads((out / SUMMARY_JSON).read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -467,7 +263,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--config", default=None, help="base YAML config (default: mmdc.run's, configs/tiny.yaml)")
     p.add_argument("--out", required=True, help="folder for the runs and the summary")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (default: 0,1,2)")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated run seeds (default: 0,1,2,3,4)")
     p.add_argument(
         "--preset",
         action="append",
@@ -490,6 +286,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override for every run, e.g. --set run.iterations=3 (repeatable)",
     )
+    p.add_argument(
+        "--budget-from",
+        default=None,
+        metavar="VARIANT",
+        help="run VARIANT first, then give every random-selection variant without a share of its own VARIANT's "
+        "measured parent share per iteration (the same teacher budget)",
+    )
+    p.add_argument(
+        "--pair",
+        action="append",
+        default=[],
+        metavar="A:B",
+        help="report the paired difference A - B per seed (repeatable; default: mmdc:plain when both run)",
+    )
     p.add_argument("--address", default=None, help="Ray cluster to join (as for python -m mmdc.run)")
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs for a new local Ray cluster")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
@@ -498,6 +308,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     from mmdc.config import ConfigError
     from mmdc.run import DEFAULT_CONFIG
@@ -505,36 +316,71 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         variants = resolve_variants(args.preset, args.variant)
         seeds = parse_seeds(args.seeds)
+        pairs = parse_pairs(args.pair, variants)
+        if args.budget_from is not None and args.budget_from not in {v.name for v in variants}:
+            raise ValueError(f"--budget-from {args.budget_from}: not a variant of this ablation")
     except ValueError as err:
         print(f"mmdc.ablate: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    failed: list[str] = []
     config = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None)
+    source = args.budget_from
+    command = (recorded_command(out) if args.summarize_only else None) or command_line(argv)
+    failed: list[str] = []
     if not args.summarize_only:
+        # The budgeted variants' shares are measured later: validate them with a stand-in.
+        checked = [with_shares(v, _PLACEHOLDER_SHARES) if source and needs_budget(v) else v for v in variants]
         try:
-            validate(config, variants, seeds, args.overrides)
+            validate(config, checked, seeds, args.overrides)
         except ConfigError as err:
             print(f"mmdc.ablate: config error: {err}", file=sys.stderr)
             return 2
         ray_args = (["--address", args.address] if args.address else []) + (
             ["--num-cpus", str(args.num_cpus)] if args.num_cpus is not None else []
         )
-        steps = plan(out, config, variants, seeds, args.overrides, ray_args)
+        first = [v for v in variants if v.name == source]  # the budget's source runs before everything else
+        rest = [v for v in variants if v.name != source]
         if args.dry_run:
-            for path, status, argv in steps:
-                print(f"{path.name} [{status}]: python -m mmdc.run {' '.join(argv)}")
+            later, shares = budgeted(out, first + rest, source, seeds)
+            for path, status, run_argv in plan(out, config, later, seeds, args.overrides, ray_args):
+                print(f"{path.name} [{status}]: python -m mmdc.run {' '.join(run_argv)}")
+            if source and shares is None:
+                print(f"(the random-selection variants get {BUDGET_KEY} from {source}'s runs once they ran)")
             return 0
         from mmdc.run import main as run_main
 
-        outcomes = run_all(steps, run_main)
+        outcomes = run_all(plan(out, config, first, seeds, args.overrides, ray_args), run_main)
+        later, shares = budgeted(out, first + rest, source, seeds)
+        if source and shares is None:
+            print(f"mmdc.ablate: --budget-from {source}: its runs have no assessment", file=sys.stderr)
+            later = [v for v in later if not (v.name != source and needs_budget(v))]
+        elif source:
+            print(f"[ablate] parent shares per iteration from {source}: {shares}", flush=True)
+        outcomes += run_all(plan(out, config, later[len(first) :], seeds, args.overrides, ray_args), run_main)
         failed = [o["run"] for o in outcomes if o["rc"] != 0]
         if failed:
             print(f"mmdc.ablate: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-    write_summary(out, variants, seeds)
+    reported, _ = budgeted(out, variants, source, seeds)
+    write_summary(out, reported, seeds, pairs, command)
     print(f"mmdc.ablate: summary in {out / SUMMARY_MD}")
     return 1 if failed else 0
 
+
+__all__ = [
+    "GROUPS",
+    "PRESETS",
+    "SUMMARY_JSON",
+    "SUMMARY_MD",
+    "Variant",
+    "build_summary",
+    "main",
+    "parse_variant",
+    "plan",
+    "render_summary",
+    "resolve_variants",
+    "run_all",
+    "write_summary",
+]
 
 if __name__ == "__main__":
     sys.exit(main())

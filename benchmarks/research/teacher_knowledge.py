@@ -48,13 +48,13 @@ sys.path[:0] = [
     str(Path(__file__).resolve().parents[1]),
 ]  # research/, benchmarks/
 
-from distillation_data import scored_rows  # noqa: E402
 from teacher_quality import load_test_split  # noqa: E402
 
 from mmdc import roles  # noqa: E402
 from mmdc.train.formatting import IGNORE_INDEX, collate, pixel_values  # noqa: E402
 from mmdc.world import scenes as world  # noqa: E402
 from mmdc.world import teacher as wt  # noqa: E402
+from mmdc.world.outputs import scored_rows  # noqa: E402
 
 SCORE_PREFIX = "The scores for Assistant 1 and 2 are"
 MARGIN = 0.5  # "judges": correct-first scores at least this much higher (half a point of the 1-10 scale)

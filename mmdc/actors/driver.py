@@ -269,7 +269,7 @@ class Driver:
             cache = pd.read_parquet(self.run_dir.pool(k - 1, "cache"))
             calibration = self.cfg.calibration
             if calibration.selection == "random":  # plain distillation (ablation): no student, no referee
-                picked = random_selection(cache, calibration.random_fraction, seed=self.cfg.run.seed, iteration=k)
+                picked = random_selection(cache, calibration.parent_share(k), seed=self.cfg.run.seed, iteration=k)
                 atomic_write_table(self.run_dir.assessment(k), pa.Table.from_pandas(picked, preserve_index=False))
                 hard = int(picked["hard"].sum())
                 record.update(rows=len(picked), selection="random", hard=hard, easy=len(picked) - hard)

@@ -144,7 +144,7 @@ def _fake_run(
     (root / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + '\n{"cut by a cra')
 
 
-def test_summary_mean_and_spread_over_seeds(tmp_path):
+def test_summary_mean_and_confidence_interval_over_seeds(tmp_path):
     _fake_run(tmp_path, "mmdc", 0, [20.0, 40.0, 60.0])
     _fake_run(tmp_path, "mmdc", 1, [22.0, 44.0, 70.0])
     _fake_run(tmp_path, "plain", 0, [20.0, 30.0, 50.0])
@@ -157,6 +157,7 @@ def test_summary_mean_and_spread_over_seeds(tmp_path):
     summary = ablate.write_summary(tmp_path, variants, [0, 1])
     final = summary["variants"]["mmdc"]["final"]["world"]["Avg"]
     assert final["mean"] == 65.0 and final["std"] == pytest.approx(statistics.stdev([60.0, 70.0])) and final["n"] == 2
+    assert final["half"] == pytest.approx(12.7062 * final["std"] / 2**0.5, rel=1e-4)  # t with 1 df
     plain = summary["variants"]["plain"]
     assert plain["final"]["world"]["Avg"]["mean"] == 42.5 and plain["runs"]["1"]["iteration"] == 1
     assert summary["variants"]["tau_1"]["missing_seeds"] == [0, 1]
@@ -165,17 +166,17 @@ def test_summary_mean_and_spread_over_seeds(tmp_path):
 
     text = (tmp_path / ablate.SUMMARY_MD).read_text()
     assert "| variant | overrides | n | world Avg |" in text
-    assert "| mmdc | `calibration.tau=0.33` | 2 | 65.00 ± 7.07 |" in text
-    assert "| plain | `calibration.selection=random` | 2 | 42.50 ± 10.61 |" in text
+    assert "| mmdc | `calibration.tau=0.33` | 2 | 65.00 ± 63.53 |" in text
+    assert "| plain | `calibration.selection=random` | 2 | 42.50 ± 95.30 |" in text
     assert "| tau_1 | `calibration.tau=1` | 0 | – |" in text
     assert "| teacher (reference) | – | – | 90.00 |" in text
-    assert "| variant | Avg | exist |" in text and "| mmdc | 65.00 ± 7.07 | 66.00 ± 7.07 |" in text
+    assert "| variant | Avg | exist |" in text and "| mmdc | 65.00 ± 63.53 | 66.00 ± 63.53 |" in text
     assert "| variant | iteration 0 | iteration 1 | iteration 2 |" in text
-    assert "| plain | 20.50 ± 0.71 | 32.50 ± 3.54 | 50.00 |" in text  # one seed reached iteration 2: no spread
+    assert "| plain | 20.50 ± 6.35 | 32.50 ± 31.77 | 50.00 |" in text  # one seed reached iteration 2: no interval
     per_column = summary["variants"]["mmdc"]["per_iteration_columns"]["world"]
     assert per_column["2"]["exist"]["mean"] == 66.0 and per_column["2"]["exist"]["n"] == 2
     assert "| variant | iteration | Avg | exist |" in text
-    assert "| mmdc | 1 | 42.00 ± 2.83 | 43.00 ± 2.83 |" in text
+    assert "| mmdc | 1 | 42.00 ± 25.41 | 43.00 ± 25.41 |" in text
     assert "| plain | 2 | 50.00 | 51.00 |" in text  # one seed reached iteration 2
     assert "tau_1: seeds 0, 1" in text and "plain seed 1" in text
     process = summary["variants"]["mmdc"]["process"]  # seed runs of 2 iterations: k = 1, 2
@@ -207,3 +208,79 @@ def test_cli_dry_run_and_config_errors(tmp_path, capsys):
     _fake_run(tmp_path, "mmdc", 0, [10.0, 20.0])
     assert ablate.main(["--out", str(tmp_path), "--preset", "mmdc", "--seeds", "0", "--summarize-only"]) == 0
     assert "| mmdc | `calibration.tau=0.33` | 1 | 20.00 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_experiment_group_pairs_and_which_arms_get_the_budget():
+    experiment = ablate.resolve_variants(["experiment"], [])
+    assert [v.name for v in experiment] == ["mmdc", "plain", "tau_0", "tau_0.67", "tau_1"]
+    assert ablate.parse_pairs([], experiment) == [("mmdc", "plain")]  # the default pair, when both run
+    assert ablate.parse_pairs([], experiment[2:]) == []
+    assert ablate.parse_pairs(["tau_0:mmdc", "tau_0:mmdc"], experiment) == [("tau_0", "mmdc")]
+    for bad in ("mmdc", "mmdc:nope", "mmdc:mmdc"):
+        with pytest.raises(ValueError, match="--pair"):
+            ablate.parse_pairs([bad], experiment)
+    plain = Variant("plain", ("calibration.selection=random",))
+    assert ablate.needs_budget(plain) and not ablate.needs_budget(Variant("mmdc", ("calibration.tau=0.33",)))
+    assert not ablate.needs_budget(Variant("p", ("calibration.selection=random", "calibration.random_fraction=0.3")))
+    given = ablate.with_shares(plain, [0.8125, 0.25])
+    assert given.overrides[-1] == "calibration.random_fractions=[0.8125, 0.25]"
+    ablate.validate(TINY, [given], [0], ["run.iterations=2"])  # a config that loads
+
+
+def _runner(calls: list[list[str]]):
+    """Stands in for mmdc.run.main: writes a finished two-iteration run where --output points; an mmdc run's
+    assessments send 3 of 4 and then 1 of 4 cache-pool rows to the augmentor."""
+
+    def run(argv: list[str]) -> int:
+        calls.append(argv)
+        root = Path(argv[argv.index("--output") + 1])
+        sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        seed = int(next(s for s in sets if s.startswith("run.seed=")).split("=")[1])
+        for k, avg in enumerate([10.0, 20.0 + seed, 30.0 + seed]):
+            write_named_results(root / "eval" / "world", f"iter_{k}", "world", {"Avg": avg, "n": 10}, [])
+        random = "calibration.selection=random" in sets
+        records = []
+        for k, hard in ((1, 3), (2, 1)):
+            records.append({"iteration": k, "phase": "teach", "rows": 8, "cache_misses": 8})
+            assess = {"iteration": k, "phase": "assess", "rows": 4, "hard": 2 if random else hard}
+            records.append({**assess, "easy": 4 - assess["hard"], **({"selection": "random"} if random else {})})
+        (root / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+        (root / "state.json").write_text(json.dumps({"status": "finished"}))
+        return 0
+
+    return run
+
+
+def test_budget_from_runs_the_source_first_and_gives_plain_its_shares(tmp_path, monkeypatch, capsys):
+    import mmdc.run
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(mmdc.run, "main", _runner(calls))
+    out = str(tmp_path / "abl")
+    argv = ["--config", TINY, "--out", out, "--seeds", "0,1", "--preset", "plain", "--budget-from", "mmdc"]
+    argv += ["--variant", "tau_1", "--set", "run.iterations=2"]
+    assert ablate.main(["--variant", "plain", "--budget-from", "mmdc", "--out", out]) == 2  # no mmdc arm
+    assert ablate.main([*argv, "--dry-run"]) == 0
+    assert "from mmdc's runs once they ran" in capsys.readouterr().out and not calls
+
+    assert ablate.main(argv) == 0
+    names = [Path(c[c.index("--output") + 1]).name for c in calls]
+    assert names == ["mmdc-seed0", "mmdc-seed1", "plain-seed0", "plain-seed1", "tau_1-seed0", "tau_1-seed1"]
+    assert (
+        "calibration.random_fractions=[0.75, 0.25]" in calls[2]
+        and "calibration.random_fractions=[0.75, 0.25]" in calls[3]
+    )
+    assert not any("random_fractions" in a for c in calls[:2] + calls[4:] for a in c)
+
+    text = (tmp_path / "abl" / ablate.SUMMARY_MD).read_text()
+    command = "python -m mmdc.ablate " + " ".join(argv)
+    assert text.split("\n")[4] == "    " + command  # the command comes first
+    assert "| plain | `calibration.selection=random, calibration.random_fractions=[0.75, 0.25]` | 2 |" in text
+    assert "## Paired difference mmdc - plain (same seed)" in text
+
+    calls.clear()  # run again: every run is finished and kept; the summary keeps its command
+    assert ablate.main([*argv, "--summarize-only"]) == 0 and not calls
+    assert ablate.main(["--out", out, "--preset", "plain", "--seeds", "0,1", "--summarize-only"]) == 0
+    assert command in (tmp_path / "abl" / ablate.SUMMARY_MD).read_text()
+    assert ablate.main([*argv, "--dry-run"]) == 0
+    assert "plain-seed0 [finished]" in capsys.readouterr().out

@@ -193,3 +193,13 @@ def test_input_files_must_exist_naming_each_missing_key(tmp_path):
                 ],
             )
         )
+
+
+def test_random_fractions_per_iteration_and_old_configs_keep_one_share():
+    cal = load_config(None, []).calibration
+    assert cal.random_fractions is None and cal.parent_share(1) == cal.parent_share(3) == cal.random_fraction
+    cal = load_config(None, ["calibration.selection=random", "calibration.random_fractions=[0.8, 0.25, 0]"]).calibration
+    assert [cal.parent_share(k) for k in (1, 2, 3, 4)] == [0.8, 0.25, 0.0, 0.0]  # the last share repeats
+    for bad in ("[]", "[0.5, 1.5]", "[.nan]", "0.5"):
+        with pytest.raises(ConfigError, match="random_fractions"):
+            load_config(None, [f"calibration.random_fractions={bad}"])
