@@ -106,6 +106,12 @@ def remote_assembler(models: ModelsConfig, announce: Announce) -> Callable[..., 
             f"assembling the student in {dtype} in a Ray task "
             + (f"that asks for {need / 1024**3:.1f} GiB of memory" if need else "(its size unknown: no memory asked)")
         )
+        largest = max((n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+        if need and need > largest:  # Ray keeps the task pending until a node has it: say so instead of hanging
+            announce(
+                f"no node has {need / 1024**3:.1f} GiB of Ray memory for the assembly now (the largest "
+                f"{largest / 1024**3:.1f}): it waits until one has (an autoscaler may add it)"
+            )
         task = ray.remote(max_calls=1)(assemble_and_report).options(**options)  # its process exits afterwards
         report: AssemblyReport = ray.get(
             task.remote(vision_tower, language_model, out_dir, projector=projector, dtype=dtype)

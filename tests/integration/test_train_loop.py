@@ -2,8 +2,9 @@
 
 Each test trains a few optimizer steps on a tiny repeated batch and checks what a user relies on:
 the loss falls, the checkpoint reloads with ``from_pretrained`` (model and processor) and
-generates, stage 1 changes only the projector, LoRA merges, ZeRO-3 gathers before saving, and an
-interrupted run resumes from its saved state to the same weights as an uninterrupted one.
+generates, stage 1 changes only the projector, LoRA merges (ZeRO-2 and ZeRO-3), ZeRO-3 consolidates
+before saving, and an interrupted run resumes from its saved state to the same weights as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -209,7 +210,8 @@ def test_align_ddp_changes_only_the_projector(ray_cluster, tiny_world, tmp_path)
     assert any("weight" in k for k in changed)
 
 
-def test_lora_merged_checkpoint_reloads(ray_cluster, tiny_world, tmp_path):
+@pytest.mark.parametrize("zero_stage", [2, 3])  # ZeRO-3: consolidated onto rank 0, merged there (issue 25)
+def test_lora_merged_checkpoint_reloads(ray_cluster, tiny_world, tmp_path, zero_stage):
     import ray
 
     lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], merge=True)
@@ -218,7 +220,7 @@ def test_lora_merged_checkpoint_reloads(ray_cluster, tiny_world, tmp_path):
         init_checkpoint=tiny_world["ckpt"],
         output_dir=str(tmp_path / "lora"),
         dataset=ray.data.from_items(tiny_world["conversations"]),
-        train_cfg=_cfg(epochs=2, lora=lora),
+        train_cfg=_cfg(epochs=2, lora=lora, zero_stage=zero_stage),
         seed=1,
         image_root=str(tiny_world["root"]),
         run_name="lora",
