@@ -162,7 +162,7 @@ def test_tune_deepspeed_zero2_loss_falls_and_checkpoint_reloads(tiny_world, zero
 
 def test_interrupted_training_resumes_from_its_last_state(tiny_world, zero2_run, tmp_path):
     """Stop after step 7 (state saved at step 5), call again: steps 6-12 retrained, result as if never stopped."""
-    import cloudpickle
+    from ray import cloudpickle  # Ray's own copy: registering with the standalone package would not reach Ray
 
     from mmdc.train.checkpoints import read_train_state, train_state_dir
 
