@@ -50,7 +50,7 @@ def _pip_installs(commands: list[str]) -> list[list[str]]:
             words = shlex.split(part)
             for i in range(len(words) - 1):
                 if words[i].endswith("pip") and words[i + 1] == "install":
-                    found.append(words[i + 2:])
+                    found.append(words[i + 2 :])
     return found
 
 
@@ -107,8 +107,9 @@ def test_launcher_config_has_cpu_head_and_autoscaling_gpu_workers_for_its_preset
         total += gpus * t["max_workers"]
     assert cfg["max_workers"] >= max(t["max_workers"] for t in workers.values())
     preset = load_config(ROOT / PRESET_OF[path.name][0])
-    peak = max(preset.align.num_workers, preset.tune.num_workers,
-               sum(e.replicas * e.num_gpus for e in preset.engines.values()))
+    peak = max(
+        preset.align.num_workers, preset.tune.num_workers, sum(e.replicas * e.num_gpus for e in preset.engines.values())
+    )
     assert total >= peak, f"{path.name}: {total} GPUs for a preset that needs {peak}"
 
 
@@ -139,8 +140,11 @@ def test_ray_is_pinned_to_the_images_release_everywhere_pip_runs(path):
     assert release, f"{path.name}: GPU workers need a Ray image with CUDA, got {docker['image']}"
     assert docker["head_image"] == f"rayproject/ray:{release[1]}-py311", "the CPU head runs Ray's CPU image"
     assert release[1] == ray.__version__  # the release the project is tested with
-    commands = cfg["setup_commands"] + cfg["head_setup_commands"] + [
-        c for t in _worker_types(cfg).values() for c in t.get("worker_setup_commands", [])]
+    commands = (
+        cfg["setup_commands"]
+        + cfg["head_setup_commands"]
+        + [c for t in _worker_types(cfg).values() for c in t.get("worker_setup_commands", [])]
+    )
     installs = _pip_installs(commands)
     assert installs
     for args in installs:  # ray>=2.50 alone lets pip backtrack Ray to satisfy another pin
@@ -162,8 +166,9 @@ def test_gcp_boots_a_deep_learning_vm_family_with_a_driver_for_cuda13():
         (disk,) = node["node_config"]["disks"]
         image = disk["initializeParams"]["sourceImage"]
         # torch 2.13 (the vllm extra) is a CUDA 13.0 build: NVIDIA driver >= 580
-        assert re.fullmatch(r"projects/deeplearning-platform-release/global/images/family/common-cu\d+-ubuntu-\d+-nvidia-(\d+)",
-                            image), f"{name}: {image}"
+        assert re.fullmatch(
+            r"projects/deeplearning-platform-release/global/images/family/common-cu\d+-ubuntu-\d+-nvidia-(\d+)", image
+        ), f"{name}: {image}"
         assert int(image.rsplit("-", 1)[1]) >= 580
 
 
@@ -243,8 +248,9 @@ def test_kuberay_pods_are_sized_for_the_presets_replicas_and_workers():
         image = container["image"]
         assert re.fullmatch(r"rayproject/ray:[\d.]+-py311-cu12\d", image), image  # V100 preset: CUDA 12
     # one replica of an engine (tensor parallel over its num_gpus) and one trainer worker live in one pod
-    biggest = max([e.num_gpus for e in preset.engines.values()] + [preset.tune.gpus_per_worker,
-                                                                   preset.align.gpus_per_worker])
+    biggest = max(
+        [e.num_gpus for e in preset.engines.values()] + [preset.tune.gpus_per_worker, preset.align.gpus_per_worker]
+    )
     assert biggest <= max(pod_gpus), f"a replica needs {biggest} GPUs in one pod, pods have {pod_gpus}"
     assert check_fits(preset, total) == [], check_fits(preset, total)
 
@@ -296,15 +302,17 @@ def test_kuberay_runtime_env_merges_with_the_one_mmdc_run_passes(monkeypatch, tm
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     from mmdc import run
 
-    with pytest.raises(Stop):
-        run.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--output", str(tmp_path / "run")])
+    # mmdc.run reports a failed start in one line and returns 1; what matters here is what it passed to ray.init
+    assert run.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--output", str(tmp_path / "run")]) == 1
     driver_env = passed["runtime_env"]
     assert driver_env.get("env_vars"), "mmdc.run sets env vars of its own (the point of this test)"
 
     job_env = yaml.safe_load(_load(KUBERAY)["spec"]["runtimeEnvYAML"])
     merged = _merge_runtime_env(job_env, driver_env, override=False)
-    assert merged is not None, (f"Ray refuses the job: the manifest sets {sorted(job_env.get('env_vars', {}))}, "
-                                f"mmdc.run sets {sorted(driver_env['env_vars'])}")
+    assert merged is not None, (
+        f"Ray refuses the job: the manifest sets {sorted(job_env.get('env_vars', {}))}, "
+        f"mmdc.run sets {sorted(driver_env['env_vars'])}"
+    )
     assert merged["env_vars"] == {**job_env.get("env_vars", {}), **driver_env["env_vars"]}
     assert merged["pip"] == job_env["pip"] and merged["working_dir"] == job_env["working_dir"]
     # the guard: a manifest that repeats one of mmdc.run's variables is what Ray refuses
@@ -328,7 +336,15 @@ def test_grafana_dashboard_names_only_defined_metrics():
 
 def test_grafana_dashboard_covers_the_issue_metrics():
     text = (CLUSTER / "grafana" / "mmdc-dashboard.json").read_text()
-    for name in ("ray_mmdc_rows_total", "ray_mmdc_hard_ratio", "ray_mmdc_acceptance_ratio", "ray_mmdc_unscored_total",
-                 "ray_mmdc_train_loss", "ray_mmdc_train_samples_per_second", "ray_mmdc_phase_last_duration_seconds",
-                 "ray_mmdc_iteration", "ray_mmdc_phase_active"):
+    for name in (
+        "ray_mmdc_rows_total",
+        "ray_mmdc_hard_ratio",
+        "ray_mmdc_acceptance_ratio",
+        "ray_mmdc_unscored_total",
+        "ray_mmdc_train_loss",
+        "ray_mmdc_train_samples_per_second",
+        "ray_mmdc_phase_last_duration_seconds",
+        "ray_mmdc_iteration",
+        "ray_mmdc_phase_active",
+    ):
         assert name in text, name
