@@ -33,13 +33,13 @@ def serve_endpoint(
     """
     from ray import serve
 
-    from mmdc.engines.backends import build_engine_app
+    from mmdc.engines.backends import build_engine_app, deploy_app
 
     if engine.backend != "hf":
         raise ValueError(f"only the hf backend is served over HTTP here, not {engine.backend!r}")
     validate_engine("endpoint", engine)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_engine_app(engine, model_path), name=name, route_prefix=f"/{name}/v1")
+    deploy_app(build_engine_app(engine, model_path, engine_name=name), name, route_prefix=f"/{name}/v1")
     return f"http://{host}:{port}/{name}/v1"
 
 

@@ -17,7 +17,7 @@ from ray import serve
 from mmdc.actors.release import Probe, RayProbe, wait_until_released
 from mmdc.actors.resources import wait_for
 from mmdc.config import EngineConfig, TrainConfig
-from mmdc.engines.backends import build_engine_app
+from mmdc.engines.backends import build_engine_app, deploy_app
 
 Announce = Callable[[str], None]
 
@@ -25,10 +25,10 @@ Announce = Callable[[str], None]
 def deploy_engine(name: str, engine: EngineConfig, model_path: str) -> float:
     """Serve ``model_path`` as the app ``name`` (nothing for an ``openai`` endpoint); returns the seconds it took."""
     start = time.perf_counter()
-    app = build_engine_app(engine, model_path)
+    app = build_engine_app(engine, model_path, engine_name=name)
     if app is not None:
         serve.start(proxy_location="Disabled")
-        serve.run(app, name=name, route_prefix=None)
+        deploy_app(app, name)  # a replica that refuses its device raises EngineRefused: one line naming the key
     return time.perf_counter() - start
 
 
