@@ -135,7 +135,8 @@ class EngineConfig:
     num_gpus: float = 0.0  # GPUs per replica (vllm: must equal tensor_parallel_size)
     max_batch_size: int = 16  # rows generated together in one forward batch (vllm: max_num_seqs)
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"  # fp16 on V100 (no bf16 there)
-    # hf only: auto = xformers' memory-efficient kernels on CUDA when installed (the gpu extra), else SDPA
+    # hf only: auto = xformers' kernels on CUDA when installed (the xformers extra) and a test call on the replica's
+    # device succeeds, else SDPA
     attention: Literal["auto", "sdpa", "eager", "xformers"] = "auto"
     # batch: one Serve request per Ray Data batch (fastest for hf on CPU); row: one request per row,
     # batched on the replica (hf: @serve.batch; vllm: continuous batching). openai is always per row.

@@ -561,8 +561,8 @@ def _capabilities(plan: Plan, phase: str, key: str, e: EngineConfig, dtype: str,
                 f"{key}.attention",
                 f"{key}.attention={e.attention} uses xformers where it is "
                 f"installed; on {gpu.name} (sm_{gpu.capability * 10:.0f}) only builds with those "
-                "CUTLASS kernels run: attention sdpa is the safe choice until a test call confirms "
-                "them (issue 26)",
+                "CUTLASS kernels run: auto falls back to SDPA when the replica's test call of the "
+                "kernel fails, an explicit xformers is refused at deploy",
             )
         )
     if e.backend == "vllm" and e.accelerator_type and not accelerator_matches(e.accelerator_type, gpu):
