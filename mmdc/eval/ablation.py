@@ -345,36 +345,32 @@ def _pair(a: str, b: str, raw: dict, finals: dict) -> dict:
     and per iteration, for every benchmark and column."""
     final: dict[str, dict[str, Any]] = {}
     seeds = [s for s in finals[a] if s in finals[b] and finals[a][s][0] == finals[b][s][0]]
-    for benchmark in {bm for s in seeds for bm in finals[a][s][1]}:
-        columns = {c for s in seeds for c in finals[a][s][1].get(benchmark, {})}
-        for column in columns:
-            left = {
-                s: finals[a][s][1][benchmark][column] for s in seeds if column in finals[a][s][1].get(benchmark, {})
-            }
-            right = {
-                s: finals[b][s][1][benchmark][column] for s in seeds if column in finals[b][s][1].get(benchmark, {})
-            }
+    last = {arm: {s: finals[arm][s][1] for s in seeds} for arm in (a, b)}  # {seed: {benchmark: {column: score}}}
+    for benchmark in sorted({bm for s in seeds for bm in last[a][s]}):
+        for column in sorted({c for s in seeds for c in last[a][s].get(benchmark, {})}):
+            left, right = (
+                {s: sc[benchmark][column] for s, sc in last[arm].items() if column in sc.get(benchmark, {})}
+                for arm in (a, b)
+            )
             result = paired(left, right)
             if result is not None:
                 final.setdefault(benchmark, {})[column] = _with_arms(result, left, right)
     per_iteration: dict[str, dict[str, dict[str, Any]]] = {}
-    for benchmark in {bm for curves_ in raw[a].values() for bm in curves_}:
-        ks = sorted({k for curves_ in raw[a].values() for k in curves_.get(benchmark, {})})
-        for k in ks:
-
-            def at(arm: str, column: str, k: int = k, benchmark: str = benchmark) -> dict[int, float]:
-                return {
-                    s: c[benchmark][k][column] for s, c in raw[arm].items() if column in c.get(benchmark, {}).get(k, {})
-                }
-
-            columns = {c for curves_ in raw[a].values() for c in curves_.get(benchmark, {}).get(k, {})}
-            for column in columns:
-                result = paired(at(a, column), at(b, column))
+    for benchmark in sorted({bm for run_curves in raw[a].values() for bm in run_curves}):
+        for k in sorted({k for run_curves in raw[a].values() for k in run_curves.get(benchmark, {})}):
+            columns = {c for run_curves in raw[a].values() for c in run_curves.get(benchmark, {}).get(k, {})}
+            for column in sorted(columns):
+                left, right = _scores_at(raw[a], benchmark, k, column), _scores_at(raw[b], benchmark, k, column)
+                result = paired(left, right)
                 if result is not None:
-                    per_iteration.setdefault(benchmark, {}).setdefault(str(k), {})[column] = _with_arms(
-                        result, at(a, column), at(b, column)
-                    )
+                    cell = per_iteration.setdefault(benchmark, {}).setdefault(str(k), {})
+                    cell[column] = _with_arms(result, left, right)
     return {"a": a, "b": b, "final": final, "per_iteration": per_iteration}
+
+
+def _scores_at(runs: dict, benchmark: str, k: int, column: str) -> dict[int, float]:
+    """{seed: score} of one arm's runs (``{seed: curves}``) in ``column`` at iteration ``k``."""
+    return {seed: c[benchmark][k][column] for seed, c in runs.items() if column in c.get(benchmark, {}).get(k, {})}
 
 
 def _with_arms(result: dict, left: dict, right: dict) -> dict:
