@@ -45,6 +45,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from mmdc.config import add_config_arguments, config_file
 from mmdc.eval.ablation import (
     SUMMARY_JSON,
     SUMMARY_MD,
@@ -261,7 +262,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    p.add_argument("--config", default=None, help="base YAML config (default: mmdc.run's, configs/tiny.yaml)")
     p.add_argument("--out", required=True, help="folder for the runs and the summary")
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated run seeds (default: 0,1,2,3,4)")
     p.add_argument(
@@ -278,14 +278,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="NAME:KEY=VALUE[,KEY=VALUE]",
         help="a variant of your own; repeatable (with no --preset/--variant: every preset)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override for every run, e.g. --set run.iterations=3 (repeatable)",
-    )
+    add_config_arguments(p, example="run.iterations=3")
     p.add_argument(
         "--budget-from",
         default=None,
@@ -311,7 +304,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     from mmdc.config import ConfigError
-    from mmdc.run import DEFAULT_CONFIG
 
     try:
         variants = resolve_variants(args.preset, args.variant)
@@ -323,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mmdc.ablate: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    config = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None)
+    config = config_file(args.config)
     source = args.budget_from
     command = (recorded_command(out) if args.summarize_only else None) or command_line(argv)
     failed: list[str] = []

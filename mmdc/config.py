@@ -13,6 +13,7 @@ the tiny preset overrides what must change to run in minutes on a CPU.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import math
@@ -491,6 +492,27 @@ def replace_fields(obj: Any, overrides: typing.Sequence[str]) -> Any:
             raise ConfigError(f"unknown config key '{key}' (known here: {', '.join(sorted(names))})")
         changes[key] = _coerce(value, hints[key], key)
     return dataclasses.replace(obj, **changes)
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"  # the embedded default preset
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, example: str = "calibration.tau=0.5") -> None:
+    """``--config FILE`` and repeatable ``--set KEY=VALUE``: how every entry point takes its configuration."""
+    parser.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name} when present)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config key, e.g. --set {example} (repeatable)",
+    )
+
+
+def config_file(path: str | None) -> str | None:
+    """The config file a command line names, else the embedded default preset when it is there."""
+    return path or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:

@@ -32,7 +32,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mmdc.run import DEFAULT_CONFIG, connect_ray
+from mmdc.config import add_config_arguments, config_file
+from mmdc.run import connect_ray
 
 FINETUNE_FILE = "finetune.json"
 CONFIG_FILE = "config.yaml"
@@ -50,15 +51,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="LLaVA's converted train file, e.g. llava_train_QCM-LEA.json")
     p.add_argument("--images", required=True, help="the folder its 'image' fields are relative to (images/train)")
     p.add_argument("--output", default=str(Path("finetune-results") / "scienceqa"), help="output folder")
-    p.add_argument("--config", default=None, help=f"YAML config for training (default: {DEFAULT_CONFIG.name})")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set tune.num_workers=4 or --set tune.epochs=3 (repeatable)",
-    )
+    add_config_arguments(p, example="tune.num_workers=4")
     p.add_argument("--eval-data", help="the converted test file to score the fine-tuned student on")
     p.add_argument("--problems", help="ScienceQA's problems.json (Table 1's NAT/SOC/... columns)")
     p.add_argument("--pid-splits", help="ScienceQA's pid_splits.json (keeps only --split)")
@@ -92,7 +85,7 @@ def load(args: argparse.Namespace):
     paths = {"data", "images", "problems", "pid_splits"}  # absolute: Ray's workers need not share our cwd
     flags = {k: str(Path(v).resolve()) if k.rsplit(".", 1)[-1] in paths and v else v for k, v in flags.items()}
     overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
-    config = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None)
+    config = config_file(args.config)
     cfg = load_config(config, overrides + list(args.overrides))
     given = {item.split("=", 1)[0].strip() for item in args.overrides}
     for key in OWN_TUNE_KEYS:

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+from mmdc.config import add_config_arguments, config_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,15 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name} when present)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set tune.zero_stage=2 (repeatable)",
-    )
+    add_config_arguments(p, example="tune.zero_stage=2")
     p.add_argument(
         "--gpu",
         default=None,
@@ -72,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmdc.config import ConfigError, load_config
     from mmdc.sizing import check
 
-    config = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None)
+    config = config_file(args.config)
     try:
         cfg = load_config(config, args.overrides)
     except ConfigError as err:

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+from mmdc.config import add_config_arguments, config_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,16 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name} when present)")
+    add_config_arguments(p)
     p.add_argument("--output", default=None, help="run directory (default: <run.output_dir>/<run.name>-<time>)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set calibration.tau=0.5 (repeatable)",
-    )
     p.add_argument(
         "--address",
         default=None,
@@ -128,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmdc.config import ConfigError, check_inputs, load_config
     from mmdc.rundir import RunLock, RunLocked
 
-    config = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None)
+    config = config_file(args.config)
     forced: list[str] = []
     try:
         if args.resume:
