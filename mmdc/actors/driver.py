@@ -32,12 +32,11 @@ from mmdc.actors.phases import PhaseLog
 from mmdc.actors.resources import clear_resource_request, wait_for_resources
 from mmdc.config import Config, ConfigError, assemble_dtype, config_from_dict, dump_config, eval_benchmarks, to_dict
 from mmdc.data.answers import AnswerStore, model_fingerprint
-from mmdc.data.augment import accept_candidates
+from mmdc.data.augment import accept_candidates, round_record
 from mmdc.data.calibration import assess_table, hard_counts, hard_parents, random_selection
 from mmdc.data.captions import stage1_pairs
-from mmdc.data.pools import fold_conversations, update_pools
+from mmdc.data.pools import advance_pools, fold_conversations
 from mmdc.data.prepare import prepare_seed_pool
-from mmdc.data.schema import POOL_COLUMNS, pool_from_frame
 from mmdc.engines.backends import deployment_name
 from mmdc.engines.processors import (
     AugmentorProcessor,
@@ -48,13 +47,7 @@ from mmdc.engines.processors import (
     processor_spec,
     run_processors,
 )
-from mmdc.eval.finetune import (
-    CHECKPOINT_DIR,
-    evaluate_finetuned,
-    finetune_scienceqa,
-    finetuned_path,
-    stale_finetune_keys,
-)
+from mmdc.eval import finetune as scienceqa_finetune
 from mmdc.eval.iteration import evaluate_iteration, headline_metrics, needs_judge
 from mmdc.eval.serve import ServeGenerator
 from mmdc.report import write_report
@@ -271,21 +264,14 @@ class Driver:
             if calibration.selection == "random":  # plain distillation (ablation): no student, no referee
                 picked = random_selection(cache, calibration.parent_share(k), seed=self.cfg.run.seed, iteration=k)
                 atomic_write_table(self.run_dir.assessment(k), pa.Table.from_pandas(picked, preserve_index=False))
-                hard = int(picked["hard"].sum())
-                record.update(rows=len(picked), selection="random", hard=hard, easy=len(picked) - hard)
+                record.update(hard_counts(picked), selection="random")
                 return
             with_teacher, stats = self.teacher_answers(cache, k, "assess")
-            scored = run_processors(
-                pa.Table.from_pandas(with_teacher, preserve_index=False),
-                [
-                    self.processor(StudentProcessor, "student", self.cfg.roles.student),
-                    self.processor(
-                        RefereeProcessor, "teacher", self.cfg.roles.referee, scoring=calibration.referee_scoring
-                    ),
-                ],
-                self.run_dir.phase_output(k, "assess"),
-                self.cfg.pipeline,
-            ).to_pandas()
+            student = self.processor(StudentProcessor, "student", self.cfg.roles.student)
+            referee = self.processor(
+                RefereeProcessor, "teacher", self.cfg.roles.referee, scoring=calibration.referee_scoring
+            )
+            scored = self.ask(with_teacher, [student, referee], k, "assess")
             scored = scored.sort_values("instruction_id", kind="stable").reset_index(drop=True)
             assessment = assess_table(scored, calibration.tau)
             atomic_write_table(self.run_dir.assessment(k), pa.Table.from_pandas(assessment, preserve_index=False))
@@ -300,34 +286,16 @@ class Driver:
             cache = pd.read_parquet(self.run_dir.pool(k - 1, "cache"))
             assessment = pd.read_parquet(self.run_dir.assessment(k))
             hard_rows = hard_parents(cache, assessment)
-            replies = run_processors(
-                pa.Table.from_pandas(hard_rows, preserve_index=False),
-                [self.processor(AugmentorProcessor, "teacher", self.cfg.roles.augmentor, iteration=k)],
-                self.run_dir.phase_output(k, "augment"),
-                self.cfg.pipeline,
-            ).to_pandas()
+            augmentor = self.processor(AugmentorProcessor, "teacher", self.cfg.roles.augmentor, iteration=k)
+            replies = self.ask(hard_rows, [augmentor], k, "augment")
             checked = accept_candidates(replies, tuning, cache, k, self.cfg.calibration.rouge_l_threshold)
             atomic_write_table(self.run_dir.generated(k), pa.Table.from_pandas(checked, preserve_index=False))
-            accepted = checked[checked["accepted"]][list(POOL_COLUMNS)]
-            next_tuning, next_cache, counts = update_pools(
-                self.cfg.calibration.pool_update,
-                pool_from_frame(tuning, "tuning pool"),
-                pool_from_frame(cache, "cache pool"),
-                assessment,
-                pool_from_frame(accepted, "accepted questions"),
-                seed=self.cfg.run.seed,
-                iteration=k,
-            )
+            policy, seed = self.cfg.calibration.pool_update, self.cfg.run.seed
+            next_tuning, next_cache, counts = advance_pools(policy, tuning, cache, assessment, checked, seed, k)
             atomic_write_table(self.run_dir.pool(k, "tuning"), next_tuning)
             atomic_write_table(self.run_dir.pool(k, "cache"), next_cache)
-            reasons = checked.loc[~checked["accepted"], "reject_reason"].value_counts().to_dict()
             record.update({key: v for key, v in counts.items() if key not in ("iteration", "hard", "easy", "unscored")})
-            record.update(
-                rows=len(hard_rows),
-                generated=len(checked),
-                acceptance_ratio=round(float(checked["accepted"].mean()), 4) if len(checked) else None,
-                rejected=reasons,
-            )
+            record.update(round_record(checked, len(hard_rows)))
 
     def evaluate(self, k: int, engine: str = "student") -> None:
         """The configured benchmarks on ``engine``'s current model -> eval/<benchmark>/ (k 0: after stage 1)."""
@@ -352,14 +320,14 @@ class Driver:
             return
         with self.phases.run(k, "finetune") as record:
             self.release()
-            tuned = finetune_scienceqa(
+            tuned = scienceqa_finetune.finetune_scienceqa(
                 self.student,
                 scienceqa.finetune,
                 self.cfg.tune,
-                self.run_dir.root / CHECKPOINT_DIR,
+                self.run_dir.root / scienceqa_finetune.CHECKPOINT_DIR,
                 seed=self.cfg.run.seed,
                 max_image_pixels=self.cfg.data.max_image_pixels,
-                restart=bool(stale_finetune_keys(self.forced)),
+                restart=bool(scienceqa_finetune.stale_finetune_keys(self.forced)),
                 announce=announce,
                 before_start=lambda: await_trainer_resources(self.cfg.tune, announce),
                 metrics_path=str(self.run_dir.metrics),
@@ -367,8 +335,11 @@ class Driver:
             )
             self.run_dir.log_skips([{"stage": "finetune", **skip} for skip in tuned.skipped])
             generator = self.generator("student", role="student", model=tuned.checkpoint)
-            results = evaluate_finetuned(
-                self.cfg.eval, generator, finetuned_path(self.run_dir.root).parent, model=tuned.checkpoint
+            results = scienceqa_finetune.evaluate_finetuned(
+                self.cfg.eval,
+                generator,
+                scienceqa_finetune.finetuned_path(self.run_dir.root).parent,
+                model=tuned.checkpoint,
             )
             record.update(tuned.data, **{f"train_{key}": value for key, value in tuned.summary.items()})
             record.update(scienceqa_finetuned_Avg=results["metrics"].get("Avg"))
@@ -396,13 +367,16 @@ class Driver:
     def teacher_answers(self, rows: pd.DataFrame, k: int, phase: str) -> tuple[pd.DataFrame, dict]:
         """Teacher answers for ``rows``, asking the engine only for answers never stored before."""
 
-        def ask(misses: pd.DataFrame) -> pd.DataFrame:
+        def ask_teacher(misses: pd.DataFrame) -> pd.DataFrame:  # deploys the teacher only when an answer is missing
             teacher = self.processor(TeacherProcessor, "teacher", self.cfg.roles.teacher)
-            table = pa.Table.from_pandas(misses, preserve_index=False)
-            output = self.run_dir.phase_output(k, f"{phase}_teacher")
-            return run_processors(table, [teacher], output, self.cfg.pipeline).to_pandas()
+            return self.ask(misses, [teacher], k, f"{phase}_teacher")
 
-        return self.answers.answer(rows, ask, f"iter_{k}_{phase}")
+        return self.answers.answer(rows, ask_teacher, f"iter_{k}_{phase}")
+
+    def ask(self, rows: pd.DataFrame, processors: list[ProcessorSpec], k: int, phase: str) -> pd.DataFrame:
+        """``rows`` through ``processors`` (Ray Data over the deployed engines) into answers/iter_<k>/<phase>/."""
+        table = pa.Table.from_pandas(rows, preserve_index=False)
+        return run_processors(table, processors, self.run_dir.phase_output(k, phase), self.cfg.pipeline).to_pandas()
 
     def processor(self, cls: type, engine: str, sampling: Any, **extra: Any) -> ProcessorSpec:
         """A Ray Data processor bound to ``engine`` (``extra``: the processor's own kwargs), deploying it first."""

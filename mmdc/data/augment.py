@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -269,3 +270,11 @@ def accept_candidates(
     pools (``validate_candidates``): the generated file's rows, with ``accepted`` and ``reject_reason``."""
     existing = pd.concat([tuning, cache])[["instruction_id", "image_id", "question"]].drop_duplicates("instruction_id")
     return validate_candidates(candidate_rows(replies, iteration), existing, threshold=threshold)
+
+
+def round_record(checked: pd.DataFrame, parents: int) -> dict[str, Any]:
+    """What an augment phase's metrics line says about its candidates: parents asked, candidates written, the share
+    accepted, and the rejected ones by reason."""
+    rejected = checked.loc[~checked["accepted"], "reject_reason"].value_counts().to_dict()
+    share = round(float(checked["accepted"].mean()), 4) if len(checked) else None
+    return {"rows": parents, "generated": len(checked), "acceptance_ratio": share, "rejected": rejected}

@@ -265,3 +265,28 @@ def _replace_parents(tuning: pa.Table, accepted: pa.Table) -> tuple[pa.Table, in
     picks.extend(offset + j for j in orphans)
     both = pa.concat_tables([tuning, accepted])
     return both.take(pa.array(picks, pa.int64())), len(children), len(orphans)
+
+
+def advance_pools(
+    policy: Policy,
+    tuning: pd.DataFrame,
+    cache: pd.DataFrame,
+    assessment: pd.DataFrame,
+    checked: pd.DataFrame,
+    seed: int,
+    iteration: int,
+) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+    """``update_pools`` from pandas frames as a phase holds them: ``checked`` is every candidate of the round with
+    its ``accepted`` flag (``augment.accept_candidates``); the pools come back validated against the schema."""
+    from mmdc.data.schema import POOL_COLUMNS, pool_from_frame
+
+    accepted = checked[checked["accepted"]][list(POOL_COLUMNS)]
+    return update_pools(
+        policy,
+        pool_from_frame(tuning, "tuning pool"),
+        pool_from_frame(cache, "cache pool"),
+        assessment,
+        pool_from_frame(accepted, "accepted questions"),
+        seed=seed,
+        iteration=iteration,
+    )

@@ -214,3 +214,18 @@ def test_accept_candidates_checks_replies_against_both_pools_with_lineage():
         generated_instruction_id("p2", 2, 0),
     ]
     assert checked["accepted"].tolist() == [True, False]  # p2's candidate repeats a question of its image
+
+
+def test_round_record_counts_candidates_and_rejections_by_reason():
+    from mmdc.data.augment import round_record
+
+    checked = pd.DataFrame(
+        {"accepted": [True, False, False, True], "reject_reason": [None, "duplicate", "too_similar", None]}
+    )
+    assert round_record(checked, parents=4) == {
+        "rows": 4,
+        "generated": 4,
+        "acceptance_ratio": 0.5,
+        "rejected": {"duplicate": 1, "too_similar": 1},
+    }
+    assert round_record(checked.iloc[:0], parents=0)["acceptance_ratio"] is None

@@ -226,3 +226,16 @@ def test_update_pools_accepts_a_dataframe_of_new_rows(world):
     from_df = update_pools("refresh", pool, pool, assessment, accepted.to_pandas(), 5, 1)
     from_table = update_pools("refresh", pool, pool, assessment, accepted, 5, 1)
     assert from_df[0].equals(from_table[0])
+
+
+def test_advance_pools_takes_only_accepted_candidates_from_frames(world):
+    from mmdc.data.pools import advance_pools
+
+    _, _, pool, assessment, accepted = world
+    candidates = accepted.to_pandas().assign(accepted=True, augmentor_reply="r", rouge_l_max=0.1, reject_reason=None)
+    rejected = candidates.iloc[:1].assign(instruction_id="rejected0", accepted=False, reject_reason="duplicate")
+    checked = pd.concat([candidates, rejected], ignore_index=True)
+    frame = pool.to_pandas()
+    got = advance_pools("refresh", frame, frame, assessment, checked, seed=7, iteration=1)
+    want = update_pools("refresh", pool, pool, assessment, accepted, seed=7, iteration=1)
+    assert got[0].equals(want[0]) and got[1].equals(want[1]) and got[2] == want[2]
