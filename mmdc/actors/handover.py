@@ -48,9 +48,11 @@ def release_engines(deployed: dict[str, EngineConfig], timeout_s: float = 180, p
     Ray's CPU and GPU counts, no placement group left reserving GPUs, every GPU's memory free); seconds taken.
     TimeoutError naming what still holds after ``timeout_s``."""
     start = time.perf_counter()
-    for name, engine in deployed.items():
-        if engine.backend != "openai":
-            serve.delete(name)
+    names = [name for name, engine in deployed.items() if engine.backend != "openai"]
+    for name in names:  # all at once, so their replicas stop side by side rather than one app after the other
+        serve.delete(name, _blocking=False)
+    if names:
+        wait_for(lambda: not set(names) & set(serve.status().applications), timeout_s, f"deleting {names}", 0.1)
     wait_until_released(probe or RayProbe(), timeout_s)
     return time.perf_counter() - start
 
