@@ -664,8 +664,14 @@ def validate(cfg: Config) -> None:
     validate_ranges(cfg)
     if cfg.run.iterations < 0:
         raise ConfigError("run.iterations must be >= 0")
-    c = cfg.data.clip_filter
-    if not -1 <= c.threshold <= 1 or c.batch_size < 1 or c.concurrency < 1 or c.num_cpus < 0 or c.num_gpus < 0:
+    clip = cfg.data.clip_filter
+    if (
+        not -1 <= clip.threshold <= 1
+        or clip.batch_size < 1
+        or clip.concurrency < 1
+        or clip.num_cpus < 0
+        or clip.num_gpus < 0
+    ):
         raise ConfigError(
             "data.clip_filter: threshold in [-1, 1] (a cosine similarity), batch_size >= 1, "
             "concurrency >= 1 and num_cpus, num_gpus >= 0 are required"

@@ -512,22 +512,22 @@ def _engine(
 
 def _engine_rows(cfg: Config, plan: Plan, phase: str, engine: str) -> list[tuple[Request, int]]:
     """(request, rows over all runs of the phase) for ``engine`` in ``phase``."""
-    w = plan.workload
+    work = plan.workload
     arch = plan.models[engine]
     asked = requests(cfg, phase, engine, arch)
     if phase == "teach":
-        return [(asked[0], sum(w.teach))]
+        return [(asked[0], sum(work.teach))]
     if phase == "assess":
-        return [(asked[0], sum(w.assess))]
+        return [(asked[0], sum(work.assess))]
     if phase == "augment":
-        return [(asked[0], sum(w.augment))]
+        return [(asked[0], sum(work.augment))]
     runs = cfg.run.iterations + 1 if phase == "eval" else 1
     out = []
     for req in asked:
         if req.role == "judge":
-            out.append((req, w.eval_items.get("llavabench", 0) * runs))
+            out.append((req, work.eval_items.get("llavabench", 0) * runs))
         else:
-            out.append((req, w.eval_items.get(req.role.split(":", 1)[1], 0) * runs))
+            out.append((req, work.eval_items.get(req.role.split(":", 1)[1], 0) * runs))
     return out
 
 
@@ -932,13 +932,14 @@ def render(plan: Plan, problems: bool = True) -> str:
             f"{arch.checkpoint_dtype})"
         )
         out.append(f"  {'':<8} source: {arch.source}")
-    w = plan.workload
-    if w is not None:
+    work = plan.workload
+    if work is not None:
         out.append("")
         out.append(
-            f"Work: {w.instructions:,} instructions ({w.source}), {w.captions:,} stage 1 pairs; per iteration "
-            f"teach {_rows(w.teach)}, tune {_rows(w.tune)}, assess {_rows(w.assess)}, augment {_rows(w.augment)}"
-            + (f"; eval {', '.join(f'{k} {v:,}' for k, v in w.eval_items.items())}" if w.eval_items else "")
+            f"Work: {work.instructions:,} instructions ({work.source}), {work.captions:,} stage 1 pairs; "
+            f"per iteration teach {_rows(work.teach)}, tune {_rows(work.tune)}, assess {_rows(work.assess)}, "
+            f"augment {_rows(work.augment)}"
+            + (f"; eval {', '.join(f'{k} {v:,}' for k, v in work.eval_items.items())}" if work.eval_items else "")
         )
     for phase in plan.phases:
         out.append("")

@@ -89,9 +89,13 @@ class Workload:
 def workload(cfg: Config, rows: int | None = None, captions: int | None = None) -> Workload:
     """How many rows each phase handles in each iteration, following ``calibration.pool_update``."""
     if cfg.data.source == "world":
-        w = cfg.data.world
-        n, source, qpi = w.num_images * w.questions_per_image, "the synthetic world's size", w.questions_per_image
-        pairs = w.num_images
+        world = cfg.data.world
+        n, source, qpi = (
+            world.num_images * world.questions_per_image,
+            "the synthetic world's size",
+            world.questions_per_image,
+        )
+        pairs = world.num_images
     else:
         n, source, qpi = PAPER_INSTRUCTIONS, "the paper's 220K (section 4.1.3)", PAPER_QUESTIONS_PER_IMAGE
         pairs = LLAVA_PRETRAIN_PAIRS
