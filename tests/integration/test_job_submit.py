@@ -7,11 +7,13 @@ zero-iteration run (prepare + models only) and checks the job's final line names
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -90,6 +92,19 @@ def head(tmp_path):
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    _forget_head(port)
+
+
+def _forget_head(port: int) -> None:
+    """Remove the address file ``ray start`` wrote for this head, as ``ray stop`` would (it is never called here).
+
+    Ray's address auto-detection reads that file, and Ray Train's placement-group cleaner asks the state API
+    through it: left naming a dead head, every later trainer in the session waits 12 s for a GCS that is gone.
+    """
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    with contextlib.suppress(OSError):
+        if current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
 
 
 def test_ray_job_submit_runs_mmdc(head, tmp_path):
