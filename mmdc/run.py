@@ -182,7 +182,11 @@ def start(args: argparse.Namespace, cfg, forced: list[str], run_dir: Path, lock_
 
     from mmdc.actors.driver import Driver
 
-    driver = Driver.options(name=f"mmdc-driver-{run_dir.name}").remote(
+    # Ray's address auto-detection (used by the state API, which Ray Train's placement-group cleaner calls) reads
+    # <temp>/ray/ray_current_cluster, which a `ray start` that was never stopped leaves naming a dead head: then
+    # every trainer waits 12 s on it. The Driver and what it starts inherit this cluster's own address instead.
+    gcs = ray.get_runtime_context().gcs_address
+    driver = Driver.options(name=f"mmdc-driver-{run_dir.name}", runtime_env={"env_vars": {"RAY_ADDRESS": gcs}}).remote(
         to_dict(cfg), str(run_dir.resolve()), resume=bool(args.resume), forced=forced, lock_token=lock_token
     )
     result = ray.get(driver.run.remote())
