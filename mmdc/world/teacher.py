@@ -76,7 +76,8 @@ class Schedule:
     vision_lr_scale: float = 1.0  # stage 2 learning rate of the vision tower and projector, relative to lr
 
 
-# "full": ~12 min on 2 cores; "short": ~3 min, for CI (plumbing plus a parseable referee, not accuracy).
+# "full": 178 s on a quiet 2-core machine (benchmarks/results/demo_run.md); "short": a quarter of its steps, for
+# CI (plumbing plus a parseable referee, not accuracy).
 # Both see first: stage 1 trains the vision tower on perception targets (seconds per hundred steps), which
 # the LM gradient alone does not manage in this budget (benchmarks/results/teacher_quality.md).
 SCHEDULES = {
