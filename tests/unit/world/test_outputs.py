@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pandas as pd
+from world_rows import ROWS, SCENES
 
 from mmdc.world import outputs
-from mmdc.world.scenes import Scene, SceneObject
-
-SCENES = [
-    Scene("img0", [SceneObject("circle", "red", "small", 10, 10)], "white"),
-    Scene("img1", [SceneObject("square", "blue", "large", 40, 40)], "gray"),
-]
-# (image, question, teacher answer, student answer, difficulty, hard): the student is right on rows 0 and 3, the
-# teacher on rows 0 and 1; row 4 is not a world question and row 5 was not scored.
-ROWS = [
-    ("img0", "Is there a red circle in the image?", "Yes.", "Yes.", 0.2, False),
-    ("img0", "What color is the circle?", "Red.", "Blue.", 0.9, True),
-    ("img1", "What color is the square?", "Green.", "Red.", 0.5, True),
-    ("img1", "Is there a blue square in the image?", "No.", "Yes.", 0.6, True),
-    ("img1", "Why is the square there?", "No idea.", "Hm.", 0.7, True),
-    ("img0", "What color is the circle?", "Red.", "Red.", math.nan, None),
-]
 
 
 def world_run(root: Path, rows=ROWS, iteration: int = 1) -> Path:
