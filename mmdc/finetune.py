@@ -139,11 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         tuned = finetune_scienceqa(
             args.checkpoint,
-            cfg.eval.scienceqa.finetune,
-            cfg.tune,
+            cfg,
             out / "checkpoint",
-            seed=cfg.run.seed,
-            max_image_pixels=cfg.data.max_image_pixels,
             announce=lambda message: print(f"[mmdc.finetune] {message}", flush=True),
             metrics_path=str(out / "metrics.jsonl"),
             run_name=f"finetune-{out.name}",

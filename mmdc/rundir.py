@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -29,6 +30,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from mmdc.config import Config, dump_config
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -150,6 +153,19 @@ class RunDir:
 
     def save_state(self, state: dict[str, Any]) -> None:
         atomic_write_text(self.state_file, json.dumps(state, indent=2, default=str))
+
+    def begin_attempt(self, cfg: Config, resume: bool, forced: list[str]) -> dict[str, Any]:
+        """The state this attempt starts from (state.json's when resuming). A new run, or one resumed with the
+        config keys ``forced`` changed, writes ``cfg`` to config.yaml and drops the answer rows a crashed attempt
+        left (made under another config); forced keys are recorded in ``state["forced_changes"]``."""
+        state = self.load_state() if resume else {"status": "new", "completed": []}
+        if not resume or forced:
+            dump_config(cfg, self.config)
+            for tmp in self.root.glob("answers/iter_*/*.tmp"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        if forced:
+            state.setdefault("forced_changes", []).append({"time": time.time(), "keys": list(forced)})
+        return state
 
 
 def attach_log(path: Path) -> None:

@@ -1,1 +1,2 @@
-"""Everything that lives as a Ray actor or a Ray Serve deployment: the driver, the engines, the role clients."""
+"""The Ray layer on top: the Driver actor, its phases as transactions, the engines it deploys and hands back, and
+the cluster's resources and autoscaler requests."""

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
-import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,24 +24,23 @@ import pyarrow.parquet as pq
 import ray
 
 from mmdc.actors.assembly import remote_assembler
-from mmdc.actors.handover import await_trainer_resources, deploy_engine, release_engines, remove_stale_apps
+from mmdc.actors.deployments import Deployments
+from mmdc.actors.handover import await_trainer_resources, remove_stale_apps
 from mmdc.actors.phases import PhaseLog
 from mmdc.actors.resources import clear_resource_request, wait_for_resources
-from mmdc.config import Config, ConfigError, assemble_dtype, config_from_dict, dump_config, eval_benchmarks, to_dict
-from mmdc.data.answers import AnswerStore, model_fingerprint
+from mmdc.config import Config, ConfigError, assemble_dtype, config_from_dict, eval_benchmarks
+from mmdc.data.answers import AnswerStore
 from mmdc.data.augment import accept_candidates, round_record
 from mmdc.data.calibration import assess_table, hard_counts, hard_parents, random_selection
 from mmdc.data.captions import stage1_pairs
 from mmdc.data.pools import advance_pools, fold_conversations
 from mmdc.data.prepare import prepare_seed_pool
-from mmdc.engines.backends import deployment_name
 from mmdc.engines.processors import (
     AugmentorProcessor,
     ProcessorSpec,
     RefereeProcessor,
     StudentProcessor,
     TeacherProcessor,
-    processor_spec,
     run_processors,
 )
 from mmdc.eval import finetune as scienceqa_finetune
@@ -81,21 +77,13 @@ class Driver:
         self.lock_token = lock_token  # mmdc.run holds the run directory's lock (RunLock) for the life of the run
         self.check_lock()
         attach_log(self.run_dir.log_file)
-        self.state = self.run_dir.load_state() if resume else {"status": "new", "completed": []}
         self.forced = list(forced or [])
-        if not resume or forced:
-            dump_config(self.cfg, self.run_dir.config)
-            # Rows a crashed attempt wrote were made under another config (or another run): never reuse them.
-            for tmp in self.run_dir.root.glob("answers/iter_*/*.tmp"):
-                shutil.rmtree(tmp, ignore_errors=True)
-        if forced:
-            self.state.setdefault("forced_changes", []).append({"time": time.time(), "keys": forced})
+        self.state = self.run_dir.begin_attempt(self.cfg, resume, self.forced)
         self.sources = Sources(**self.state.get("data", {}))  # set by prepare_data
         self.teacher = ""  # the teacher's local path (prepare_models)
         self.initial_student = ""  # the student before any training, when state.json names none yet
         self.answers: AnswerStore | None = None  # the teacher's answer store (prepare_models)
-        self.deployed: dict[str, str] = {}  # engine name -> model path it serves now
-        self.processor_scope = f"run-{uuid.uuid4().hex}"  # this run's Ray Data worker processes (ProcessorSpec)
+        self.engines = Deployments(self.cfg.engines, self.cfg.run.seed, self.run_dir.log_metrics, announce)
         self.resource_request = False  # True while an autoscaler request placed by check_resources stands
         self.phases = PhaseLog(self.run_dir, self.state, announce, guard=self.check_lock)
 
@@ -123,13 +111,13 @@ class Driver:
         self.evaluate(0, "teacher")  # the reference line, once
         for k in range(1, self.cfg.run.iterations + 1):
             self.teach(k)
-            self.release()
+            self.engines.release()
             self.tune(k)
             self.evaluate(k)  # deploys the new student, which assess needs anyway
             self.assess(k)
             self.augment(k)
         self.finetune()  # Table 1 (eval.scienceqa.finetune): the final student fine-tuned on ScienceQA's train split
-        self.release()
+        self.engines.release()
         write_report(self.run_dir)
         self.state["status"] = "finished"
         self.run_dir.save_state(self.state)
@@ -174,13 +162,7 @@ class Driver:
     def prepare_models(self) -> None:
         """Resolve the teacher and (unless a resumed run has trained one) the initial student to local checkpoints."""
         self.teacher = models.resolve(self.cfg.models.teacher, self.cfg.models, log=announce)
-        self.answers = AnswerStore(
-            self.run_dir.answer_store,
-            model_fingerprint(self.teacher),
-            to_dict(self.cfg.roles.teacher),
-            self.cfg.run.seed,
-            self.sources.image_root,
-        )
+        self.answers = AnswerStore.of_run(self.run_dir.answer_store, self.teacher, self.cfg, self.sources.image_root)
         if not self.state.get("student"):
             self.initial_student = models.resolve(
                 self.cfg.models.student_init,
@@ -315,45 +297,31 @@ class Driver:
 
     def finetune(self) -> None:
         """Paper Table 1: the final student fine-tuned on ScienceQA's train split, then scored on its test split."""
-        k, scienceqa = self.cfg.run.iterations, self.cfg.eval.scienceqa
-        if not (self.cfg.eval.enabled and scienceqa.finetune.enabled) or self.phases.done(k, "finetune"):
+        k = self.cfg.run.iterations
+        if not (self.cfg.eval.enabled and self.cfg.eval.scienceqa.finetune.enabled) or self.phases.done(k, "finetune"):
             return
         with self.phases.run(k, "finetune") as record:
-            self.release()
-            tuned = scienceqa_finetune.finetune_scienceqa(
+            self.engines.release()
+            scores = scienceqa_finetune.finetune_run(
+                self.run_dir,
                 self.student,
-                scienceqa.finetune,
-                self.cfg.tune,
-                self.run_dir.root / scienceqa_finetune.CHECKPOINT_DIR,
-                seed=self.cfg.run.seed,
-                max_image_pixels=self.cfg.data.max_image_pixels,
-                restart=bool(scienceqa_finetune.stale_finetune_keys(self.forced)),
+                self.cfg,
+                lambda model: self.generator("student", role="student", model=model),
+                forced=self.forced,
                 announce=announce,
                 before_start=lambda: await_trainer_resources(self.cfg.tune, announce),
-                metrics_path=str(self.run_dir.metrics),
-                run_name=f"{self.run_dir.root.name}-finetune",
             )
-            self.run_dir.log_skips([{"stage": "finetune", **skip} for skip in tuned.skipped])
-            generator = self.generator("student", role="student", model=tuned.checkpoint)
-            results = scienceqa_finetune.evaluate_finetuned(
-                self.cfg.eval,
-                generator,
-                scienceqa_finetune.finetuned_path(self.run_dir.root).parent,
-                model=tuned.checkpoint,
-            )
-            record.update(tuned.data, **{f"train_{key}": value for key, value in tuned.summary.items()})
-            record.update(scienceqa_finetuned_Avg=results["metrics"].get("Avg"))
+            record.update(scores)
 
     # ----------------------------------------------------------------------------- helpers
     def train(self, stage: str, output: Path, dataset: Callable[[], ray.data.Dataset], *, seed: int, run: str) -> dict:
         """One Ray Train job from the current student into ``output`` (reused or resumed after a crash); its summary."""
         self.check_lock()  # train_or_reuse may delete checkpoint folders: only while this run holds the directory
         train_cfg = self.cfg.align if stage == "align" else self.cfg.tune
-        restart = bool(stale_training_keys(self.forced))
         return train_or_reuse(
             output,
             dataset,
-            restart=restart,
+            restart=bool(stale_training_keys(self.forced)),
             announce=announce,
             before_start=lambda: await_trainer_resources(train_cfg, announce),
             stage=stage,
@@ -379,39 +347,9 @@ class Driver:
         return run_processors(table, processors, self.run_dir.phase_output(k, phase), self.cfg.pipeline).to_pandas()
 
     def processor(self, cls: type, engine: str, sampling: Any, **extra: Any) -> ProcessorSpec:
-        """A Ray Data processor bound to ``engine`` (``extra``: the processor's own kwargs), deploying it first."""
-        self.deploy(engine)
-        return processor_spec(
-            cls,
-            engine,
-            self.cfg.engines[engine],
-            self.deployed[engine],
-            sampling,
-            run_seed=self.cfg.run.seed,
-            image_root=self.sources.image_root,
-            scope=self.processor_scope,
-            **extra,
-        )
+        """A Ray Data processor bound to ``engine``'s current model (``extra``: the processor's own kwargs)."""
+        return self.engines.processor(cls, engine, self.model_of(engine), sampling, self.sources.image_root, **extra)
 
     def generator(self, engine: str, role: str, model: str | None = None) -> ServeGenerator:
-        """An evaluation generator over ``engine``'s current model (or ``model``), deploying it first."""
-        self.deploy(engine, model)
-        return ServeGenerator(engine, deployment_name(self.deployed[engine]), self.cfg.engines[engine], role=role)
-
-    def deploy(self, engine: str, model: str | None = None) -> None:
-        """Make ``engine`` serve its current model, or ``model`` (no-op when it already does)."""
-        model_path = model or self.model_of(engine)
-        if self.deployed.get(engine) == model_path:
-            return
-        wall_s = deploy_engine(engine, self.cfg.engines[engine], model_path)
-        self.deployed[engine] = model_path
-        self.run_dir.log_metrics({"event": "deploy", "engine": engine, "model": model_path, "wall_s": round(wall_s, 3)})
-        announce(f"deployed {engine}: {model_path}")
-
-    def release(self) -> None:
-        """Delete every deployed engine and wait until the cluster has its resources back."""
-        if not self.deployed:
-            return
-        wall_s = release_engines({name: self.cfg.engines[name] for name in self.deployed})
-        self.deployed.clear()
-        self.run_dir.log_metrics({"event": "release", "wall_s": round(wall_s, 3)})
+        """An evaluation generator over ``engine``'s current model (or ``model``)."""
+        return self.engines.generator(engine, model or self.model_of(engine), role)

@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from mmdc import roles
+from mmdc.config import Config, to_dict
 from mmdc.data.images import image_sha256, resolve_image
 from mmdc.rundir import atomic_write_table
 
@@ -102,6 +103,11 @@ class AnswerStore:
         self.sampling = {k: v for k, v in sampling.items() if k != "retries"}  # retries never change an answer
         self.run_seed, self.image_root = run_seed, image_root
         self._image_sha: dict[str, str] = {}
+
+    @classmethod
+    def of_run(cls, folder: Path, teacher: str, cfg: Config, image_root: str | None) -> AnswerStore:
+        """A run's store: answers of the checkpoint ``teacher`` under the teacher role's sampling and the run's seed."""
+        return cls(folder, model_fingerprint(teacher), to_dict(cfg.roles.teacher), cfg.run.seed, image_root)
 
     def image_sha(self, image: str) -> str:
         if image not in self._image_sha:

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmdc.config import EngineConfig, EvalConfig, FinetuneConfig, TrainConfig
+from mmdc.config import Config, EngineConfig, EvalConfig, FinetuneConfig, TrainConfig
 from mmdc.eval import harness, report, scienceqa
 from mmdc.eval.harness import Generator
 from mmdc.eval.iteration import EVAL_DIR
+from mmdc.rundir import RunDir
 
 BENCHMARK = "scienceqa"
 FINETUNED = "finetuned"  # the result's stem: eval/scienceqa/finetuned.json in a run
@@ -56,28 +57,26 @@ def finetune_train_config(tune: TrainConfig, finetune: FinetuneConfig) -> TrainC
 
 def finetune_scienceqa(
     init_checkpoint: str,
-    finetune: FinetuneConfig,
-    tune: TrainConfig,
+    cfg: Config,
     output: str | Path,
     *,
-    seed: int,
-    max_image_pixels: int,
     restart: bool = False,
     announce: Callable[[str], None] = print,
     before_start: Callable[[], None] = lambda: None,
     metrics_path: str | None = None,
     run_name: str = "finetune-scienceqa",
 ) -> FinetuneResult:
-    """Fine-tune ``init_checkpoint`` on ``finetune.data`` into ``output`` with Ray Train (a finished checkpoint there
-    is reused, an interrupted one resumed; ``restart`` discards both).
+    """Fine-tune ``init_checkpoint`` on ``eval.scienceqa.finetune.data`` into ``output`` with Ray Train and ``cfg``'s
+    ``tune`` section (a finished checkpoint there is reused, an interrupted one resumed; ``restart`` discards both).
 
     The train file is read and every image opened first (``scienceqa.load_train``): bad records come back in
     ``skipped``, text-only questions are trained without an image.
     """
     from mmdc.train.launcher import train_or_reuse
 
-    train_set = scienceqa.load_train(finetune.data, finetune.images, max_image_pixels)
-    train_cfg = finetune_train_config(tune, finetune)
+    finetune = cfg.eval.scienceqa.finetune
+    train_set = scienceqa.load_train(finetune.data, finetune.images, cfg.data.max_image_pixels)
+    train_cfg = finetune_train_config(cfg.tune, finetune)
     summary = train_or_reuse(
         Path(output),
         lambda: _dataset(train_set.rows, str(Path(finetune.images).resolve()), max(1, train_cfg.num_workers) * 2),
@@ -87,11 +86,41 @@ def finetune_scienceqa(
         stage="tune",
         init_checkpoint=init_checkpoint,
         train_cfg=train_cfg,
-        seed=seed,
+        seed=cfg.run.seed,
         metrics_path=metrics_path,
         run_name=run_name,
     )
     return FinetuneResult(str(Path(output).resolve()), train_set.stats, summary, train_set.skipped)
+
+
+def finetune_run(
+    run_dir: RunDir,
+    student: str,
+    cfg: Config,
+    generator_for: Callable[[str], Generator],
+    *,
+    forced: list[str],
+    announce: Callable[[str], None],
+    before_start: Callable[[], None],
+) -> dict[str, Any]:
+    """A run's Table 1 phase: ``student`` fine-tuned into checkpoints/scienceqa/ (started over when a ``forced``
+    config key makes the old one stale), its skipped train records logged, the fine-tuned checkpoint scored
+    through ``generator_for(checkpoint)`` into eval/scienceqa/finetuned.json; the phase's record."""
+    tuned = finetune_scienceqa(
+        student,
+        cfg,
+        run_dir.root / CHECKPOINT_DIR,
+        restart=bool(stale_finetune_keys(forced)),
+        announce=announce,
+        before_start=before_start,
+        metrics_path=str(run_dir.metrics),
+        run_name=f"{run_dir.root.name}-finetune",
+    )
+    run_dir.log_skips([{"stage": "finetune", **skip} for skip in tuned.skipped])
+    generator = generator_for(tuned.checkpoint)
+    results = evaluate_finetuned(cfg.eval, generator, finetuned_path(run_dir.root).parent, model=tuned.checkpoint)
+    train = {f"train_{key}": value for key, value in tuned.summary.items()}
+    return {**tuned.data, **train, "scienceqa_finetuned_Avg": results["metrics"].get("Avg")}
 
 
 def _dataset(rows: list[dict], images: str, blocks: int) -> Any:
@@ -159,6 +188,7 @@ __all__ = [
     "FinetuneResult",
     "evaluate_checkpoint",
     "evaluate_finetuned",
+    "finetune_run",
     "finetune_scienceqa",
     "finetune_train_config",
     "finetuned_path",

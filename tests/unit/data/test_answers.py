@@ -99,3 +99,15 @@ def test_answer_asks_only_for_what_was_never_stored(tmp_path):
     assert asked == [["a"], ["b"]] and stats["cache_hits"] == 1 and stats["cache_misses"] == 1
     assert both["teacher_answer"].tolist() == ["answer a", "answer b"]
     assert sorted(p.name for p in (tmp_path / "answers").iterdir()) == ["iter_1_assess.parquet", "iter_1_teach.parquet"]
+
+
+def test_a_runs_store_keys_by_its_teacher_role_and_seed(tmp_path):
+    from mmdc.config import Config
+
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "config.json").write_text("{}")
+    cfg = Config()
+    cfg.run.seed, cfg.roles.teacher.temperature = 3, 0.7
+    store = AnswerStore.of_run(tmp_path / "answers", str(tmp_path / "teacher"), cfg, str(tmp_path))
+    assert store.model_fingerprint == model_fingerprint(str(tmp_path / "teacher"))
+    assert store.run_seed == 3 and store.sampling == {"temperature": 0.7, "max_new_tokens": 512}
