@@ -269,8 +269,10 @@ def build_summary(
                 missing.append(seed)
                 continue
             raw[variant.name][seed] = run_curves
-            finals[variant.name][seed] = (last, scores)
-            per_seed[str(seed)] = {"iteration": last, "scores": scores, "finished": run_status(path) == "finished"}
+            finished = run_status(path) == "finished"
+            if finished:  # an interrupted run's last iteration is not a final score: its curve still counts
+                finals[variant.name][seed] = (last, scores)
+            per_seed[str(seed)] = {"iteration": last, "scores": scores, "finished": finished}
             for benchmark, cols in scores.items():
                 order = summary["benchmarks"].setdefault(benchmark, [])
                 order += [c for c in cols if c not in order]
@@ -432,7 +434,7 @@ def render_summary(summary: dict) -> str:
     lines += [
         f"Seeds: {seeds}. Scores: the student's after the last iteration unless a table says otherwise; "
         f"`a ± h` is the mean over seeds and the half-width of its {level} % confidence interval (t-distribution, "
-        "n - 1 degrees of freedom; a lone value has no interval); `n` is the number of seeds with results. "
+        "n - 1 degrees of freedom; a lone value has no interval); `n` is the number of finished seeds. "
         "The teacher row is the reference.",
         "",
     ]
@@ -444,7 +446,8 @@ def render_summary(summary: dict) -> str:
     for name, v in variants.items():
         cells = [_cell(v["final"].get(b, {}).get(headline(b)), TABLE_DECIMALS.get(b, 2)) for b in benchmarks]
         overrides = "`" + ", ".join(v["overrides"]) + "`" if v["overrides"] else "–"
-        lines.append(_row([name, overrides, str(len(v["runs"])), *cells]))
+        finished = sum(run["finished"] for run in v["runs"].values())
+        lines.append(_row([name, overrides, str(finished), *cells]))
     teacher = summary["teacher"]
     if teacher:
         cells = [_value(teacher.get(b, {}).get(headline(b)), TABLE_DECIMALS.get(b, 2)) for b in benchmarks]
@@ -490,7 +493,12 @@ def render_summary(summary: dict) -> str:
     if gaps:
         lines += ["Runs without results (failed or not run yet): " + "; ".join(gaps) + ".", ""]
     if unfinished:
-        lines += ["Runs not finished (their last evaluated iteration is used): " + ", ".join(unfinished) + ".", ""]
+        lines += [
+            "Runs not finished (left out of the final scores; their curves count per iteration): "
+            + ", ".join(unfinished)
+            + ".",
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -159,7 +159,9 @@ def test_summary_mean_and_confidence_interval_over_seeds(tmp_path):
     assert final["mean"] == 65.0 and final["std"] == pytest.approx(statistics.stdev([60.0, 70.0])) and final["n"] == 2
     assert final["half"] == pytest.approx(12.7062 * final["std"] / 2**0.5, rel=1e-4)  # t with 1 df
     plain = summary["variants"]["plain"]
-    assert plain["final"]["world"]["Avg"]["mean"] == 42.5 and plain["runs"]["1"]["iteration"] == 1
+    # the killed run counts per iteration, not in the final score
+    assert plain["final"]["world"]["Avg"]["mean"] == 50.0 and plain["final"]["world"]["Avg"]["n"] == 1
+    assert plain["runs"]["1"]["iteration"] == 1 and plain["runs"]["1"]["finished"] is False
     assert summary["variants"]["tau_1"]["missing_seeds"] == [0, 1]
     assert summary["variants"]["mmdc"]["per_iteration"]["world"]["1"]["mean"] == 42.0
     assert summary["teacher"]["world"]["Avg"] == 90.0
@@ -167,7 +169,8 @@ def test_summary_mean_and_confidence_interval_over_seeds(tmp_path):
     text = (tmp_path / ablate.SUMMARY_MD).read_text()
     assert "| variant | overrides | n | world Avg |" in text
     assert "| mmdc | `calibration.tau=0.33` | 2 | 65.00 ± 63.53 |" in text
-    assert "| plain | `calibration.selection=random` | 2 | 42.50 ± 95.30 |" in text
+    assert "| plain | `calibration.selection=random` | 1 | 50.00 |" in text
+    assert "Runs not finished (left out of the final scores; their curves count per iteration): plain seed 1." in text
     assert "| tau_1 | `calibration.tau=1` | 0 | – |" in text
     assert "| teacher (reference) | – | – | 90.00 |" in text
     assert "| variant | Avg | exist |" in text and "| mmdc | 65.00 ± 63.53 | 66.00 ± 63.53 |" in text
