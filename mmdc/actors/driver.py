@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+import torch
 
 from mmdc.actors.assembly import remote_assembler
 from mmdc.actors.deployments import Deployments
@@ -69,8 +70,6 @@ class Driver:
     def __init__(
         self, cfg: dict, run_dir: str, resume: bool = False, forced: list[str] | None = None, lock_token: str = ""
     ):
-        import torch
-
         torch.set_num_threads(1)
         self.cfg: Config = config_from_dict(cfg)
         self.run_dir = RunDir(run_dir)
