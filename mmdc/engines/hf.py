@@ -31,6 +31,7 @@ from typing import Any
 from ray import serve
 
 from mmdc.config import EngineConfig
+from mmdc.engines.protocol import SHUTDOWN_WAIT_S
 
 log = logging.getLogger("mmdc.engines")
 
@@ -400,9 +401,7 @@ def build_hf_app(engine: EngineConfig, model_path: str, name: str, engine_name: 
         num_replicas=engine.replicas,
         max_ongoing_requests=ongoing,
         ray_actor_options=actor_options,
-        # The driver deletes an engine only once its phase's requests are answered: nothing to drain, so a
-        # replica stops after one short look instead of Serve's default 2 s wait loop.
-        graceful_shutdown_wait_loop_s=0.1,
+        graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_S,
     ).bind(
         model_path,
         engine.dtype,

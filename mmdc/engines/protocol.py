@@ -32,6 +32,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 log = logging.getLogger("mmdc.engines")
+# Serve's wait before stopping a deleted replica (its default loop is 2 s). The driver deletes an engine only once
+# its phase's requests are answered, so there is nothing to drain: one short look instead.
+SHUTDOWN_WAIT_S = 0.1
 
 Outcome = dict | BaseException  # a response, or the error this request ended with
 

@@ -36,7 +36,7 @@ from typing import Any
 from mmdc.config import EngineConfig
 from mmdc.engines.capability import accelerator_device, check_engine, node_device, replica_engine_key
 from mmdc.engines.openai import chat_body, parse_chat_completion
-from mmdc.engines.protocol import EngineHTTPError
+from mmdc.engines.protocol import SHUTDOWN_WAIT_S, EngineHTTPError
 
 log = logging.getLogger("mmdc.engines")
 
@@ -65,6 +65,7 @@ def vllm_llm_config(engine: EngineConfig, model_path: str) -> dict[str, Any]:
             "num_replicas": engine.replicas,
             "max_ongoing_requests": 4 * engine.max_batch_size,
             "ray_actor_options": {"num_cpus": engine.num_cpus},
+            "graceful_shutdown_wait_loop_s": SHUTDOWN_WAIT_S,
         },
     }
     if engine.accelerator_type:
@@ -177,5 +178,6 @@ def build_vllm_app(engine: EngineConfig, model_path: str, name: str, engine_name
         num_replicas=engine.replicas,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=8 * engine.max_batch_size * engine.replicas,
+        graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_S,
     )
     return ingress.bind(llm, llm_config.model_id)

@@ -15,6 +15,7 @@ import yaml
 
 from mmdc.actors.resources import check_fits, phase_needs
 from mmdc.config import grad_accumulation, load_config
+from mmdc.engines.vllm import vllm_llm_config
 from mmdc.train.assembly import check_llava_dims
 from mmdc.train.deepspeed_config import deepspeed_config
 
@@ -59,14 +60,6 @@ PRESETS = {
     },
 }
 NAMES = list(PRESETS)
-
-
-def _vllm_llm_config():
-    try:  # the engines package after the refactor that is moving it; the old path before
-        from mmdc.engines.vllm import vllm_llm_config
-    except ImportError:
-        from mmdc.actors.backends.vllm import vllm_llm_config
-    return vllm_llm_config
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -279,7 +272,7 @@ def test_a100_serves_the_teacher_on_vllm_in_bf16(a100):
 
 
 def test_a100_teacher_builds_a_vllm_config_without_vllm(a100):
-    c = _vllm_llm_config()(a100.engines["teacher"], a100.models.teacher)
+    c = vllm_llm_config(a100.engines["teacher"], a100.models.teacher)
     assert c["engine_kwargs"]["tensor_parallel_size"] == 1 and c["engine_kwargs"]["dtype"] == "bfloat16"
     assert c["model_loading_config"]["model_source"] == "llava-hf/llava-1.5-13b-hf"
     assert c["deployment_config"]["num_replicas"] == a100.engines["teacher"].replicas

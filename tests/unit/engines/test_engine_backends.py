@@ -44,6 +44,7 @@ def test_vllm_llm_config_from_the_paper_config_without_importing_vllm():
     assert e["limit_mm_per_prompt"] == {"image": 1}
     assert e["enforce_eager"] is True and e["max_num_seqs"] == 32  # engine_kwargs win over derived values
     assert kw["deployment_config"]["num_replicas"] == 2
+    assert kw["deployment_config"]["graceful_shutdown_wait_loop_s"] == 0.1  # deleted only when idle: no 2 s drain
     assert kw["accelerator_type"] == "V100"
 
 
