@@ -11,7 +11,7 @@ the same protocol (``mmdc.engines.protocol``), so roles never know which one the
 Two functions carry the backend choice, each a table lookup, not an if-else tower:
 
     app = build_engine_app(engine_cfg, model_path)   # a Serve app for hf / vllm; None for openai
-    deploy_app(app, name)                            # serve.run; a device refusal comes back as its one line
+    deploy_app(app, name)                            # deploy, wait; a device refusal comes back as its one line
     client = make_client(engine_cfg, app_name, deployment, timeout_s)   # inside a Ray Data processor
 
 backend   deployed as                                   reached by
@@ -23,6 +23,7 @@ openai    nothing (an external URL)                     HTTP POST /chat/completi
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 from ray import serve
@@ -65,20 +66,38 @@ def build_engine_app(engine: EngineConfig, model_path: str, engine_name: str | N
     return builder(engine, model_path, deployment_name(model_path), engine_name) if builder else None
 
 
-def deploy_app(app: serve.Application, name: str, route_prefix: str | None = None) -> None:
-    """``serve.run(app, name=name, route_prefix=route_prefix)``; a replica's ``EngineRefused`` comes back as itself.
+def deploy_app(app: serve.Application, name: str, route_prefix: str | None = None, poll_s: float = 0.1) -> None:
+    """Deploy ``app`` as ``name`` and wait until it runs; a replica's ``EngineRefused`` comes back as itself.
 
-    Serve reports an app whose replicas fail in ``__init__`` as "Deploying application <name> failed: Failed to
-    update the deployments [...]": the replica's error is only in the deployment's status message, as a
-    traceback. This finds the refusal's one line there and raises it alone; any other failure is re-raised.
+    ``serve.run`` looks at the app's status once a second, so every deploy took a whole number of seconds;
+    this looks every ``poll_s`` (``serve.run_many`` without its wait, then ``serve.status``). Serve reports an
+    app whose replicas fail in ``__init__`` as "Deploying application <name> failed: Failed to update the
+    deployments [...]": the replica's error is only in the deployment's status message, as a traceback. This
+    finds the refusal's one line there and raises it alone; any other failure is raised as Serve words it.
     """
     try:
-        serve.run(app, name=name, route_prefix=route_prefix)
+        serve.run_many(
+            [serve.RunTarget(app, name=name, route_prefix=route_prefix)], wait_for_applications_running=False
+        )
+        _wait_running(name, poll_s)
     except RuntimeError as err:
         line = refusal_in(err) or _refusal_in_status(name)
         if line is None:
             raise
         raise EngineRefused(line) from None
+
+
+def _wait_running(name: str, poll_s: float) -> None:
+    """Until the app ``name`` is RUNNING; RuntimeError worded as ``serve.run``'s when it fails or is gone."""
+    while True:
+        app = serve.status().applications.get(name)
+        if app is None:
+            raise RuntimeError(f"Waiting for application {name} to be RUNNING, but application doesn't exist.")
+        if app.status == "RUNNING":
+            return
+        if app.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"Deploying application {name} failed: {app.message}")
+        time.sleep(poll_s)
 
 
 def _refusal_in_status(name: str) -> str | None:

@@ -136,10 +136,49 @@ def test_vllm_app_without_vllm_says_how_to_install():
         build_engine_app(EngineConfig(backend="vllm", num_gpus=1), "llava-hf/llava-1.5-13b-hf")
 
 
-def test_deploy_app_raises_a_replicas_refusal_as_its_one_line(monkeypatch):
-    """Serve's own error names only the failed deployment; the replica's traceback is in the deployment status."""
+def _fake_serve(monkeypatch, applications: dict):
+    """``serve.run_many`` that deploys nothing and ``serve.status`` reading ``applications`` (name -> a list of
+    statuses, one per look, the last one forever); returns the names deployed."""
     from types import SimpleNamespace
 
+    from mmdc.engines import backends
+
+    deployed: list[str] = []
+    looks: dict[str, int] = {}
+
+    def status():
+        now = {}
+        for name, seen in applications.items():
+            looks[name] = looks.get(name, 0) + 1
+            now[name] = seen[min(looks[name], len(seen)) - 1]
+        return SimpleNamespace(applications=now)
+
+    monkeypatch.setattr(backends.serve, "RunTarget", lambda app, name, route_prefix: name)
+    monkeypatch.setattr(backends.serve, "run_many", lambda targets, **kw: deployed.extend(targets))
+    monkeypatch.setattr(backends.serve, "status", status)
+    return deployed
+
+
+def _app(status: str, message: str = "", deployments: dict | None = None):
+    from types import SimpleNamespace
+
+    parts = {name: SimpleNamespace(message=m) for name, m in (deployments or {}).items()}
+    return SimpleNamespace(status=status, message=message, deployments=parts)
+
+
+def test_deploy_app_waits_until_the_app_runs(monkeypatch):
+    from mmdc.engines import backends
+
+    deployed = _fake_serve(monkeypatch, {"student": [_app("DEPLOYING")] * 3 + [_app("RUNNING")]})
+    backends.deploy_app(object(), "student", poll_s=0.0)
+    assert deployed == ["student"]
+    _fake_serve(monkeypatch, {})
+    with pytest.raises(RuntimeError, match="application doesn't exist"):  # deleted meanwhile
+        backends.deploy_app(object(), "student", poll_s=0.0)
+
+
+def test_deploy_app_raises_a_replicas_refusal_as_its_one_line(monkeypatch):
+    """Serve's own error names only the failed deployment; the replica's traceback is in the deployment status."""
     from mmdc.engines import backends
     from mmdc.engines.capability import EngineRefused
 
@@ -153,26 +192,17 @@ def test_deploy_app_raises_a_replicas_refusal_as_its_one_line(monkeypatch):
         "ray::ServeReplica:student:hf-student.initialize_and_get_metadata() (pid=1, ip=10.0.0.2)\n"
         f"mmdc.engines.capability.EngineRefused: {line}\n"
     )
-    status = SimpleNamespace(
-        applications={
-            "student": SimpleNamespace(
-                message="Failed to update the deployments ['hf-student'].",
-                deployments={"hf-student": SimpleNamespace(message=replica_error)},
-            )
-        }
+    failed = "Failed to update the deployments ['hf-student']."
+    _fake_serve(
+        monkeypatch,
+        {
+            "student": [_app("DEPLOYING"), _app("DEPLOY_FAILED", failed, {"hf-student": replica_error})],
+            "other": [_app("DEPLOY_FAILED", failed, {"hf-other": "replica ran out of memory"})],
+        },
     )
-
-    def failing_run(app, name, route_prefix):
-        raise RuntimeError(f"Deploying application {name} failed: Failed to update the deployments ['hf-student'].")
-
-    monkeypatch.setattr(backends.serve, "run", failing_run)
-    monkeypatch.setattr(backends.serve, "status", lambda: status)
     with pytest.raises(EngineRefused) as refused:
-        backends.deploy_app(object(), "student")
+        backends.deploy_app(object(), "student", poll_s=0.0)
     assert str(refused.value) == line
-    status.applications["student"].deployments["hf-student"].message = "replica ran out of memory"
-    with pytest.raises(RuntimeError, match="Deploying application other failed") as other:
-        backends.deploy_app(object(), "other")  # no status for it, no refusal: Serve's error as it was
+    with pytest.raises(RuntimeError, match=r"Deploying application other failed: Failed to update") as other:
+        backends.deploy_app(object(), "other", poll_s=0.0)  # no refusal in its status: Serve's error as it was
     assert not isinstance(other.value, EngineRefused)
-    with pytest.raises(RuntimeError, match="Deploying application student failed"):
-        backends.deploy_app(object(), "student")
