@@ -8,9 +8,9 @@ the autoscaler removed meanwhile is simply gone from it):
 - every CPU and GPU Ray counts is available again;
 - no placement group that reserves GPUs is left (the engines' own, when a backend used one);
 - on every GPU node, every GPU's used memory is at most ``FREE_GPU_BYTES``, read by a tiny Ray task pinned
-  to the node: NVML (``pynvml``, which also names the processes) when it imports, else
-  ``torch.cuda.mem_get_info`` in a worker process that exits afterwards (``max_calls=1``, so its CUDA
-  context goes with it).
+  to the node: NVML (``pynvml``, from the GPU extras' ``nvidia-ml-py``; it also names the processes) when
+  it imports, else ``torch.cuda.mem_get_info`` in a worker process that exits afterwards (``max_calls=1``,
+  so its CUDA context goes with it).
 
 A CPU-only cluster only has the first check. When the wait times out, the error names what still holds:
 the node and GPU with its used memory and the Ray actors whose processes hold it (Ray's state API).
