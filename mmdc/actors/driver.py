@@ -82,7 +82,7 @@ class Driver:
         self.teacher = ""  # the teacher's local path (prepare_models)
         self.initial_student = ""  # the student before any training, when state.json names none yet
         self.answers: AnswerStore | None = None  # the teacher's answer store (prepare_models)
-        self.engines = Deployments(self.cfg.engines, self.cfg.run.seed, self.run_dir.log_metrics, announce)
+        self.deployments = Deployments(self.cfg.engines, self.cfg.run.seed, self.run_dir.log_metrics, announce)
         self.resource_request = False  # True while an autoscaler request placed by check_resources stands
         self.phases = PhaseLog(self.run_dir, self.state, announce, guard=self.check_lock)
 
@@ -110,13 +110,13 @@ class Driver:
         self.evaluate(0, "teacher")  # the reference line, once
         for k in range(1, self.cfg.run.iterations + 1):
             self.teach(k)
-            self.engines.release()
+            self.deployments.release()
             self.tune(k)
             self.evaluate(k)  # deploys the new student, which assess needs anyway
             self.assess(k)
             self.augment(k)
         self.finetune()  # Table 1 (eval.scienceqa.finetune): the final student fine-tuned on ScienceQA's train split
-        self.engines.release()
+        self.deployments.release()
         write_report(self.run_dir)
         self.state["status"] = "finished"
         self.run_dir.save_state(self.state)
@@ -300,7 +300,7 @@ class Driver:
         if not (self.cfg.eval.enabled and self.cfg.eval.scienceqa.finetune.enabled) or self.phases.done(k, "finetune"):
             return
         with self.phases.run(k, "finetune") as record:
-            self.engines.release()
+            self.deployments.release()
             scores = scienceqa_finetune.finetune_run(
                 self.run_dir,
                 self.student,
@@ -347,8 +347,10 @@ class Driver:
 
     def processor(self, cls: type, engine: str, sampling: Any, **extra: Any) -> ProcessorSpec:
         """A Ray Data processor bound to ``engine``'s current model (``extra``: the processor's own kwargs)."""
-        return self.engines.processor(cls, engine, self.model_of(engine), sampling, self.sources.image_root, **extra)
+        return self.deployments.processor(
+            cls, engine, self.model_of(engine), sampling, self.sources.image_root, **extra
+        )
 
     def generator(self, engine: str, role: str, model: str | None = None) -> ServeGenerator:
         """An evaluation generator over ``engine``'s current model (or ``model``)."""
-        return self.engines.generator(engine, model or self.model_of(engine), role)
+        return self.deployments.generator(engine, model or self.model_of(engine), role)
